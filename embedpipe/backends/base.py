@@ -1,0 +1,42 @@
+"""The small interface every embedding backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from embedpipe.profiles import Profile
+
+__all__ = ["EmbedBatch", "Embedder"]
+
+
+@dataclass(frozen=True)
+class EmbedBatch:
+    """Vectors for a batch of texts, in input order, and what happened on the way."""
+
+    vectors: np.ndarray  # float32, shape (len(texts), profile.dims)
+    truncated: int = 0  # texts cut at the model's input limit
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into vectors of one embedding space (one fingerprint)."""
+
+    profile: Profile
+
+    @property
+    def fingerprint(self) -> str:
+        """The identity of the space this embedder produces (see ``profiles.fingerprint``)."""
+        ...
+
+    def embed_documents(self, texts: Sequence[str]) -> EmbedBatch:
+        """Embed documents (with the profile's document prompt)."""
+        ...
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """Embed one query (with the profile's query prompt)."""
+        ...

@@ -1,0 +1,187 @@
+"""Local open-weight models through sentence-transformers, on GPU when present.
+
+The model is loaded on first use. On CUDA it runs in fp16. Texts longer than the
+model's input limit are truncated by the model and counted, so the ingest report
+can say how many documents were cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedpipe.backends.base import EmbedBatch
+from embedpipe.errors import DimensionMismatch, ModelError
+from embedpipe.profiles import Profile, fingerprint, resolve_weights
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+__all__ = ["LocalEmbedder", "pick_device"]
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(requested: str = "auto") -> str:
+    """``cuda`` when a GPU is present, then Apple ``mps``, else ``cpu``; or what was asked."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports while loading; they are noise in a CLI."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+class LocalEmbedder:
+    """A sentence-transformers model described by a local profile."""
+
+    def __init__(self, profile: Profile, device: str = "auto") -> None:
+        if not profile.is_local:
+            raise ModelError(f"profile {profile.name!r} is not a local model")
+        self.profile = profile
+        self._requested_device = device
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return fingerprint(self.profile)
+
+    @cached_property
+    def device(self) -> str:
+        return pick_device(self._requested_device)
+
+    @cached_property
+    def model(self) -> SentenceTransformer:
+        location = resolve_weights(self.profile)
+        # The weights are on disk; never let a missing file turn into a hub download.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+
+        log.info("loading %s from %s on %s", self.profile.name, location.path, self.device)
+        try:
+            with _quiet_transformers():
+                model = SentenceTransformer(str(location.path), device=self.device)
+        except (OSError, ValueError) as exc:
+            raise ModelError(
+                f"cannot load weights for profile {self.profile.name!r} from {location.path}: "
+                f"{exc}"
+            ) from exc
+        if self.device == "cuda":
+            model.half()
+        if self.profile.max_tokens and _finite(model.max_seq_length) > self.profile.max_tokens:
+            model.max_seq_length = self.profile.max_tokens
+        self._check_against_profile(model)
+        return model
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The input limit in tokens (None for models without one, e.g. static embeddings)."""
+        limit = _finite(self.model.max_seq_length)
+        return None if math.isinf(limit) else int(limit)
+
+    def _check_against_profile(self, model: SentenceTransformer) -> None:
+        dims = _output_dims(model)
+        if dims != self.profile.dims:
+            raise DimensionMismatch(
+                f"profile {self.profile.name!r} says dims = {self.profile.dims} but the model "
+                f"outputs {dims}; fix dims under [profiles.{self.profile.name}]"
+            )
+        pooling = _pooling_mode(model)
+        if self.profile.pooling and pooling and pooling != self.profile.pooling:
+            raise ModelError(
+                f"profile {self.profile.name!r} says pooling = {self.profile.pooling!r} but the "
+                f"model pools with {pooling!r}; fix pooling under [profiles.{self.profile.name}]"
+            )
+
+    def embed_documents(self, texts: Sequence[str]) -> EmbedBatch:
+        """Embed documents, returning float32 vectors in input order and a truncation count."""
+        texts = list(texts)
+        if not texts:
+            return EmbedBatch(np.zeros((0, self.profile.dims), dtype=np.float32), 0)
+        prompt = self.profile.document_prompt
+        vectors = self._encode(texts, prompt)
+        return EmbedBatch(vectors, self.count_truncated(texts, prompt))
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """Embed one query with the profile's query prompt; a 1-D float32 vector."""
+        return self._encode([text], self.profile.query_prompt)[0]
+
+    def _encode(self, texts: list[str], prompt: str) -> np.ndarray:
+        # encode() sorts its input by length before batching, so handing it a large
+        # window keeps padding (wasted work) low; see DESIGN.md's measurements.
+        kwargs: dict[str, Any] = {
+            "batch_size": self.profile.batch_size,
+            "normalize_embeddings": self.profile.normalize,
+            "convert_to_numpy": True,
+            "show_progress_bar": False,
+        }
+        if prompt:
+            kwargs["prompt"] = prompt
+        vectors = self.model.encode(texts, **kwargs)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def count_truncated(self, texts: Sequence[str], prompt: str = "") -> int:
+        """How many texts (with the prompt) exceed the model's token limit."""
+        limit = self.max_tokens
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if limit is None or tokenizer is None:
+            return 0
+        # A token covers at least one UTF-8 byte, so only texts with more bytes than the
+        # limit (less the special tokens) can be cut: tokenize just those.
+        candidates = [prompt + t for t in texts if len((prompt + t).encode("utf-8")) + 2 > limit]
+        if not candidates:
+            return 0
+        ids = _token_ids(tokenizer, candidates)
+        return sum(1 for seq in ids if len(seq) > limit)
+
+
+def _token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if hasattr(tokenizer, "encode_batch"):  # a bare `tokenizers.Tokenizer` (static models)
+        return [enc.ids for enc in tokenizer.encode_batch(texts)]
+    with _quiet_transformers():
+        return list(tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"])
+
+
+def _finite(value: Any) -> float:
+    return float("inf") if value is None else float(value)
+
+
+def _output_dims(model: SentenceTransformer) -> int:
+    getter = getattr(model, "get_embedding_dimension", None) or getattr(
+        model, "get_sentence_embedding_dimension"
+    )
+    dims = getter()
+    if dims is None:  # some modules do not declare it: measure
+        dims = int(model.encode(["dimension probe"], convert_to_numpy=True).shape[1])
+    return int(dims)
+
+
+def _pooling_mode(model: SentenceTransformer) -> str | None:
+    for module in model:
+        mode = getattr(module, "pooling_mode", None)
+        if isinstance(mode, str):
+            return mode
+    return None

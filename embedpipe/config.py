@@ -1,0 +1,172 @@
+"""Settings: one TOML file (``embedpipe.toml``) plus ``EMBEDPIPE_*`` environment overrides.
+
+Where the file is found, in order: the explicit argument (``--config``), the
+``EMBEDPIPE_CONFIG`` variable, ``./embedpipe.toml``. Without a file the defaults
+apply and the data directory is ``./.embedpipe``.
+
+Environment overrides (they win over the file):
+    EMBEDPIPE_DATA_DIR, EMBEDPIPE_DEFAULT_PROFILE, EMBEDPIPE_DEVICE,
+    EMBEDPIPE_QDRANT_URL, EMBEDPIPE_QDRANT_API_KEY
+Secrets are never read from the file: the Qdrant key comes from the environment
+(``EMBEDPIPE_QDRANT_API_KEY`` or the variable named by ``qdrant.api_key_env``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from embedpipe.errors import ConfigError
+from embedpipe.profiles import Profile, get_profile, load_catalogue, merge_profiles
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["IndexSettings", "QdrantSettings", "Settings", "find_config", "load_settings"]
+
+CONFIG_NAME = "embedpipe.toml"
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+
+class QdrantSettings(BaseModel):
+    """Where the vectors live: local mode under the data directory, or a server."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str | None = None
+    path: Path | None = None  # local mode folder; defaults to <data_dir>/qdrant
+    api_key_env: str = "QDRANT_API_KEY"
+    api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    timeout_s: float = Field(default=10.0, gt=0)
+    shard_number: int | None = Field(default=None, gt=0)
+    replication_factor: int | None = Field(default=None, gt=0)
+    write_consistency_factor: int | None = Field(default=None, gt=0)
+
+
+class IndexSettings(BaseModel):
+    """Per-index options under ``[indexes.NAME]``; later features add fields here."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    profile: str | None = None
+    store_text: bool | None = None
+
+
+class Settings(BaseModel):
+    """Everything embedpipe needs to know, resolved to absolute paths."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    config_path: Path | None = None
+    data_dir: Path
+    default_profile: str = "local-minilm"
+    device: Device = "auto"
+    store_text: bool = True
+    window: int = Field(default=2048, gt=0, le=1_000_000)
+    qdrant: QdrantSettings = QdrantSettings()
+    profiles: dict[str, Profile]
+    indexes: dict[str, IndexSettings] = {}
+
+    @property
+    def qdrant_path(self) -> Path:
+        return self.qdrant.path or self.data_dir / "qdrant"
+
+    def profile(self, name: str | None = None) -> Profile:
+        """A profile by name (the default profile when None); unknown names list the known."""
+        return get_profile(self.profiles, name or self.default_profile)
+
+    def index_profile(self, index: str) -> str:
+        """The profile configured for an index, else the default one."""
+        configured = self.indexes.get(index)
+        return (configured.profile if configured else None) or self.default_profile
+
+    def index_store_text(self, index: str) -> bool:
+        configured = self.indexes.get(index)
+        if configured is not None and configured.store_text is not None:
+            return configured.store_text
+        return self.store_text
+
+
+def find_config(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The config file to use, or None when there is none (defaults apply)."""
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; create it or drop --config")
+        return path.resolve()
+    env = os.environ.get("EMBEDPIPE_CONFIG")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"EMBEDPIPE_CONFIG points at {path}, which does not exist")
+        return path.resolve()
+    local = Path.cwd() / CONFIG_NAME
+    return local.resolve() if local.is_file() else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text") from exc
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    simple = {
+        "EMBEDPIPE_DATA_DIR": "data_dir",
+        "EMBEDPIPE_DEFAULT_PROFILE": "default_profile",
+        "EMBEDPIPE_DEVICE": "device",
+    }
+    for var, key in simple.items():
+        if env.get(var):
+            raw[key] = env[var]
+    qdrant = raw.setdefault("qdrant", {})
+    if env.get("EMBEDPIPE_QDRANT_URL"):
+        qdrant["url"] = env["EMBEDPIPE_QDRANT_URL"]
+    key_var = qdrant.get("api_key_env", "QDRANT_API_KEY")
+    secret = env.get("EMBEDPIPE_QDRANT_API_KEY") or env.get(key_var)
+    if secret:
+        qdrant["api_key"] = secret
+
+
+def load_settings(
+    config: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Load settings from the config file (see :func:`find_config`) and the environment."""
+    env = os.environ if env is None else env
+    path = find_config(config)
+    raw: dict[str, Any] = _read_toml(path) if path else {}
+    if "api_key" in raw.get("qdrant", {}):
+        raise ConfigError(
+            "do not put qdrant.api_key in the config file; set EMBEDPIPE_QDRANT_API_KEY "
+            "(or the variable named by qdrant.api_key_env) instead"
+        )
+    base_dir = path.parent if path else Path.cwd()
+    _apply_env(raw, env)
+    profiles = merge_profiles(load_catalogue(), raw.pop("profiles", {}) or {}, base_dir)
+    data_dir = base_dir / Path(raw.pop("data_dir", ".embedpipe")).expanduser()
+    qdrant = raw.get("qdrant", {})
+    if qdrant.get("path"):
+        qdrant["path"] = (base_dir / Path(qdrant["path"]).expanduser()).resolve()
+    try:
+        settings = Settings.model_validate(
+            {**raw, "config_path": path, "data_dir": data_dir.resolve(), "profiles": profiles}
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path or 'settings'}: {where}: {first['msg']}") from exc
+    settings.profile(settings.default_profile)  # fail early on an unknown default
+    for name in settings.indexes:
+        settings.profile(settings.index_profile(name))
+    return settings

@@ -1,0 +1,109 @@
+"""The one exception tree of embedpipe.
+
+Every error a user can cause or fix derives from :class:`EmbedpipeError`; its message
+is one line that says what went wrong and what to do about it. Errors from
+third-party libraries (qdrant-client, pyarrow, sentence-transformers) are converted
+at the boundary with ``raise ... from exc`` so callers only ever catch this tree.
+
+    EmbedpipeError
+    ├── ConfigError                 bad or missing configuration
+    │   └── UnknownProfile          a profile name that is not in the catalogue
+    ├── ModelError                  a model cannot be used
+    │   ├── WeightsNotFound         local weights missing (says where it looked)
+    │   ├── DimensionMismatch       model output width differs from the profile
+    │   └── ModelDeprecated         a hosted model was retired (says what to migrate to)
+    ├── FingerprintMismatch         query embedder and index were made by different spaces
+    ├── InputError                  bad documents; nothing was written
+    ├── IndexNotFound               no such index (alias) exists
+    ├── StoreError                  the corpus or vector Parquet files are unusable
+    └── QdrantUnavailable           the vector database cannot be reached
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DimensionMismatch",
+    "EmbedpipeError",
+    "FingerprintMismatch",
+    "IndexNotFound",
+    "InputError",
+    "ModelDeprecated",
+    "ModelError",
+    "QdrantUnavailable",
+    "StoreError",
+    "UnknownProfile",
+    "WeightsNotFound",
+]
+
+
+class EmbedpipeError(Exception):
+    """Base of every error embedpipe raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(EmbedpipeError):
+    """The configuration is invalid or incomplete."""
+
+    exit_code = 2
+
+
+class UnknownProfile(ConfigError):
+    """A profile name that neither the catalogue nor the user's config defines."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        super().__init__(
+            f"unknown profile {name!r}; known profiles: {', '.join(self.known)} "
+            "(add your own under [profiles.NAME] in embedpipe.toml)"
+        )
+
+
+class ModelError(EmbedpipeError):
+    """A model cannot be loaded or does not behave as its profile says."""
+
+
+class WeightsNotFound(ModelError):
+    """Local model weights are not where the profile says they are."""
+
+    exit_code = 2
+
+
+class DimensionMismatch(ModelError):
+    """The model's output dimension differs from the profile's ``dims``."""
+
+    exit_code = 2
+
+
+class ModelDeprecated(ModelError):
+    """The provider retired the model; the index must migrate to another profile."""
+
+    exit_code = 2
+
+
+class FingerprintMismatch(EmbedpipeError):
+    """A query would be embedded in a different space than the index it searches."""
+
+    exit_code = 2
+
+
+class InputError(EmbedpipeError):
+    """Input documents were rejected; the corpus and index were left unchanged."""
+
+    exit_code = 2
+
+
+class IndexNotFound(EmbedpipeError):
+    """No index (alias) of that name exists."""
+
+    exit_code = 2
+
+
+class StoreError(EmbedpipeError):
+    """A Parquet store under the data directory is corrupt or unreadable."""
+
+
+class QdrantUnavailable(EmbedpipeError):
+    """The Qdrant server (or local-mode folder) cannot be reached or opened."""

@@ -1,0 +1,352 @@
+"""Versioned indexes in Qdrant, and ``Index``, the query API for RAG applications.
+
+Each (index, profile, version) is its own collection named ``<index>__<profile>__v<N>``;
+applications query the alias ``<index>``. The collection's metadata carries a
+manifest (schema version, profile, fingerprint, dims, distance, state, created_at),
+read through one upgrade path (``_manifest``). The alias moves in one atomic call
+(``point_alias``) and only ever at a complete collection.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from embedpipe.errors import FingerprintMismatch, IndexNotFound, QdrantUnavailable
+
+if TYPE_CHECKING:
+    import numpy as np
+    from qdrant_client import QdrantClient
+
+    from embedpipe.backends import Embedder
+    from embedpipe.config import Settings
+    from embedpipe.profiles import Profile
+
+__all__ = ["Hit", "Index", "IndexVersions", "Version", "point_id"]
+
+MANIFEST_KEY = "embedpipe"
+SCHEMA_VERSION = 1
+_POINT_NAMESPACE = uuid.UUID("6f1c4a8e-2b7d-5e39-9c0a-1d2e3f4a5b6c")
+_DISTANCES = {"cosine": "Cosine", "dot": "Dot", "euclid": "Euclid"}
+
+
+def point_id(doc_id: str) -> str:
+    """Deterministic Qdrant point id of a document: re-runs overwrite, never duplicate."""
+    return str(uuid.uuid5(_POINT_NAMESPACE, doc_id))
+
+
+@dataclass(frozen=True)
+class Version:
+    """One collection of an index, as its manifest describes it."""
+
+    collection: str
+    index: str
+    version: int
+    profile: str
+    fingerprint: str
+    dims: int
+    distance: str
+    state: str  # building | live | standby | retired
+    created_at: str
+    profile_data: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "collection": self.collection,
+            "version": self.version,
+            "profile": self.profile,
+            "fingerprint": self.fingerprint,
+            "dims": self.dims,
+            "distance": self.distance,
+            "state": self.state,
+            "created_at": self.created_at,
+        }
+
+
+def _manifest(collection: str, metadata: Mapping[str, Any] | None) -> Version | None:
+    """Read a manifest of any schema version; None for collections embedpipe did not make."""
+    raw = (metadata or {}).get(MANIFEST_KEY)
+    if not isinstance(raw, Mapping):
+        return None
+    schema = int(raw.get("schema", 1))
+    if schema > SCHEMA_VERSION:
+        raise IndexNotFound(
+            f"collection {collection} was written by a newer embedpipe (manifest schema "
+            f"{schema}); upgrade embedpipe"
+        )
+    # Schema 1 is current; older schemas would be upgraded here, one step at a time.
+    return Version(
+        collection=collection,
+        index=str(raw["index"]),
+        version=int(raw["version"]),
+        profile=str(raw["profile"]),
+        fingerprint=str(raw["fingerprint"]),
+        dims=int(raw["dims"]),
+        distance=str(raw["distance"]),
+        state=str(raw["state"]),
+        created_at=str(raw["created_at"]),
+        profile_data=dict(raw.get("profile_data", {})),
+    )
+
+
+class IndexVersions:
+    """Collections, manifests and the alias of indexes in one Qdrant."""
+
+    def __init__(self, client: QdrantClient, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            raise QdrantUnavailable(f"Qdrant failed while {what} ({type(exc).__name__}); "
+                                    "check that the server is up") from exc
+
+    def versions(self, index: str | None = None) -> list[Version]:
+        """Every embedpipe collection (of one index when given), oldest version first."""
+        out = []
+        for desc in self._call("listing collections", self.client.get_collections).collections:
+            info = self.client.get_collection(desc.name)
+            found = _manifest(desc.name, info.config.metadata)
+            if found and (index is None or found.index == index):
+                out.append(found)
+        return sorted(out, key=lambda v: (v.index, v.version))
+
+    def aliases(self) -> dict[str, str]:
+        """alias -> collection."""
+        resp = self._call("listing aliases", self.client.get_aliases)
+        return {a.alias_name: a.collection_name for a in resp.aliases}
+
+    def live(self, index: str) -> Version | None:
+        """The version the alias points at, or None when the index has no live version."""
+        target = self.aliases().get(index)
+        if target is None:
+            return None
+        info = self.client.get_collection(target)
+        return _manifest(target, info.config.metadata)
+
+    def require_live(self, index: str) -> Version:
+        found = self.live(index)
+        if found is None:
+            known = sorted({v.index for v in self.versions()})
+            hint = f"known indexes: {', '.join(known)}" if known else "no index exists yet"
+            raise IndexNotFound(
+                f"index {index!r} has no live version ({hint}); create it with "
+                f"`embedpipe ingest PATH --index {index}`"
+            )
+        return found
+
+    def create_version(self, index: str, profile: Profile, fingerprint: str) -> Version:
+        """Create collection version N+1 in state ``building``."""
+        from qdrant_client import models
+
+        number = max((v.version for v in self.versions(index)), default=0) + 1
+        name = f"{index}__{profile.name}__v{number}"
+        manifest = {
+            "schema": SCHEMA_VERSION,
+            "index": index,
+            "version": number,
+            "profile": profile.name,
+            "profile_data": profile.model_dump(mode="json", exclude={"path"}),
+            "fingerprint": fingerprint,
+            "dims": profile.dims,
+            "distance": profile.distance,
+            "state": "building",
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        q = self.settings.qdrant
+        self._call(
+            "creating a collection",
+            self.client.create_collection,
+            name,
+            vectors_config=models.VectorParams(
+                size=profile.dims, distance=models.Distance(_DISTANCES[profile.distance])
+            ),
+            shard_number=q.shard_number,
+            replication_factor=q.replication_factor,
+            write_consistency_factor=q.write_consistency_factor,
+            metadata={MANIFEST_KEY: manifest},
+        )
+        return _manifest(name, {MANIFEST_KEY: manifest})  # type: ignore[return-value]
+
+    def set_state(self, version: Version, state: str) -> Version:
+        info = self.client.get_collection(version.collection)
+        manifest = dict(info.config.metadata[MANIFEST_KEY], state=state)
+        self.client.update_collection(version.collection, metadata={MANIFEST_KEY: manifest})
+        return _manifest(version.collection, {MANIFEST_KEY: manifest})  # type: ignore[return-value]
+
+    def point_alias(self, index: str, version: Version) -> None:
+        """Point the alias ``index`` at ``version`` in one atomic call; it becomes ``live``.
+
+        Callers must only pass a complete collection. The version that was live
+        before becomes ``standby`` (kept for rollback).
+        """
+        from qdrant_client import models
+
+        previous = self.live(index)
+        ops: list[Any] = []
+        if previous is not None:
+            ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=index)))
+        ops.append(
+            models.CreateAliasOperation(
+                create_alias=models.CreateAlias(collection_name=version.collection, alias_name=index)
+            )
+        )
+        self._call("moving the alias", self.client.update_collection_aliases,
+                   change_aliases_operations=ops)
+        self.set_state(version, "live")
+        if previous is not None and previous.collection != version.collection:
+            self.set_state(previous, "standby")
+
+    def count(self, collection: str) -> int:
+        return int(self.client.count(collection, exact=True).count)
+
+    def upsert(
+        self,
+        collection: str,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        payloads: Sequence[dict[str, Any]],
+        batch: int = 512,
+    ) -> None:
+        """Write points (ids are document ids; point ids derive from them)."""
+        from qdrant_client import models
+
+        for start in range(0, len(ids), batch):
+            end = start + batch
+            points = models.Batch(
+                ids=[point_id(i) for i in ids[start:end]],
+                vectors=vectors[start:end].tolist(),
+                payloads=list(payloads[start:end]),
+            )
+            self._call("writing points", self.client.upsert, collection, points=points, wait=True)
+
+    def search(
+        self,
+        collection: str,
+        vector: np.ndarray,
+        k: int,
+        filter: Mapping[str, Any] | Any | None = None,
+        with_text: bool = True,
+    ) -> list[Hit]:
+        from qdrant_client import models
+
+        payload: Any = True if with_text else models.PayloadSelectorExclude(exclude=["text"])
+        resp = self._call(
+            "searching",
+            self.client.query_points,
+            collection,
+            query=vector.tolist(),
+            limit=k,
+            query_filter=_to_filter(filter),
+            with_payload=payload,
+        )
+        return [
+            Hit(
+                id=str(p.payload.get("id")),
+                score=float(p.score),
+                metadata=dict(p.payload.get("metadata") or {}),
+                text=p.payload.get("text"),
+            )
+            for p in resp.points
+        ]
+
+
+def _to_filter(filter: Mapping[str, Any] | Any | None) -> Any:
+    """A ``{"key": value}`` mapping becomes equality on ``metadata.key`` (lists match any)."""
+    if filter is None or not isinstance(filter, Mapping):
+        return filter
+    from qdrant_client import models
+
+    must = []
+    for key, value in filter.items():
+        match: Any = (
+            models.MatchAny(any=list(value))
+            if isinstance(value, (list, tuple, set))
+            else models.MatchValue(value=value)
+        )
+        must.append(models.FieldCondition(key=f"metadata.{key}", match=match))
+    return models.Filter(must=must)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result."""
+
+    id: str
+    score: float
+    metadata: dict[str, Any]
+    text: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "score": self.score, "metadata": self.metadata, "text": self.text}
+
+
+class Index:
+    """Search one index, always embedding the query in the index's own space.
+
+    >>> idx = Index.open("docs")
+    >>> for hit in idx.search("how do aliases work?", k=5):
+    ...     print(hit.id, hit.score)
+    """
+
+    def __init__(self, name: str, settings: Settings) -> None:
+        from embedpipe.qdrant import connect
+
+        self.name = name
+        self.settings = settings
+        self.versions = IndexVersions(connect(settings), settings)
+        self._embedder: Embedder | None = None
+        self._checked_for: str | None = None
+
+    @classmethod
+    def open(cls, name: str, config: str | None = None) -> Index:
+        """Open an index; the config is found like the CLI finds it."""
+        from embedpipe.config import load_settings
+
+        settings = load_settings(config)
+        index = cls(name, settings)
+        index.versions.require_live(name)
+        return index
+
+    def live(self) -> Version:
+        return self.versions.require_live(self.name)
+
+    def embedder(self) -> Embedder:
+        """The embedder for the live version, verified to produce the recorded fingerprint."""
+        live = self.live()
+        if self._embedder is None or self._checked_for != live.collection:
+            from embedpipe.backends import build_embedder
+
+            profile = self.settings.profile(live.profile)
+            embedder = build_embedder(profile, self.settings.device)
+            check_fingerprint(live, embedder.fingerprint, profile.name)
+            self._embedder, self._checked_for = embedder, live.collection
+        return self._embedder
+
+    def search(
+        self, text: str, k: int = 10, filter: Mapping[str, Any] | Any | None = None
+    ) -> list[Hit]:
+        """The ``k`` nearest documents to ``text``; ``filter`` matches metadata fields."""
+        if not text or not text.strip():
+            from embedpipe.errors import InputError
+
+            raise InputError("the query is empty; pass some text to search for")
+        embedder = self.embedder()
+        vector = embedder.embed_query(text)
+        return self.versions.search(self._checked_for or self.name, vector, k, filter)
+
+
+def check_fingerprint(version: Version, fingerprint: str, profile: str) -> None:
+    """Refuse to mix embedding spaces: the embedder must match the collection's record."""
+    if fingerprint != version.fingerprint:
+        raise FingerprintMismatch(
+            f"collection {version.collection} was built with fingerprint "
+            f"{version.fingerprint[:12]} but profile {profile!r} now produces "
+            f"{fingerprint[:12]} (weights, prompts or settings changed); restore the original "
+            f"model or migrate the index with `embedpipe migrate --to {profile}`"
+        )

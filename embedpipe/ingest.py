@@ -1,0 +1,276 @@
+"""Ingest: validate input, diff it against the corpus, embed what changed, commit.
+
+The order of steps is what keeps the invariants:
+
+1. the whole input is read and validated into a staged (invisible) segment; any
+   bad record raises before anything is written, so corpus and index stay as they were;
+2. staged rows are diffed against the corpus by hash: unchanged ones are skipped;
+3. changed rows are embedded (reusing stored vectors) and upserted;
+4. only then is the corpus segment committed. A crash before that leaves the
+   corpus untouched, and the re-run redoes idempotent work (deterministic point
+   ids, vectors already in the vector store).
+
+A new index is built as version 1 in state ``building`` and the alias points at
+it only once it holds every document.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
+
+from embedpipe.backends import build_embedder
+from embedpipe.config import Settings
+from embedpipe.corpus import CorpusStore, Known, documents_to_batch
+from embedpipe.errors import ConfigError, EmbedpipeError, InputError
+from embedpipe.index import IndexVersions, Version, check_fingerprint
+from embedpipe.pipeline import Work, embed_and_write
+from embedpipe.qdrant import connect
+from embedpipe.sources import read_documents
+from embedpipe.vectors import VectorStore
+
+__all__ = ["IngestReport", "ingest"]
+
+ProgressFactory = Callable[[int], Callable[[int], None]]
+
+
+@dataclass
+class IngestReport:
+    index: str
+    collection: str
+    profile: str
+    fingerprint: str
+    documents: int  # documents in the input
+    added: int
+    updated: int
+    unchanged: int
+    failed: int
+    embedded: int  # texts actually sent to a model
+    reused: int  # vectors taken from the vector store
+    truncated: int  # texts cut at the model's input limit
+    created_version: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def index_lock(settings: Settings, index: str) -> FileLock:
+    """One writer per index at a time (ingest, later sync and migrate)."""
+    folder = settings.data_dir / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f"{index}.lock"), timeout=0)
+
+
+def ingest(
+    settings: Settings,
+    index: str,
+    path: Path,
+    profile: str | None = None,
+    progress: ProgressFactory | None = None,
+) -> IngestReport:
+    """Ingest documents from ``path`` into ``index``; see the module docstring."""
+    _check_index_name(index)
+    started = time.perf_counter()
+    corpus = CorpusStore.for_index(settings.data_dir, index)
+    staged = _stage(corpus, Path(path))  # validates everything before any write
+    try:
+        try:
+            with index_lock(settings, index):
+                return _ingest_staged(settings, index, corpus, staged, profile, progress, started)
+        except Timeout:
+            raise EmbedpipeError(
+                f"another ingest or migration is writing index {index!r}; wait for it to finish"
+            ) from None
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def _check_index_name(index: str) -> None:
+    if not index or "__" in index or not all(c.isalnum() or c in "-_" for c in index):
+        raise ConfigError(
+            f"invalid index name {index!r}; use letters, digits, '-' and single '_'"
+        )
+
+
+def _stage(corpus: CorpusStore, path: Path) -> Path:
+    writer = corpus.writer()
+    try:
+        batch: list = []
+        for doc in read_documents(path):
+            batch.append(doc)
+            if len(batch) >= 4096:
+                writer.write(documents_to_batch(batch))
+                batch = []
+        if batch:
+            writer.write(documents_to_batch(batch))
+        staged = writer.finish()  # closed but not committed: invisible to readers
+    except BaseException:
+        writer.abort()
+        raise
+    if staged is None:  # read_documents already refuses an empty input; belt and braces
+        raise InputError(f"{path} holds no documents")
+    return staged
+
+
+def _ingest_staged(
+    settings: Settings,
+    index: str,
+    corpus: CorpusStore,
+    staged: Path,
+    profile_name: str | None,
+    progress: ProgressFactory | None,
+    started: float,
+) -> IngestReport:
+    versions = IndexVersions(connect(settings), settings)
+    live = versions.live(index)
+    if live is not None:
+        if profile_name and profile_name != live.profile:
+            raise ConfigError(
+                f"index {index!r} is live on profile {live.profile!r}; to move it to "
+                f"{profile_name!r} run `embedpipe migrate --to {profile_name} --index {index}`"
+            )
+        profile = settings.profile(live.profile)
+    else:
+        profile = settings.profile(profile_name or settings.index_profile(index))
+    embedder = build_embedder(profile, settings.device)
+    fp = embedder.fingerprint
+    target, created = _target_version(versions, index, live, profile, fp)
+    check_fingerprint(target, fp, profile.name)
+
+    known = corpus.known()
+    counts, changed = _diff(staged, known)
+    building = target.state != "live"
+    # A version that is not live yet must hold the whole corpus, not just the changes.
+    if building:
+        staged_ids = _ids(staged)
+        todo = len(staged_ids) + len(known.keys() - staged_ids)
+    else:
+        todo = len(changed)
+    store = VectorStore(settings.data_dir, fp, profile.dims, profile.name)
+    store_text = settings.index_store_text(index)
+
+    def write(ids: list[str], vectors: Any, payloads: list[dict[str, Any]]) -> None:
+        versions.upsert(target.collection, ids, vectors, payloads)
+
+    segment = corpus.writer()
+    try:
+        items = _work(staged, changed, building, corpus, store_text, segment)
+        stats = embed_and_write(
+            items, embedder, write, store, window=settings.window,
+            progress=progress(todo) if progress else None,
+        )
+        with corpus.folder.lock:
+            segment.commit()
+    except BaseException:
+        segment.abort()
+        raise
+    if building:
+        _go_live(versions, index, target, corpus.count())
+    corpus.compact_if_needed()
+    return IngestReport(
+        index=index,
+        collection=target.collection,
+        profile=profile.name,
+        fingerprint=fp,
+        documents=counts["documents"],
+        added=counts["added"],
+        updated=counts["updated"],
+        unchanged=counts["unchanged"],
+        failed=0,
+        embedded=stats.embedded,
+        reused=stats.reused,
+        truncated=stats.truncated,
+        created_version=created,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def _target_version(
+    versions: IndexVersions, index: str, live: Version | None, profile: Any, fp: str
+) -> tuple[Version, bool]:
+    if live is not None:
+        return live, False
+    # Resume an interrupted first build rather than starting another version.
+    for version in reversed(versions.versions(index)):
+        if version.state == "building" and version.fingerprint == fp:
+            return version, False
+    return versions.create_version(index, profile, fp), True
+
+
+def _ids(staged: Path) -> set[str]:
+    return set(pq.read_table(staged, columns=["id"]).column("id").to_pylist())
+
+
+def _diff(staged: Path, known: dict[str, Known]) -> tuple[dict[str, int], set[str]]:
+    table = pq.read_table(staged, columns=["id", "record_hash"])
+    counts = {"documents": table.num_rows, "added": 0, "updated": 0, "unchanged": 0}
+    changed: set[str] = set()
+    for doc_id, rh in zip(table.column("id").to_pylist(), table.column("record_hash").to_pylist()):
+        before = known.get(doc_id)
+        if before is None:
+            counts["added"] += 1
+        elif before.record_hash != rh:
+            counts["updated"] += 1
+        else:
+            counts["unchanged"] += 1
+            continue
+        changed.add(doc_id)
+    return counts, changed
+
+
+def _work(
+    staged: Path,
+    changed: set[str],
+    building: bool,
+    corpus: CorpusStore,
+    store_text: bool,
+    segment: Any,
+) -> Iterator[Work]:
+    """Rows to embed: changed staged rows (also written to the new corpus segment), and
+    for a version still building, the rest of the corpus too."""
+    seen: set[str] = set()
+    for batch in pq.ParquetFile(staged).iter_batches(batch_size=4096):
+        mask = [doc_id in changed or building for doc_id in batch.column("id").to_pylist()]
+        rows = batch.filter(mask)
+        if not rows.num_rows:
+            continue
+        changed_rows = rows.filter([i in changed for i in rows.column("id").to_pylist()])
+        segment.write(changed_rows)
+        for row in rows.to_pylist():
+            seen.add(row["id"])
+            yield _to_work(row, store_text)
+    if building:
+        for batch in corpus.iter_batches():
+            for row in batch.to_pylist():
+                if row["id"] not in seen:
+                    yield _to_work(row, store_text)
+
+
+def _to_work(row: dict[str, Any], store_text: bool) -> Work:
+    payload: dict[str, Any] = {
+        "id": row["id"],
+        "content_hash": row["content_hash"],
+        "metadata": json.loads(row["metadata"] or "{}"),
+        "source": row["source"],
+    }
+    if store_text:
+        payload["text"] = row["text"]
+    return Work(row["id"], row["text"], row["content_hash"], payload)
+
+
+def _go_live(versions: IndexVersions, index: str, target: Version, expected: int) -> None:
+    points = versions.count(target.collection)
+    if points != expected:
+        raise EmbedpipeError(
+            f"version {target.collection} holds {points} points but the corpus has {expected} "
+            "documents; the alias was not moved. Re-run the same ingest to complete it"
+        )
+    versions.point_alias(index, target)

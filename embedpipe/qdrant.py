@@ -1,0 +1,76 @@
+"""Opening Qdrant: local mode under the data directory, or a server; errors converted here.
+
+Local mode allows one client per folder and per process (it holds a lock file), so
+clients are shared through a small per-process cache keyed by location.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from embedpipe.errors import QdrantUnavailable
+
+if TYPE_CHECKING:
+    from qdrant_client import QdrantClient
+
+    from embedpipe.config import Settings
+
+__all__ = ["close_all", "connect"]
+
+_clients: dict[str, QdrantClient] = {}
+_lock = threading.Lock()
+
+
+def _location(settings: Settings) -> str:
+    return settings.qdrant.url or f"path:{settings.qdrant_path}"
+
+
+def connect(settings: Settings) -> QdrantClient:
+    """The shared client for the configured Qdrant; fails with a clear error if unreachable."""
+    key = _location(settings)
+    with _lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _open(settings)
+            _clients[key] = client
+        return client
+
+
+def _open(settings: Settings) -> QdrantClient:
+    from qdrant_client import QdrantClient
+
+    q = settings.qdrant
+    if q.url:
+        api_key = q.api_key.get_secret_value() if q.api_key else None
+        client = QdrantClient(url=q.url, api_key=api_key, timeout=int(q.timeout_s))
+        try:
+            client.get_collections()
+        except Exception as exc:  # noqa: BLE001 - any transport error means unreachable
+            client.close()
+            reason = type(exc).__name__
+            raise QdrantUnavailable(
+                f"cannot reach Qdrant at {q.url} ({reason}); start the server or fix "
+                "qdrant.url / EMBEDPIPE_QDRANT_URL (unset it to use local mode)"
+            ) from None  # the transport error can echo request headers; keep it out
+        return client
+    path = settings.qdrant_path
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        return QdrantClient(path=str(path))
+    except RuntimeError as exc:
+        raise QdrantUnavailable(
+            f"Qdrant local storage {path} is in use by another process ({exc}); wait for it to "
+            "finish, or run a Qdrant server and set qdrant.url for concurrent access"
+        ) from exc
+
+
+def close_all() -> None:
+    """Close every cached client (releases local-mode locks)."""
+    with _lock:
+        for client in _clients.values():
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        _clients.clear()

@@ -4,7 +4,8 @@ One folder per index under ``<data>/corpus/<index>/``. Each segment holds rows o
 ``id, text, content_hash, record_hash, metadata (JSON), source, updated_at, deleted``;
 the newest row per id wins and a ``deleted`` row hides the id. ``content_hash`` is
 the SHA-256 of the text (what decides re-embedding); ``record_hash`` also covers
-metadata and source (what decides whether the payload must be rewritten).
+the metadata (what decides whether the point's payload must be rewritten).
+``source`` is provenance only: the same document read from a renamed file is unchanged.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def record_hash(text_hash: str, metadata_json: str, source: str) -> str:
-    return hashlib.sha256(f"{text_hash}\0{metadata_json}\0{source}".encode()).hexdigest()
+def record_hash(text_hash: str, metadata_json: str) -> str:
+    return hashlib.sha256(f"{text_hash}\0{metadata_json}".encode()).hexdigest()
 
 
 @dataclass
@@ -82,7 +83,7 @@ def documents_to_batch(docs: list[Document], now: dt.datetime | None = None) -> 
             "id": [d.id for d in docs],
             "text": [d.text for d in docs],
             "content_hash": hashes,
-            "record_hash": [record_hash(h, m, d.source) for h, m, d in zip(hashes, meta, docs)],
+            "record_hash": [record_hash(h, m) for h, m in zip(hashes, meta)],
             "metadata": meta,
             "source": [d.source for d in docs],
             "updated_at": [now] * len(docs),

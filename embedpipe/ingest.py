@@ -259,7 +259,6 @@ def _to_work(row: dict[str, Any], store_text: bool) -> Work:
         "id": row["id"],
         "content_hash": row["content_hash"],
         "metadata": json.loads(row["metadata"] or "{}"),
-        "source": row["source"],
     }
     if store_text:
         payload["text"] = row["text"]

@@ -6,6 +6,7 @@ clients are shared through a small per-process cache keyed by location.
 
 from __future__ import annotations
 
+import atexit
 import threading
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,9 @@ def connect(settings: Settings) -> QdrantClient:
         client = _clients.get(key)
         if client is None:
             client = _open(settings)
+            if not _clients:
+                # Close before interpreter teardown: qdrant-client's __del__ fails noisily then.
+                atexit.register(close_all)
             _clients[key] = client
         return client
 
@@ -43,7 +47,9 @@ def _open(settings: Settings) -> QdrantClient:
     q = settings.qdrant
     if q.url:
         api_key = q.api_key.get_secret_value() if q.api_key else None
-        client = QdrantClient(url=q.url, api_key=api_key, timeout=int(q.timeout_s))
+        client = QdrantClient(
+            url=q.url, api_key=api_key, timeout=int(q.timeout_s), check_compatibility=False
+        )
         try:
             client.get_collections()
         except Exception as exc:  # noqa: BLE001 - any transport error means unreachable

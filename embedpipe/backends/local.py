@@ -28,6 +28,9 @@ __all__ = ["LocalEmbedder", "pick_device"]
 
 log = logging.getLogger(__name__)
 
+# Loaded models shared within a process (an app that ingests and searches loads once).
+_MODELS: dict[tuple[str, str, int | None], SentenceTransformer] = {}
+
 
 def pick_device(requested: str = "auto") -> str:
     """``cuda`` when a GPU is present, then Apple ``mps``, else ``cpu``; or what was asked."""
@@ -49,11 +52,15 @@ def _quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     before = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(before)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 class LocalEmbedder:
@@ -80,19 +87,24 @@ class LocalEmbedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
-        log.info("loading %s from %s on %s", self.profile.name, location.path, self.device)
-        try:
-            with _quiet_transformers():
-                model = SentenceTransformer(str(location.path), device=self.device)
-        except (OSError, ValueError) as exc:
-            raise ModelError(
-                f"cannot load weights for profile {self.profile.name!r} from {location.path}: "
-                f"{exc}"
-            ) from exc
-        if self.device == "cuda":
-            model.half()
-        if self.profile.max_tokens and _finite(model.max_seq_length) > self.profile.max_tokens:
-            model.max_seq_length = self.profile.max_tokens
+        key = (str(location.path), self.device, self.profile.max_tokens)
+        model = _MODELS.get(key)
+        if model is None:
+            log.info("loading %s from %s on %s", self.profile.name, location.path, self.device)
+            try:
+                with _quiet_transformers():
+                    model = SentenceTransformer(str(location.path), device=self.device)
+            except (OSError, ValueError) as exc:
+                raise ModelError(
+                    f"cannot load weights for profile {self.profile.name!r} from "
+                    f"{location.path}: {exc}"
+                ) from exc
+            if self.device == "cuda":
+                model.half()
+            limit = self.profile.max_tokens
+            if limit and _finite(model.max_seq_length) > limit:
+                model.max_seq_length = limit
+            _MODELS[key] = model
         self._check_against_profile(model)
         return model
 

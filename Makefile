@@ -1,0 +1,46 @@
+# The README's two commands: `make demo` and `make test`. Both install what they need
+# into .venv at the repository root and are safe to run again.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+# A CPU build of this exact torch lies on the build machines' disk; any other version
+# (or a plain `torch` requirement resolved first) pulls a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+
+.PHONY: install dev demo test test-all bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.dev
+
+demo: install
+	$(VENV)/bin/embedpipe -c configs/embedpipe.toml ingest examples/corpus/docs.jsonl --index demo
+	$(VENV)/bin/embedpipe -c configs/embedpipe.toml ingest examples/notes --index demo
+	@echo; echo '$$ embedpipe search "which planet has a runaway greenhouse effect?" --index demo -k 3'
+	@$(VENV)/bin/embedpipe -c configs/embedpipe.toml search "which planet has a runaway greenhouse effect?" --index demo -k 3
+	@echo; echo '$$ embedpipe search "how do I swap an index without downtime?" --index demo -k 3'
+	@$(VENV)/bin/embedpipe -c configs/embedpipe.toml search "how do I swap an index without downtime?" --index demo -k 3
+	@echo; echo '$$ embedpipe status'
+	@$(VENV)/bin/embedpipe -c configs/embedpipe.toml status
+
+test: dev
+	$(PY) -m pytest
+
+test-all: dev
+	$(PY) -m pytest -m ''
+
+bench: dev
+	$(PY) bench/ingest_vs_encode.py
+
+clean:
+	rm -rf .embedpipe .pytest_cache

@@ -1,0 +1,77 @@
+"""Settings: where the file is found, environment overrides, secrets kept out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from embedpipe.config import find_config, load_settings
+from embedpipe.errors import ConfigError
+
+from conftest import write_config
+
+
+def test_defaults_without_a_config_file(tmp_path: Path) -> None:
+    settings = load_settings()
+    assert settings.config_path is None
+    assert settings.data_dir == (tmp_path / ".embedpipe").resolve()
+    assert settings.default_profile == "local-minilm"
+
+
+def test_config_is_found_like_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = write_config(tmp_path)
+    assert find_config() == local
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    env_config = write_config(other)
+    monkeypatch.setenv("EMBEDPIPE_CONFIG", str(env_config))
+    assert find_config() == env_config
+    assert find_config(local) == local  # an explicit path wins
+
+
+def test_data_dir_is_relative_to_the_config_file(tmp_path: Path, monkeypatch) -> None:
+    sub = tmp_path / "proj"
+    sub.mkdir()
+    config = write_config(sub)
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(config).data_dir == (sub / "data").resolve()
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 'default_profile = "local-bge"\n')
+    env = {"EMBEDPIPE_DEFAULT_PROFILE": "local-minilm", "EMBEDPIPE_QDRANT_URL": "http://127.0.0.1:1",
+           "EMBEDPIPE_QDRANT_API_KEY": "sk-qdrant-secret"}
+    settings = load_settings(config, env=env)
+    assert settings.default_profile == "local-minilm"
+    assert settings.qdrant.url == "http://127.0.0.1:1"
+    assert settings.qdrant.api_key.get_secret_value() == "sk-qdrant-secret"
+    assert "sk-qdrant-secret" not in repr(settings)
+    assert "sk-qdrant-secret" not in settings.model_dump_json()
+
+
+def test_api_key_in_the_file_is_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, '[qdrant]\napi_key = "oops"\n')
+    with pytest.raises(ConfigError, match="EMBEDPIPE_QDRANT_API_KEY"):
+        load_settings(config)
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ("data_dir = [\n", "invalid TOML"),
+        ('default_profile = "nope"\n', "unknown profile 'nope'"),
+        ("no_such_key = 1\n", "no_such_key"),
+        ('device = "tpu"\n', "device"),
+    ],
+)
+def test_bad_config_is_one_clear_error(tmp_path: Path, body: str, match: str) -> None:
+    config = tmp_path / "embedpipe.toml"
+    config.write_text(body)
+    with pytest.raises(ConfigError, match=match):
+        load_settings(config)
+
+
+def test_missing_explicit_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")

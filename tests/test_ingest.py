@@ -1,0 +1,205 @@
+"""Ingest and search end to end: real model, real Qdrant local mode, real Parquet files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from embedpipe.corpus import CorpusStore
+from embedpipe.errors import (
+    ConfigError,
+    FingerprintMismatch,
+    IndexNotFound,
+    InputError,
+    QdrantUnavailable,
+    UnknownProfile,
+)
+from embedpipe.index import Index, IndexVersions
+from embedpipe.ingest import ingest
+from embedpipe.qdrant import connect
+
+from conftest import EXAMPLES, write_config, write_jsonl
+
+DOCS = [
+    {"id": "bread", "text": "Sourdough bread rises thanks to wild yeast and lactic acid bacteria.", "topic": "food"},
+    {"id": "venus", "text": "Venus has a thick carbon dioxide atmosphere and a runaway greenhouse effect.", "topic": "space"},
+    {"id": "tcp", "text": "TCP retransmits lost packets and uses a sliding window for flow control.", "topic": "net"},
+    {"id": "piano", "text": "A grand piano has 88 keys and strings struck by felt hammers.", "topic": "music"},
+]
+
+
+@pytest.fixture
+def docs_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "docs.jsonl", DOCS)
+
+
+def _snapshot(settings, index: str) -> tuple[dict, list]:
+    corpus = {k: v.record_hash for k, v in CorpusStore.for_index(settings.data_dir, index).known().items()}
+    versions = IndexVersions(connect(settings), settings)
+    state = [(v.collection, v.state, versions.count(v.collection)) for v in versions.versions(index)]
+    return corpus, state
+
+
+def test_ingest_then_search_finds_the_right_document(settings, docs_file: Path) -> None:
+    report = ingest(settings, "kb", docs_file)
+    assert (report.added, report.embedded, report.created_version) == (4, 4, True)
+    idx = Index("kb", settings)
+    hits = idx.search("why does dough rise?", k=2)
+    assert hits[0].id == "bread"
+    assert hits[0].metadata == {"topic": "food"} and "Sourdough" in hits[0].text
+    assert idx.search("planet with a greenhouse atmosphere", k=1)[0].id == "venus"
+    assert [h.id for h in idx.search("keys and hammers", k=4, filter={"topic": "net"})] == ["tcp"]
+    live = idx.live()
+    assert live.state == "live" and live.collection == "kb__local-minilm__v1"
+
+
+def test_reingest_of_unchanged_input_embeds_nothing(settings, docs_file: Path) -> None:
+    ingest(settings, "kb", docs_file)
+    again = ingest(settings, "kb", docs_file)
+    assert (again.unchanged, again.embedded, again.added, again.updated) == (4, 0, 0, 0)
+    assert len(CorpusStore.for_index(settings.data_dir, "kb").folder.segments()) == 1
+
+
+def test_changed_text_is_reembedded_and_metadata_only_is_not(settings, tmp_path: Path) -> None:
+    ingest(settings, "kb", write_jsonl(tmp_path / "a.jsonl", DOCS))
+    changed = [dict(d) for d in DOCS]
+    changed[2]["text"] = "Photosynthesis turns light, water and carbon dioxide into sugar."
+    changed[3]["topic"] = "instruments"
+    report = ingest(settings, "kb", write_jsonl(tmp_path / "b.jsonl", changed))
+    assert (report.updated, report.unchanged, report.embedded) == (2, 2, 1)
+    idx = Index("kb", settings)
+    assert idx.search("how do plants make sugar from light", k=1)[0].id == "tcp"
+    assert idx.search("piano", k=1)[0].metadata == {"topic": "instruments"}
+    assert IndexVersions(connect(settings), settings).count("kb__local-minilm__v1") == 4
+
+
+def test_text_reverted_to_an_earlier_version_reuses_the_stored_vector(settings, tmp_path) -> None:
+    ingest(settings, "kb", write_jsonl(tmp_path / "a.jsonl", DOCS))
+    edited = [dict(DOCS[0], text="Rye bread is dense.")]
+    assert ingest(settings, "kb", write_jsonl(tmp_path / "b.jsonl", edited)).embedded == 1
+    back = ingest(settings, "kb", write_jsonl(tmp_path / "c.jsonl", DOCS[:1]))
+    assert (back.updated, back.embedded, back.reused) == (1, 0, 1)
+
+
+def test_directory_and_parquet_inputs(settings, tmp_path: Path) -> None:
+    report = ingest(settings, "notes", EXAMPLES / "notes")
+    ids = set(CorpusStore.for_index(settings.data_dir, "notes").known())
+    assert report.added == len(ids) >= 4 and "rag-basics.md" in ids
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["p1", "p2"], "text": ["alpha particle", "beta decay"], "lab": ["x", "y"]}),
+                   tmp_path / "in.parquet")
+    assert ingest(settings, "pq", tmp_path / "in.parquet").added == 2
+    assert Index("pq", settings).search("beta", k=1)[0].metadata == {"lab": "y"}
+
+
+def test_a_changed_model_is_refused_for_queries_and_ingest(tmp_path: Path, docs_file: Path) -> None:
+    from embedpipe.config import load_settings
+
+    ingest(load_settings(write_config(tmp_path)), "kb", docs_file)
+    from embedpipe.qdrant import close_all
+
+    close_all()
+    # Same profile name, different space: a query prompt was added to it.
+    changed = load_settings(write_config(tmp_path, '[profiles.local-minilm]\nquery_prompt = "q: "\n'))
+    with pytest.raises(FingerprintMismatch) as err:
+        Index("kb", changed).search("bread")
+    assert "kb__local-minilm__v1" in str(err.value) and "migrate" in str(err.value)
+    with pytest.raises(FingerprintMismatch):
+        ingest(changed, "kb", docs_file)
+
+
+def test_profile_change_on_a_live_index_points_to_migrate(settings, docs_file) -> None:
+    ingest(settings, "kb", docs_file)
+    with pytest.raises(ConfigError, match="embedpipe migrate --to local-bge"):
+        ingest(settings, "kb", docs_file, profile="local-bge")
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
+    good = "".join(json.dumps(d) + "\n" for d in DOCS[:2])
+    cases = {
+        "empty text": ('{"id": "x", "text": ""}\n', "empty text"),
+        "whitespace text": ('{"id": "x", "text": "  \\n\\t "}\n', "empty text"),
+        "duplicate ids": ('{"id": "bread", "text": "again"}\n', "duplicate id 'bread'"),
+        "malformed line": ("{not json\n", ":3: malformed JSON"),
+        "missing text": ('{"id": "x"}\n', "missing 'text'"),
+    }
+    out = {}
+    for name, (extra, match) in cases.items():
+        path = tmp / f"{name.replace(' ', '_')}.jsonl"
+        path.write_text(good + extra, encoding="utf-8")
+        out[name] = (path, match)
+    latin = tmp / "latin1.jsonl"
+    latin.write_bytes(good.encode() + '{"id": "z", "text": "café"}\n'.encode("latin-1"))
+    out["non-UTF-8 bytes"] = (latin, "not valid UTF-8")
+    out["missing path"] = (tmp / "nope.jsonl", "does not exist")
+    return out
+
+
+@pytest.mark.parametrize(
+    "case", ["empty text", "whitespace text", "duplicate ids", "malformed line", "missing text",
+             "non-UTF-8 bytes", "missing path"]
+)
+def test_bad_input_is_refused_and_changes_nothing(settings, docs_file, tmp_path, case) -> None:
+    ingest(settings, "kb", docs_file)
+    before = _snapshot(settings, "kb")
+    path, match = _bad_inputs(tmp_path)[case]
+    with pytest.raises(InputError, match=match):
+        ingest(settings, "kb", path)
+    assert _snapshot(settings, "kb") == before
+    assert not list((settings.data_dir / "corpus" / "kb").glob(".tmp-*"))
+
+
+def test_bad_input_into_a_new_index_creates_nothing(settings, tmp_path) -> None:
+    path, _ = _bad_inputs(tmp_path)["duplicate ids"]
+    with pytest.raises(InputError):
+        ingest(settings, "fresh", path)
+    assert _snapshot(settings, "fresh") == ({}, [])
+
+
+def test_unknown_profile_and_unknown_index(settings, docs_file) -> None:
+    with pytest.raises(UnknownProfile, match="local-minilm"):
+        ingest(settings, "kb", docs_file, profile="no-such-model")
+    assert _snapshot(settings, "kb") == ({}, [])
+    with pytest.raises(IndexNotFound, match="embedpipe ingest"):
+        Index.open("kb", str(settings.config_path))
+
+
+def test_unreachable_qdrant_url_is_a_clear_error(make_settings, docs_file) -> None:
+    settings = make_settings('[qdrant]\nurl = "http://127.0.0.1:9"\ntimeout_s = 1\n')
+    with pytest.raises(QdrantUnavailable, match="cannot reach Qdrant at http://127.0.0.1:9"):
+        ingest(settings, "kb", docs_file)
+    assert CorpusStore.for_index(settings.data_dir, "kb").count() == 0
+
+
+def test_interrupted_first_build_resumes_and_only_then_goes_live(settings, docs_file, monkeypatch) -> None:
+    calls = {"n": 0}
+    original = IndexVersions.upsert
+
+    def dies_after_first_chunk(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt  # stands in for a killed process
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(IndexVersions, "upsert", dies_after_first_chunk)
+    from embedpipe import pipeline
+
+    real = pipeline.embed_and_write
+    monkeypatch.setattr("embedpipe.ingest.embed_and_write",
+                        lambda *a, **k: real(*a, **{**k, "window": 2, "chunk": 2}))
+    with pytest.raises(KeyboardInterrupt):
+        ingest(settings, "kb", docs_file)
+    versions = IndexVersions(connect(settings), settings)
+    assert versions.live("kb") is None  # the alias never pointed at a partial collection
+    assert versions.versions("kb")[0].state == "building"
+    assert CorpusStore.for_index(settings.data_dir, "kb").count() == 0
+    monkeypatch.setattr(IndexVersions, "upsert", original)
+    report = ingest(settings, "kb", docs_file)
+    # Vectors are stored before their points, so nothing computed before the crash is lost.
+    assert report.created_version is False and (report.embedded, report.reused) == (0, 4)
+    assert versions.require_live("kb").collection == "kb__local-minilm__v1"
+    assert versions.count("kb__local-minilm__v1") == 4

@@ -28,8 +28,8 @@ demo: install
 	$(VENV)/bin/embedpipe -c configs/embedpipe.toml ingest examples/notes --index demo
 	@echo; echo '$$ embedpipe search "which planet has a runaway greenhouse effect?" --index demo -k 3'
 	@$(VENV)/bin/embedpipe -c configs/embedpipe.toml search "which planet has a runaway greenhouse effect?" --index demo -k 3
-	@echo; echo '$$ embedpipe search "how do I swap an index without downtime?" --index demo -k 3'
-	@$(VENV)/bin/embedpipe -c configs/embedpipe.toml search "how do I swap an index without downtime?" --index demo -k 3
+	@echo; echo '$$ embedpipe search "why must I re-embed when my embedding model is retired?" --index demo -k 3'
+	@$(VENV)/bin/embedpipe -c configs/embedpipe.toml search "why must I re-embed when my embedding model is retired?" --index demo -k 3
 	@echo; echo '$$ embedpipe status'
 	@$(VENV)/bin/embedpipe -c configs/embedpipe.toml status
 

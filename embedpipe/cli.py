@@ -117,13 +117,13 @@ def ingest(
     if as_json:
         _print_json(report.to_dict())
         return
-    rate = (report.added + report.updated) / report.seconds if report.seconds else 0.0
+    rate = f" ({report.embedded / report.seconds:,.0f} docs/s)" if report.embedded else ""
     typer.echo(
         f"{report.index} -> {report.collection}: {report.documents} documents, "
         f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
         f"{report.failed} failed; {report.embedded} embedded, {report.reused} reused"
         + (f", {report.truncated} truncated" if report.truncated else "")
-        + f" in {report.seconds:.1f}s ({rate:,.0f} docs/s)"
+        + f" in {report.seconds:.1f}s{rate}"
     )
 
 
@@ -133,7 +133,10 @@ def _parse_filters(pairs: list[str]) -> dict[str, Any] | None:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--filter")
-        out[key] = value
+        try:  # numbers and booleans match typed metadata; anything else is a string
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
     return out or None
 
 

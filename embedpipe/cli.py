@@ -106,16 +106,26 @@ def ingest(
     path: Annotated[Path, typer.Argument(help="A .jsonl file, a .parquet file or a directory of .txt/.md files.")],
     index: IndexOpt,
     profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="Model profile for a new index (see `embedpipe models`).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and diff only: say what would be embedded, write nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Add or update documents in an index; unchanged documents are not re-embedded."""
     from embedpipe.ingest import ingest as run_ingest
 
     settings = _settings()
-    with _progress(not as_json and sys.stderr.isatty(), f"embedding into {index}") as progress:
-        report = run_ingest(settings, index, path, profile=profile, progress=progress)
+    show = not as_json and not dry_run and sys.stderr.isatty()
+    with _progress(show, f"embedding into {index}") as progress:
+        report = run_ingest(settings, index, path, profile=profile, progress=progress, dry_run=dry_run)
     if as_json:
         _print_json(report.to_dict())
+        return
+    if dry_run:
+        typer.echo(
+            f"dry run, nothing written: {report.index} -> {report.collection}: "
+            f"{report.documents} documents, {report.added} to add, {report.updated} to update, "
+            f"{report.unchanged} unchanged; {report.embedded} texts to embed, "
+            f"{report.reused} vectors reusable"
+        )
         return
     rate = f" ({report.embedded / report.seconds:,.0f} docs/s)" if report.embedded else ""
     typer.echo(

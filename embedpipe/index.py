@@ -10,12 +10,13 @@ read through one upgrade path (``_manifest``). The alias moves in one atomic cal
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from embedpipe.errors import FingerprintMismatch, IndexNotFound, QdrantUnavailable
+from embedpipe.errors import FingerprintMismatch, IndexNotFound, InputError, QdrantUnavailable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -292,16 +293,22 @@ class Index:
     >>> idx = Index.open("docs")
     >>> for hit in idx.search("how do aliases work?", k=5):
     ...     print(hit.id, hit.score)
+
+    The live collection and its verified embedder are pinned together and searched
+    together; the alias is re-read at most every ``refresh_s`` seconds, so a cutover is
+    picked up quickly without two extra round trips on every query. Searching the pinned
+    collection (not the alias) is what keeps query and index in one space during a swap.
     """
 
-    def __init__(self, name: str, settings: Settings) -> None:
+    def __init__(self, name: str, settings: Settings, refresh_s: float = 5.0) -> None:
         from embedpipe.qdrant import connect
 
         self.name = name
         self.settings = settings
+        self.refresh_s = refresh_s
         self.versions = IndexVersions(connect(settings), settings)
-        self._embedder: Embedder | None = None
-        self._checked_for: str | None = None
+        self._pinned: tuple[Version, Embedder] | None = None
+        self._pinned_at = 0.0
 
     @classmethod
     def open(cls, name: str, config: str | None = None) -> Index:
@@ -310,35 +317,41 @@ class Index:
 
         settings = load_settings(config)
         index = cls(name, settings)
-        index.versions.require_live(name)
+        index.live()
         return index
 
     def live(self) -> Version:
-        return self.versions.require_live(self.name)
+        """The live version (re-read from the alias when the pin is older than refresh_s)."""
+        return self._pin()[0]
 
     def embedder(self) -> Embedder:
         """The embedder for the live version, verified to produce the recorded fingerprint."""
-        live = self.live()
-        if self._embedder is None or self._checked_for != live.collection:
+        return self._pin()[1]
+
+    def _pin(self) -> tuple[Version, Embedder]:
+        now = time.monotonic()
+        if self._pinned is not None and now - self._pinned_at < self.refresh_s:
+            return self._pinned
+        live = self.versions.require_live(self.name)
+        if self._pinned is None or self._pinned[0].collection != live.collection:
             from embedpipe.backends import build_embedder
 
             profile = self.settings.profile(live.profile)
             embedder = build_embedder(profile, self.settings.device)
             check_fingerprint(live, embedder.fingerprint, profile.name)
-            self._embedder, self._checked_for = embedder, live.collection
-        return self._embedder
+            self._pinned = (live, embedder)
+        self._pinned_at = now
+        return self._pinned
 
     def search(
         self, text: str, k: int = 10, filter: Mapping[str, Any] | Any | None = None
     ) -> list[Hit]:
         """The ``k`` nearest documents to ``text``; ``filter`` matches metadata fields."""
         if not text or not text.strip():
-            from embedpipe.errors import InputError
-
             raise InputError("the query is empty; pass some text to search for")
-        embedder = self.embedder()
+        version, embedder = self._pin()
         vector = embedder.embed_query(text)
-        return self.versions.search(self._checked_for or self.name, vector, k, filter)
+        return self.versions.search(version.collection, vector, k, filter)
 
 
 def check_fingerprint(version: Version, fingerprint: str, profile: str) -> None:

@@ -57,6 +57,7 @@ class IngestReport:
     truncated: int  # texts cut at the model's input limit
     created_version: bool
     seconds: float
+    dry_run: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,8 +76,13 @@ def ingest(
     path: Path,
     profile: str | None = None,
     progress: ProgressFactory | None = None,
+    dry_run: bool = False,
 ) -> IngestReport:
-    """Ingest documents from ``path`` into ``index``; see the module docstring."""
+    """Ingest documents from ``path`` into ``index``; see the module docstring.
+
+    With ``dry_run`` the input is validated and diffed and the report says what would be
+    added, updated and embedded; no model is loaded and nothing is written.
+    """
     _check_index_name(index)
     started = time.perf_counter()
     corpus = CorpusStore.for_index(settings.data_dir, index)
@@ -84,7 +90,9 @@ def ingest(
     try:
         try:
             with index_lock(settings, index):
-                return _ingest_staged(settings, index, corpus, staged, profile, progress, started)
+                return _ingest_staged(
+                    settings, index, corpus, staged, profile, progress, started, dry_run
+                )
         except Timeout:
             raise EmbedpipeError(
                 f"another ingest or migration is writing index {index!r}; wait for it to finish"
@@ -128,6 +136,7 @@ def _ingest_staged(
     profile_name: str | None,
     progress: ProgressFactory | None,
     started: float,
+    dry_run: bool = False,
 ) -> IngestReport:
     versions = IndexVersions(connect(settings), settings)
     live = versions.live(index)
@@ -142,6 +151,8 @@ def _ingest_staged(
         profile = settings.profile(profile_name or settings.index_profile(index))
     embedder = build_embedder(profile, settings.device)
     fp = embedder.fingerprint
+    if dry_run:
+        return _dry_run(settings, versions, index, live, profile, fp, corpus, staged, started)
     target, created = _target_version(versions, index, live, profile, fp)
     check_fingerprint(target, fp, profile.name)
 
@@ -193,16 +204,70 @@ def _ingest_staged(
     )
 
 
-def _target_version(
-    versions: IndexVersions, index: str, live: Version | None, profile: Any, fp: str
-) -> tuple[Version, bool]:
+def _existing_target(versions: IndexVersions, index: str, live: Version | None, fp: str) -> Version | None:
     if live is not None:
-        return live, False
+        return live
     # Resume an interrupted first build rather than starting another version.
     for version in reversed(versions.versions(index)):
         if version.state == "building" and version.fingerprint == fp:
-            return version, False
+            return version
+    return None
+
+
+def _target_version(
+    versions: IndexVersions, index: str, live: Version | None, profile: Any, fp: str
+) -> tuple[Version, bool]:
+    existing = _existing_target(versions, index, live, fp)
+    if existing is not None:
+        return existing, False
     return versions.create_version(index, profile, fp), True
+
+
+def _dry_run(
+    settings: Settings,
+    versions: IndexVersions,
+    index: str,
+    live: Version | None,
+    profile: Any,
+    fp: str,
+    corpus: CorpusStore,
+    staged: Path,
+    started: float,
+) -> IngestReport:
+    """What an ingest would do, from hashes alone: no model, no writes."""
+    target = _existing_target(versions, index, live, fp)
+    if target is not None:
+        check_fingerprint(target, fp, profile.name)
+    known = corpus.known()
+    counts, changed = _diff(staged, known)
+    table = pq.read_table(staged, columns=["id", "content_hash"])
+    building = target is None or target.state != "live"
+    hashes = {
+        doc_id: h
+        for doc_id, h in zip(table.column("id").to_pylist(), table.column("content_hash").to_pylist())
+        if building or doc_id in changed
+    }
+    if building:  # the rest of the corpus goes into a version that is not live yet
+        hashes.update({i: k.content_hash for i, k in known.items() if i not in hashes})
+    store = VectorStore.existing(settings.data_dir, fp, profile.dims)
+    stored = {h for h in set(hashes.values()) if store is not None and h in store}
+    return IngestReport(
+        index=index,
+        collection=target.collection if target else f"{index}__{profile.name}__v(new)",
+        profile=profile.name,
+        fingerprint=fp,
+        documents=counts["documents"],
+        added=counts["added"],
+        updated=counts["updated"],
+        unchanged=counts["unchanged"],
+        failed=0,
+        embedded=len(set(hashes.values()) - stored),
+        reused=sum(1 for h in hashes.values() if h in stored),
+        truncated=0,
+        created_version=target is None,
+        seconds=round(time.perf_counter() - started, 3),
+        dry_run=True,
+    )
 
 
 def _ids(staged: Path) -> set[str]:

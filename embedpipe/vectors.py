@@ -44,6 +44,13 @@ class VectorStore:
         self._index: dict[str, tuple[int, int]] | None = None
         self._check_space(profile)
 
+    @classmethod
+    def existing(cls, data_dir: Path, fingerprint: str, dims: int) -> VectorStore | None:
+        """The store for a space if it exists, without creating anything (for dry runs)."""
+        if not (data_dir / "vectors" / fingerprint[:16] / "space.json").is_file():
+            return None
+        return cls(data_dir, fingerprint, dims)
+
     def _check_space(self, profile: str) -> None:
         space = self.folder.root / "space.json"
         if space.is_file():

@@ -54,6 +54,8 @@ def test_ingest_search_status_models_as_json(tmp_path: Path) -> None:
 def test_human_output(tmp_path: Path) -> None:
     write_config(tmp_path)
     docs = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    planned = run("ingest", str(docs), "--index", "kb", "--dry-run", cwd=tmp_path).stdout
+    assert "nothing written" in planned and "2 texts to embed" in planned
     assert "2 added" in run("ingest", str(docs), "--index", "kb", cwd=tmp_path).stdout
     assert "0 embedded" in run("ingest", str(docs), "--index", "kb", cwd=tmp_path).stdout
     assert " b " in run("search", "compilers", "--index", "kb", "-k", "1", cwd=tmp_path).stdout

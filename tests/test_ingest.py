@@ -203,3 +203,51 @@ def test_interrupted_first_build_resumes_and_only_then_goes_live(settings, docs_
     assert report.created_version is False and (report.embedded, report.reused) == (0, 4)
     assert versions.require_live("kb").collection == "kb__local-minilm__v1"
     assert versions.count("kb__local-minilm__v1") == 4
+
+
+def test_dry_run_reports_and_writes_nothing(settings, tmp_path: Path) -> None:
+    first = ingest(settings, "kb", write_jsonl(tmp_path / "a.jsonl", DOCS[:2]), dry_run=True)
+    assert (first.added, first.embedded, first.created_version, first.dry_run) == (2, 2, True, True)
+    assert _snapshot(settings, "kb") == ({}, [])
+    assert not (settings.data_dir / "vectors").exists()
+
+    ingest(settings, "kb", write_jsonl(tmp_path / "b.jsonl", DOCS[:2]))
+    before = _snapshot(settings, "kb")
+    changed = [DOCS[0], dict(DOCS[1], text="A different text."), DOCS[2]]
+    plan = ingest(settings, "kb", write_jsonl(tmp_path / "c.jsonl", changed), dry_run=True)
+    assert (plan.added, plan.updated, plan.unchanged, plan.embedded) == (1, 1, 1, 2)
+    assert _snapshot(settings, "kb") == before
+    real = ingest(settings, "kb", write_jsonl(tmp_path / "c.jsonl", changed))
+    assert (real.added, real.updated, real.unchanged, real.embedded) == (1, 1, 1, 2)
+
+
+def test_empty_query_is_refused(settings, docs_file) -> None:
+    ingest(settings, "kb", docs_file)
+    with pytest.raises(InputError, match="query is empty"):
+        Index("kb", settings).search("   ")
+
+
+def test_search_follows_the_alias_to_a_new_version(settings, docs_file, static_model_dir, tmp_path) -> None:
+    """After the alias moves, queries are embedded by the new version's own model."""
+    from embedpipe.config import load_settings
+
+    from conftest import static_profile_toml
+
+    ingest(settings, "kb", docs_file)
+    both = load_settings(write_config(tmp_path, static_profile_toml(static_model_dir)))
+    idx = Index("kb", both, refresh_s=0)
+    assert idx.search("sourdough yeast", k=1)[0].id == "bread"
+    assert idx.embedder().profile.name == "local-minilm"
+    # Build a second index version on the static model by hand, then cut over.
+    versions = IndexVersions(connect(both), both)
+    from embedpipe.backends import build_embedder
+
+    static = build_embedder(both.profile("static"), "cpu")
+    v2 = versions.create_version("kb", both.profile("static"), static.fingerprint)
+    vecs = static.embed_documents([d["text"] for d in DOCS]).vectors
+    versions.upsert(v2.collection, [d["id"] for d in DOCS], vecs, [{"id": d["id"]} for d in DOCS])
+    versions.point_alias("kb", v2)
+    assert idx.search("sourdough yeast", k=1)[0].id == "bread"
+    assert idx.embedder().profile.name == "static"
+    states = {v.collection: v.state for v in versions.versions("kb")}
+    assert states == {"kb__local-minilm__v1": "standby", "kb__static__v2": "live"}

@@ -191,10 +191,7 @@ def _ingest_staged(
         collection=target.collection,
         profile=profile.name,
         fingerprint=fp,
-        documents=counts["documents"],
-        added=counts["added"],
-        updated=counts["updated"],
-        unchanged=counts["unchanged"],
+        **counts,  # documents, added, updated, unchanged
         failed=0,
         embedded=stats.embedded,
         reused=stats.reused,
@@ -256,10 +253,7 @@ def _dry_run(
         collection=target.collection if target else f"{index}__{profile.name}__v(new)",
         profile=profile.name,
         fingerprint=fp,
-        documents=counts["documents"],
-        added=counts["added"],
-        updated=counts["updated"],
-        unchanged=counts["unchanged"],
+        **counts,  # documents, added, updated, unchanged
         failed=0,
         embedded=len(set(hashes.values()) - stored),
         reused=sum(1 for h in hashes.values() if h in stored),

@@ -138,6 +138,30 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         qdrant["api_key"] = secret
 
 
+_TABLES = ("qdrant",)
+_TABLES_OF_TABLES = ("profiles", "indexes")
+
+
+def _check_shape(raw: Mapping[str, Any], path: Path | None) -> None:
+    """Tables where tables belong, before anything indexes into them."""
+    where = path or "settings"
+    for key in _TABLES:
+        if key in raw and not isinstance(raw[key], dict):
+            raise ConfigError(f"{where}: {key} must be a table ([{key}])")
+    for key in _TABLES_OF_TABLES:
+        value = raw.get(key, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a table of tables ([{key}.NAME])")
+        for name, table in value.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}: {key}.{name} must be a table ([{key}.{name}])")
+    for key in ("data_dir",):
+        if key in raw and not isinstance(raw[key], str):
+            raise ConfigError(f"{where}: {key} must be a string (a folder path)")
+    if "path" in raw.get("qdrant", {}) and not isinstance(raw["qdrant"]["path"], str):
+        raise ConfigError(f"{where}: qdrant.path must be a string (a folder path)")
+
+
 def load_settings(
     config: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -151,6 +175,7 @@ def load_settings(
             "do not put qdrant.api_key in the config file; set EMBEDPIPE_QDRANT_API_KEY "
             "(or the variable named by qdrant.api_key_env) instead"
         )
+    _check_shape(raw, path)
     base_dir = path.parent if path else Path.cwd()
     _apply_env(raw, env)
     profiles = merge_profiles(load_catalogue(), raw.pop("profiles", {}) or {}, base_dir)

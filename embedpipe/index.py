@@ -101,17 +101,28 @@ class IndexVersions:
         self.settings = settings
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Every client call goes through here, so every Qdrant failure reads the same."""
+        from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
         try:
             return fn(*args, **kwargs)
-        except (ConnectionError, TimeoutError, OSError) as exc:
+        except UnexpectedResponse as exc:
+            raise QdrantUnavailable(
+                f"Qdrant answered HTTP {exc.status_code} while {what}: "
+                f"{_first_line(exc.content)}"
+            ) from None
+        except (ConnectionError, TimeoutError, OSError, ResponseHandlingException) as exc:
             raise QdrantUnavailable(f"Qdrant failed while {what} ({type(exc).__name__}); "
-                                    "check that the server is up") from exc
+                                    "check that the server is up") from None
+
+    def _info(self, collection: str) -> Any:
+        return self._call(f"reading collection {collection}", self.client.get_collection, collection)
 
     def versions(self, index: str | None = None) -> list[Version]:
         """Every embedpipe collection (of one index when given), oldest version first."""
         out = []
         for desc in self._call("listing collections", self.client.get_collections).collections:
-            info = self.client.get_collection(desc.name)
+            info = self._info(desc.name)
             found = _manifest(desc.name, info.config.metadata)
             if found and (index is None or found.index == index):
                 out.append(found)
@@ -127,7 +138,7 @@ class IndexVersions:
         target = self.aliases().get(index)
         if target is None:
             return None
-        info = self.client.get_collection(target)
+        info = self._info(target)
         return _manifest(target, info.config.metadata)
 
     def require_live(self, index: str) -> Version:
@@ -175,9 +186,10 @@ class IndexVersions:
         return _manifest(name, {MANIFEST_KEY: manifest})  # type: ignore[return-value]
 
     def set_state(self, version: Version, state: str) -> Version:
-        info = self.client.get_collection(version.collection)
+        info = self._info(version.collection)
         manifest = dict(info.config.metadata[MANIFEST_KEY], state=state)
-        self.client.update_collection(version.collection, metadata={MANIFEST_KEY: manifest})
+        self._call("recording a version state", self.client.update_collection,
+                   version.collection, metadata={MANIFEST_KEY: manifest})
         return _manifest(version.collection, {MANIFEST_KEY: manifest})  # type: ignore[return-value]
 
     def point_alias(self, index: str, version: Version) -> None:
@@ -204,7 +216,30 @@ class IndexVersions:
             self.set_state(previous, "standby")
 
     def count(self, collection: str) -> int:
-        return int(self.client.count(collection, exact=True).count)
+        return int(self._call("counting points", self.client.count, collection, exact=True).count)
+
+    def point_ids(self, collection: str, page: int = 10_000) -> set[str]:
+        """Every point id in a collection (ids only, no vectors or payloads)."""
+        ids: set[str] = set()
+        offset = None
+        while True:
+            points, offset = self._call(
+                "listing points", self.client.scroll, collection, limit=page, offset=offset,
+                with_payload=False, with_vectors=False,
+            )
+            ids.update(str(p.id) for p in points)
+            if offset is None:
+                return ids
+
+    def delete_points(self, collection: str, ids: Sequence[str], batch: int = 1024) -> None:
+        """Delete points by point id (not document id)."""
+        from qdrant_client import models
+
+        ids = list(ids)
+        for start in range(0, len(ids), batch):
+            selector = models.PointIdsList(points=ids[start:start + batch])
+            self._call("deleting points", self.client.delete, collection,
+                       points_selector=selector, wait=True)
 
     def upsert(
         self,
@@ -257,20 +292,40 @@ class IndexVersions:
         ]
 
 
+def _first_line(content: Any) -> str:
+    text = content.decode("utf-8", "replace") if isinstance(content, bytes) else str(content)
+    return (text.strip().splitlines() or ["(no details)"])[0][:300]
+
+
 def _to_filter(filter: Mapping[str, Any] | Any | None) -> Any:
-    """A ``{"key": value}`` mapping becomes equality on ``metadata.key`` (lists match any)."""
+    """A ``{"key": value}`` mapping becomes a match on ``metadata.key``.
+
+    Strings, integers and booleans match exactly, a list matches any of its strings or
+    integers, a float matches that number (a range of one point, since Qdrant has no
+    float equality). Anything else is refused with an ``InputError``.
+    """
     if filter is None or not isinstance(filter, Mapping):
         return filter
     from qdrant_client import models
 
     must = []
     for key, value in filter.items():
-        match: Any = (
-            models.MatchAny(any=list(value))
-            if isinstance(value, (list, tuple, set))
-            else models.MatchValue(value=value)
-        )
-        must.append(models.FieldCondition(key=f"metadata.{key}", match=match))
+        cond: Any
+        if isinstance(value, (str, bool, int)):
+            cond = models.FieldCondition(key=f"metadata.{key}", match=models.MatchValue(value=value))
+        elif isinstance(value, float) and value == value:  # not NaN
+            cond = models.FieldCondition(key=f"metadata.{key}", range=models.Range(gte=value, lte=value))
+        elif isinstance(value, (list, tuple, set)) and value and (
+            all(isinstance(v, str) for v in value)
+            or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
+            cond = models.FieldCondition(key=f"metadata.{key}", match=models.MatchAny(any=list(value)))
+        else:
+            raise InputError(
+                f"filter {key}={value!r}: match a string, integer, boolean, number or a "
+                "non-empty list of strings or of integers"
+            )
+        must.append(cond)
     return models.Filter(must=must)
 
 

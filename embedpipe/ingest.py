@@ -30,7 +30,7 @@ from embedpipe.backends import build_embedder
 from embedpipe.config import Settings
 from embedpipe.corpus import CorpusStore, Known, documents_to_batch
 from embedpipe.errors import ConfigError, EmbedpipeError, InputError
-from embedpipe.index import IndexVersions, Version, check_fingerprint
+from embedpipe.index import IndexVersions, Version, check_fingerprint, point_id
 from embedpipe.pipeline import Work, embed_and_write
 from embedpipe.qdrant import connect
 from embedpipe.sources import read_documents
@@ -153,6 +153,7 @@ def _ingest_staged(
     fp = embedder.fingerprint
     if dry_run:
         return _dry_run(settings, versions, index, live, profile, fp, corpus, staged, started)
+    embedder.check()  # a bad model fails here, before any collection or file is made
     target, created = _target_version(versions, index, live, profile, fp)
     check_fingerprint(target, fp, profile.name)
 
@@ -184,7 +185,7 @@ def _ingest_staged(
         segment.abort()
         raise
     if building:
-        _go_live(versions, index, target, corpus.count())
+        _go_live(versions, index, target, set(corpus.known()))
     corpus.compact_if_needed()
     return IngestReport(
         index=index,
@@ -324,11 +325,21 @@ def _to_work(row: dict[str, Any], store_text: bool) -> Work:
     return Work(row["id"], row["text"], row["content_hash"], payload)
 
 
-def _go_live(versions: IndexVersions, index: str, target: Version, expected: int) -> None:
-    points = versions.count(target.collection)
-    if points != expected:
+def _go_live(versions: IndexVersions, index: str, target: Version, corpus_ids: set[str]) -> None:
+    """Point the alias at ``target`` once it holds exactly the corpus.
+
+    Points that are not in the corpus (left by an interrupted build whose input
+    changed before the re-run) are deleted first; a missing point stops the cutover.
+    """
+    expected = {point_id(i) for i in corpus_ids}
+    present = versions.point_ids(target.collection)
+    extra = present - expected
+    if extra:
+        versions.delete_points(target.collection, sorted(extra))
+    missing = len(expected - present)
+    if missing:
         raise EmbedpipeError(
-            f"version {target.collection} holds {points} points but the corpus has {expected} "
+            f"version {target.collection} lacks {missing} of the corpus's {len(expected)} "
             "documents; the alias was not moved. Re-run the same ingest to complete it"
         )
     versions.point_alias(index, target)

@@ -80,10 +80,11 @@ class _Writer:
         self._raise_if_failed()
         self._queue.put(job)
 
-    def close(self) -> None:
+    def close(self, raise_error: bool = True) -> None:
         self._queue.put(None)
         self._thread.join()
-        self._raise_if_failed()
+        if raise_error:
+            self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -115,8 +116,10 @@ def embed_and_write(
                 pending = []
         if pending:
             _process_window(pending, embedder, write, store, chunk, writer, stats, progress)
-    finally:
-        writer.close()
+    except BaseException:
+        writer.close(raise_error=False)  # the error in flight is the one to report
+        raise
+    writer.close()
     return stats
 
 

@@ -147,6 +147,8 @@ def merge_profiles(
     profiles: dict[str, Profile] = {}
     for name, table in raw.items():
         table = dict(table, name=name)
+        if table.get("path") is not None and not isinstance(table["path"], (str, Path)):
+            raise ConfigError(f"profile {name!r}: path must be a string (a folder path)")
         if table.get("path") is not None and base_dir is not None:
             table["path"] = (base_dir / Path(table["path"]).expanduser()).resolve()
         try:
@@ -282,7 +284,8 @@ def fingerprint(profile: Profile) -> str:
     """The identity of the embedding space a profile produces, as a hex SHA-256.
 
     Covers provider, model id, weights (a hash of the files for local models, the
-    revision otherwise), dimension, normalisation, pooling and prompts. The profile's
+    revision otherwise), dimension, normalisation, pooling, prompts and, for local
+    models, the truncation limit. The profile's
     *name* is deliberately left out: renaming a profile must not re-embed anything,
     while changing the weights must.
     """
@@ -297,6 +300,8 @@ def fingerprint(profile: Profile) -> str:
         "dims": profile.dims,
         "api_dimensions": profile.dimensions,
         "normalize": profile.normalize,
+        # Local models truncate at max_tokens, so the limit shapes long texts' vectors.
+        "max_tokens": profile.max_tokens if profile.is_local else None,
         "pooling": profile.pooling,
         "query_prompt": profile.query_prompt,
         "document_prompt": profile.document_prompt,

@@ -7,6 +7,7 @@ clients are shared through a small per-process cache keyed by location.
 from __future__ import annotations
 
 import atexit
+import math
 import threading
 from typing import TYPE_CHECKING
 
@@ -48,7 +49,7 @@ def _open(settings: Settings) -> QdrantClient:
     if q.url:
         api_key = q.api_key.get_secret_value() if q.api_key else None
         client = QdrantClient(
-            url=q.url, api_key=api_key, timeout=int(q.timeout_s), check_compatibility=False
+            url=q.url, api_key=api_key, timeout=math.ceil(q.timeout_s), check_compatibility=False
         )
         try:
             client.get_collections()

@@ -62,6 +62,20 @@ def _decode(raw: bytes, where: str) -> str:
         ) from None
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON; use null or a number")
+
+
+def _check_encodable(record: Any, where: str) -> None:
+    """JSON escapes can spell lone surrogates (``"\\ud800"``), which no file can store."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(
+            f"{where}: contains a lone surrogate escape (\\ud800-\\udfff); fix the text"
+        ) from None
+
+
 def _coerce_id(value: Any, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InputError(f"{where}: 'id' must be a string or an integer, got {type(value).__name__}")
@@ -76,12 +90,17 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Document]]:
         for number, raw in enumerate(fh, start=1):
             where = f"{path}:{number}"
             line = _decode(raw, where).strip()
+            if number == 1:
+                line = line.lstrip("\ufeff")  # a UTF-8 byte-order mark some editors write
             if not line:
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, parse_constant=_no_constants)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{where}: malformed JSON ({exc.msg}); fix or remove that line") from None
+            except ValueError as exc:
+                raise InputError(f"{where}: {exc}") from None
+            _check_encodable(record, where)
             if not isinstance(record, dict):
                 raise InputError(f"{where}: expected a JSON object with 'id' and 'text'")
             for key in ("id", "text"):
@@ -103,8 +122,13 @@ def _read_directory(root: Path) -> Iterator[tuple[str, Document]]:
         raise InputError(f"{root} has no .txt or .md files")
     for file in files:
         rel = file.relative_to(root).as_posix()
-        text = _decode(file.read_bytes(), str(file))
+        text = _decode(file.read_bytes(), str(file)).lstrip("\ufeff")
         yield str(file), Document(rel, text, metadata={"path": rel}, source=rel)
+
+
+def _no_nan(value: Any) -> Any:
+    """NaN is not JSON; a missing float becomes null in metadata."""
+    return None if isinstance(value, float) and value != value else value
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, Document]]:
@@ -129,6 +153,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Document]]:
                 if not isinstance(text, str):
                     raise InputError(f"{where}: 'text' must be a string")
                 doc_id = _coerce_id(record.pop("id"), where)
-                yield where, Document(doc_id, text, metadata=record, source=path.name)
+                metadata = {k: _no_nan(v) for k, v in record.items()}
+                yield where, Document(doc_id, text, metadata=metadata, source=path.name)
     except pa.ArrowException as exc:
         raise InputError(f"{path}: cannot read row {row + 1} ({exc})") from None

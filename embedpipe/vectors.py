@@ -54,8 +54,11 @@ class VectorStore:
     def _check_space(self, profile: str) -> None:
         space = self.folder.root / "space.json"
         if space.is_file():
-            recorded = json.loads(space.read_text())
-            if recorded.get("fingerprint") != self.fingerprint or recorded.get("dims") != self.dims:
+            try:
+                recorded = json.loads(space.read_text())
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"{space} is unreadable ({exc}); move that folder away") from None
+            if not isinstance(recorded, dict) or recorded.get("fingerprint") != self.fingerprint or recorded.get("dims") != self.dims:
                 raise StoreError(
                     f"{space} records another embedding space than {self.fingerprint[:12]}; "
                     "move that folder away"

@@ -75,3 +75,22 @@ def test_bad_config_is_one_clear_error(tmp_path: Path, body: str, match: str) ->
 def test_missing_explicit_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ("data_dir = 5\n", "data_dir must be a string"),
+        ('qdrant = "x"\n', "qdrant must be a table"),
+        ("profiles = 3\n", "profiles must be a table of tables"),
+        ('[profiles]\nfoo = "x"\n', "profiles.foo must be a table"),
+        ('[indexes]\nkb = 1\n', "indexes.kb must be a table"),
+        ("[qdrant]\npath = 1\n", "qdrant.path must be a string"),
+        ("[profiles.local-minilm]\npath = 1\n", "path must be a string"),
+    ],
+)
+def test_wrong_shapes_are_config_errors(tmp_path: Path, body: str, match: str) -> None:
+    path = tmp_path / "embedpipe.toml"
+    path.write_text(body, encoding="utf-8")
+    with pytest.raises(ConfigError, match=match):
+        load_settings(path)

@@ -135,13 +135,19 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     latin = tmp / "latin1.jsonl"
     latin.write_bytes(good.encode() + '{"id": "z", "text": "café"}\n'.encode("latin-1"))
     out["non-UTF-8 bytes"] = (latin, "not valid UTF-8")
+    surrogate = tmp / "surrogate.jsonl"
+    surrogate.write_text(good + '{"id": "s", "text": "half \\ud800 pair"}\n', encoding="utf-8")
+    out["lone surrogate"] = (surrogate, ":3: contains a lone surrogate")
+    nan = tmp / "nan.jsonl"
+    nan.write_text(good + '{"id": "n", "text": "t", "score": NaN}\n', encoding="utf-8")
+    out["NaN metadata"] = (nan, ":3: NaN is not valid JSON")
     out["missing path"] = (tmp / "nope.jsonl", "does not exist")
     return out
 
 
 @pytest.mark.parametrize(
     "case", ["empty text", "whitespace text", "duplicate ids", "malformed line", "missing text",
-             "non-UTF-8 bytes", "missing path"]
+             "non-UTF-8 bytes", "missing path", "lone surrogate", "NaN metadata"]
 )
 def test_bad_input_is_refused_and_changes_nothing(settings, docs_file, tmp_path, case) -> None:
     ingest(settings, "kb", docs_file)
@@ -251,3 +257,57 @@ def test_search_follows_the_alias_to_a_new_version(settings, docs_file, static_m
     assert idx.embedder().profile.name == "static"
     states = {v.collection: v.state for v in versions.versions("kb")}
     assert states == {"kb__local-minilm__v1": "standby", "kb__static__v2": "live"}
+
+
+def test_a_byte_order_mark_is_accepted(settings, tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(d) + "\n" for d in DOCS).encode())
+    assert ingest(settings, "kb", path).added == 4
+    assert "bread" in CorpusStore.for_index(settings.data_dir, "kb").known()
+
+
+def test_a_resumed_build_drops_points_no_longer_in_the_input(settings, docs_file, tmp_path) -> None:
+    """A build interrupted on input A and re-run on input B must hold exactly B."""
+    from embedpipe.backends import build_embedder
+    from embedpipe.index import point_id
+
+    profile = settings.profile()
+    versions = IndexVersions(connect(settings), settings)
+    fp = build_embedder(profile).fingerprint
+    stale = versions.create_version("kb", profile, fp)  # what the crashed run left
+    vector = build_embedder(profile).embed_documents(["an old draft"]).vectors
+    versions.upsert(stale.collection, ["draft"], vector, [{"id": "draft"}])
+
+    report = ingest(settings, "kb", docs_file)
+    assert report.created_version is False and report.collection == stale.collection
+    assert versions.require_live("kb").collection == stale.collection
+    assert versions.point_ids(stale.collection) == {point_id(d["id"]) for d in DOCS}
+
+
+def test_a_model_that_fails_its_check_creates_no_collection(make_settings, docs_file) -> None:
+    settings = make_settings("[profiles.local-minilm]\ndims = 512\n")
+    from embedpipe.errors import DimensionMismatch
+
+    with pytest.raises(DimensionMismatch, match="dims = 512 but the model outputs 384"):
+        ingest(settings, "kb", docs_file)
+    assert _snapshot(settings, "kb") == ({}, [])
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"topic": None}, "filter topic=None"), ({"topic": {"a": 1}}, "filter topic="),
+     ({"topic": []}, "non-empty list"), ({"n": [1, "a"]}, "filter n=")],
+)
+def test_bad_filters_are_input_errors(settings, docs_file, bad, match) -> None:
+    ingest(settings, "kb", docs_file)
+    with pytest.raises(InputError, match=match):
+        Index("kb", settings).search("bread", filter=bad)
+
+
+def test_filters_on_numbers_booleans_and_lists(settings, tmp_path) -> None:
+    docs = [dict(d, score=float(i) + 0.5, even=i % 2 == 0, rank=i) for i, d in enumerate(DOCS)]
+    ingest(settings, "kb", write_jsonl(tmp_path / "n.jsonl", docs))
+    idx = Index("kb", settings)
+    assert [h.id for h in idx.search("anything", k=4, filter={"score": 1.5})] == ["venus"]
+    assert {h.id for h in idx.search("anything", k=4, filter={"even": True})} == {"bread", "tcp"}
+    assert {h.id for h in idx.search("anything", k=4, filter={"rank": [0, 3]})} == {"bread", "piano"}

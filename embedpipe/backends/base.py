@@ -33,6 +33,11 @@ class Embedder(Protocol):
         """The identity of the space this embedder produces (see ``profiles.fingerprint``)."""
         ...
 
+    def check(self) -> None:
+        """Make sure the model is usable (loaded, right dimension, reachable) before any
+        write, so a bad profile fails with nothing created. Raises ``ModelError`` and kin."""
+        ...
+
     def embed_documents(self, texts: Sequence[str]) -> EmbedBatch:
         """Embed documents (with the profile's document prompt)."""
         ...

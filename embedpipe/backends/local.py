@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedpipe.backends.base import EmbedBatch
-from embedpipe.errors import DimensionMismatch, ModelError
+from embedpipe.errors import ConfigError, DimensionMismatch, ModelError
 from embedpipe.profiles import Profile, fingerprint, resolve_weights
 
 if TYPE_CHECKING:
@@ -33,17 +33,26 @@ _MODELS: dict[tuple[str, str, int | None], SentenceTransformer] = {}
 
 
 def pick_device(requested: str = "auto") -> str:
-    """``cuda`` when a GPU is present, then Apple ``mps``, else ``cpu``; or what was asked."""
-    if requested != "auto":
-        return requested
+    """``cuda`` when a GPU is present, then Apple ``mps``, else ``cpu``; or what was asked.
+
+    Asking for a device this machine lacks is a ``ConfigError``, not a torch traceback.
+    """
     import torch
 
-    if torch.cuda.is_available():
-        return "cuda"
     mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return "cpu"
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": mps is not None and mps.is_available(),
+        "cpu": True,
+    }
+    if requested == "auto":
+        return next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if not available.get(requested, False):
+        raise ConfigError(
+            f"device {requested!r} is not available on this machine; set device = \"auto\" "
+            "(or EMBEDPIPE_DEVICE=auto) to use the best one present"
+        )
+    return requested
 
 
 @contextlib.contextmanager
@@ -94,7 +103,7 @@ class LocalEmbedder:
             try:
                 with _quiet_transformers():
                     model = SentenceTransformer(str(location.path), device=self.device)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RuntimeError) as exc:
                 raise ModelError(
                     f"cannot load weights for profile {self.profile.name!r} from "
                     f"{location.path}: {exc}"
@@ -107,6 +116,10 @@ class LocalEmbedder:
             _MODELS[key] = model
         self._check_against_profile(model)
         return model
+
+    def check(self) -> None:
+        """Load the model and check it against the profile (dims, pooling)."""
+        self.model  # noqa: B018 - loading is the check
 
     @property
     def max_tokens(self) -> int | None:

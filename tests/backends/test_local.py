@@ -54,3 +54,16 @@ def test_pooling_mismatch_is_refused(settings) -> None:
 def test_hosted_profiles_are_not_built_here_yet(settings) -> None:
     with pytest.raises(ConfigError, match="local profile"):
         build_embedder(settings.profile("openai-3-small"))
+
+
+def test_asking_for_a_device_this_machine_lacks_is_a_config_error() -> None:
+    import torch
+
+    from embedpipe.backends.local import pick_device
+    from embedpipe.errors import ConfigError
+
+    assert pick_device("cpu") == "cpu"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="device 'cuda' is not available"):
+        pick_device("cuda")

@@ -6,7 +6,7 @@ apply and the data directory is ``./.embedpipe``.
 
 Environment overrides (they win over the file):
     EMBEDPIPE_DATA_DIR, EMBEDPIPE_DEFAULT_PROFILE, EMBEDPIPE_DEVICE,
-    EMBEDPIPE_QDRANT_URL, EMBEDPIPE_QDRANT_API_KEY
+    EMBEDPIPE_QDRANT_URL, EMBEDPIPE_QDRANT_API_KEY, EMBEDPIPE_SOVEREIGN
 Secrets are never read from the file: the Qdrant key comes from the environment
 (``EMBEDPIPE_QDRANT_API_KEY`` or the variable named by ``qdrant.api_key_env``).
 """
@@ -69,6 +69,8 @@ class Settings(BaseModel):
     default_profile: str = "local-minilm"
     device: Device = "auto"
     store_text: bool = True
+    # No text leaves the network: hosted profiles (embeddings and chat) are refused.
+    sovereign: bool = False
     window: int = Field(default=2048, gt=0, le=1_000_000)
     qdrant: QdrantSettings = QdrantSettings()
     profiles: dict[str, Profile]
@@ -125,6 +127,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         "EMBEDPIPE_DATA_DIR": "data_dir",
         "EMBEDPIPE_DEFAULT_PROFILE": "default_profile",
         "EMBEDPIPE_DEVICE": "device",
+        "EMBEDPIPE_SOVEREIGN": "sovereign",
     }
     for var, key in simple.items():
         if env.get(var):

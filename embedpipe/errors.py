@@ -7,11 +7,13 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
 
     EmbedpipeError
     ├── ConfigError                 bad or missing configuration
-    │   └── UnknownProfile          a profile name that is not in the catalogue
+    │   ├── UnknownProfile          a profile name that is not in the catalogue
+    │   └── SovereigntyError        sovereign mode refuses a hosted profile
     ├── ModelError                  a model cannot be used
     │   ├── WeightsNotFound         local weights missing (says where it looked)
     │   ├── DimensionMismatch       model output width differs from the profile
-    │   └── ModelDeprecated         a hosted model was retired (says what to migrate to)
+    │   ├── ModelDeprecated         a hosted model was retired (says what to migrate to)
+    │   └── ProviderError           a hosted endpoint refused or failed (key, reach, protocol)
     ├── FingerprintMismatch         query embedder and index were made by different spaces
     ├── InputError                  bad documents; nothing was written
     ├── IndexNotFound               no such index (alias) exists
@@ -30,7 +32,9 @@ __all__ = [
     "InputError",
     "ModelDeprecated",
     "ModelError",
+    "ProviderError",
     "QdrantUnavailable",
+    "SovereigntyError",
     "StoreError",
     "UnknownProfile",
     "WeightsNotFound",
@@ -61,6 +65,10 @@ class UnknownProfile(ConfigError):
         )
 
 
+class SovereigntyError(ConfigError):
+    """Sovereign mode is on and a profile would send text to a hosted API."""
+
+
 class ModelError(EmbedpipeError):
     """A model cannot be loaded or does not behave as its profile says."""
 
@@ -81,6 +89,11 @@ class ModelDeprecated(ModelError):
     """The provider retired the model; the index must migrate to another profile."""
 
     exit_code = 2
+
+
+class ProviderError(ModelError):
+    """A hosted or OpenAI-compatible endpoint refused the key, could not be reached,
+    or answered outside the protocol (wrong dimension, wrong number of vectors)."""
 
 
 class FingerprintMismatch(EmbedpipeError):

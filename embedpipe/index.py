@@ -185,6 +185,12 @@ class IndexVersions:
         )
         return _manifest(name, {MANIFEST_KEY: manifest})  # type: ignore[return-value]
 
+    def drop(self, version: Version) -> None:
+        """Delete a version's collection (never the live one)."""
+        if self.aliases().get(version.index) == version.collection:
+            raise IndexNotFound(f"refusing to drop {version.collection}: it is live")
+        self._call("dropping a collection", self.client.delete_collection, version.collection)
+
     def set_state(self, version: Version, state: str) -> Version:
         info = self._info(version.collection)
         manifest = dict(info.config.metadata[MANIFEST_KEY], state=state)
@@ -392,7 +398,7 @@ class Index:
             from embedpipe.backends import build_embedder
 
             profile = self.settings.profile(live.profile)
-            embedder = build_embedder(profile, self.settings.device)
+            embedder = build_embedder(profile, self.settings)
             check_fingerprint(live, embedder.fingerprint, profile.name)
             self._pinned = (live, embedder)
         self._pinned_at = now

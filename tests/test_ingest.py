@@ -248,7 +248,7 @@ def test_search_follows_the_alias_to_a_new_version(settings, docs_file, static_m
     versions = IndexVersions(connect(both), both)
     from embedpipe.backends import build_embedder
 
-    static = build_embedder(both.profile("static"), "cpu")
+    static = build_embedder(both.profile("static"), device="cpu")
     v2 = versions.create_version("kb", both.profile("static"), static.fingerprint)
     vecs = static.embed_documents([d["text"] for d in DOCS]).vectors
     versions.upsert(v2.collection, [d["id"] for d in DOCS], vecs, [{"id": d["id"]} for d in DOCS])

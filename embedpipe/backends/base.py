@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -19,7 +19,9 @@ class EmbedBatch:
     """Vectors for a batch of texts, in input order, and what happened on the way."""
 
     vectors: np.ndarray  # float32, shape (len(texts), profile.dims)
-    truncated: int = 0  # texts cut at the model's input limit
+    truncated: int = 0  # texts cut at the model's input limit (local models)
+    failed: dict[int, str] = field(default_factory=dict)  # row -> reason; its vector is junk
+    chunked: int = 0  # texts split into pieces whose vectors were averaged (hosted)
 
 
 @runtime_checkable
@@ -27,6 +29,11 @@ class Embedder(Protocol):
     """Turns texts into vectors of one embedding space (one fingerprint)."""
 
     profile: Profile
+
+    @property
+    def concurrency(self) -> int:
+        """How many ``embed_documents`` calls may run at once (1 for a local model)."""
+        ...
 
     @property
     def fingerprint(self) -> str:

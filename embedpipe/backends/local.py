@@ -85,6 +85,10 @@ class LocalEmbedder:
     def fingerprint(self) -> str:
         return fingerprint(self.profile)
 
+    @property
+    def concurrency(self) -> int:
+        return 1  # one model, already parallel inside; callers feed it large windows
+
     @cached_property
     def device(self) -> str:
         return pick_device(self._requested_device)

@@ -10,7 +10,7 @@ from embedpipe.errors import ConfigError, DimensionMismatch, ModelError
 
 
 def test_documents_are_normalised_with_the_profile_dims(settings) -> None:
-    embedder = build_embedder(settings.profile("local-minilm"), "cpu")
+    embedder = build_embedder(settings.profile("local-minilm"), device="cpu")
     batch = embedder.embed_documents(["a cat sat on the mat", "stock markets fell"])
     assert batch.vectors.shape == (2, 384) and batch.vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(batch.vectors, axis=1), 1.0, atol=1e-5)
@@ -18,11 +18,11 @@ def test_documents_are_normalised_with_the_profile_dims(settings) -> None:
 
 
 def test_query_prompt_applies_to_queries_only(settings) -> None:
-    plain = build_embedder(settings.profile("local-minilm"), "cpu")
+    plain = build_embedder(settings.profile("local-minilm"), device="cpu")
     prompted_profile = settings.profile("local-minilm").model_copy(
         update={"name": "prompted", "query_prompt": "Represent this sentence for searching: "}
     )
-    prompted = build_embedder(prompted_profile, "cpu")
+    prompted = build_embedder(prompted_profile, device="cpu")
     text = "jet engine noise at take-off"
     np.testing.assert_allclose(
         prompted.embed_documents([text]).vectors[0], plain.embed_documents([text]).vectors[0], atol=1e-6
@@ -32,7 +32,7 @@ def test_query_prompt_applies_to_queries_only(settings) -> None:
 
 
 def test_long_texts_are_truncated_and_counted(settings) -> None:
-    embedder = build_embedder(settings.profile("local-minilm"), "cpu")
+    embedder = build_embedder(settings.profile("local-minilm"), device="cpu")
     long_text = "supersonic flow over a wedge " * 200  # far beyond 256 tokens
     batch = embedder.embed_documents([long_text, "short", long_text + "!"])
     assert batch.truncated == 2
@@ -42,18 +42,13 @@ def test_long_texts_are_truncated_and_counted(settings) -> None:
 def test_dimension_mismatch_is_refused(settings) -> None:
     wrong = settings.profile("local-minilm").model_copy(update={"dims": 512})
     with pytest.raises(DimensionMismatch, match="dims = 512 but the model outputs 384"):
-        build_embedder(wrong, "cpu").embed_documents(["x"])
+        build_embedder(wrong, device="cpu").embed_documents(["x"])
 
 
 def test_pooling_mismatch_is_refused(settings) -> None:
     wrong = settings.profile("local-minilm").model_copy(update={"pooling": "cls"})
     with pytest.raises(ModelError, match="pools with 'mean'"):
-        build_embedder(wrong, "cpu").embed_documents(["x"])
-
-
-def test_hosted_profiles_are_not_built_here_yet(settings) -> None:
-    with pytest.raises(ConfigError, match="local profile"):
-        build_embedder(settings.profile("openai-3-small"))
+        build_embedder(wrong, device="cpu").embed_documents(["x"])
 
 
 def test_asking_for_a_device_this_machine_lacks_is_a_config_error() -> None:

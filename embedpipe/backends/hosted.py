@@ -1,0 +1,261 @@
+"""Hosted embeddings: OpenAI, or any OpenAI-compatible server (vLLM, TEI, Infinity, Ollama).
+
+Texts are counted exactly (tiktoken, offline), packed into requests within the
+provider's limits (inputs per request, tokens per request, tokens per input), and
+sent through the one retry loop in ``_openai``. A text over the per-input limit is
+split into pieces whose vectors are averaged by token count (``long_inputs =
+"chunk"``) or reported as failed (``"reject"``); it never becomes an API error.
+
+A request that still fails after its retries fails only its own texts, each with the
+reason; the pipeline leaves them out of the index and the report lists them.
+Errors no retry can fix (refused key, retired model, wrong dimension or vector count)
+stop the whole run.
+
+Vectors travel as base64 when the server supports it (a quarter of the bytes of
+JSON floats); a server that ignores ``encoding_format`` answers with floats, which is
+noticed on the first response and remembered.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedpipe.backends._openai import (
+    Attempt,
+    MalformedResponse,
+    RequestFailed,
+    call_with_retries,
+    check_sovereignty,
+    endpoint,
+    limiter_for,
+    make_client,
+)
+from embedpipe.backends.base import EmbedBatch
+from embedpipe.errors import DimensionMismatch, ModelError, ProviderError
+from embedpipe.profiles import Profile, fingerprint
+from embedpipe.tokens import TokenCounter
+from embedpipe.usage import UsageLedger
+
+if TYPE_CHECKING:
+    import openai
+
+__all__ = ["HostedEmbedder"]
+
+log = logging.getLogger(__name__)
+
+PROBE_TEXT = "embedpipe dimension probe"
+
+
+@dataclass(frozen=True)
+class _Input:
+    row: int  # position in the caller's texts
+    text: str
+    tokens: int
+
+
+class HostedEmbedder:
+    """Embeddings over the OpenAI protocol for one profile."""
+
+    def __init__(
+        self, profile: Profile, ledger: UsageLedger | None = None, sovereign: bool = False
+    ) -> None:
+        if profile.provider != "openai":
+            raise ModelError(f"profile {profile.name!r} is not an OpenAI-protocol model")
+        check_sovereignty(profile, sovereign)  # before a client, a key or a byte sent
+        self.profile = profile
+        self.ledger = ledger
+        self.limiter = limiter_for(profile)
+        self.client: openai.OpenAI = make_client(profile)  # fails now on a missing key
+        self.counter = TokenCounter(profile.tokenizer)
+        self._format = "base64"
+        self._format_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, profile: Profile, settings: Any | None) -> HostedEmbedder:
+        if settings is None:
+            return cls(profile)
+        return cls(profile, UsageLedger(settings.data_dir), settings.sovereign)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return fingerprint(self.profile)
+
+    @property
+    def concurrency(self) -> int:
+        """Requests the pipeline may have in flight at once."""
+        return self.profile.limits.concurrency
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self.profile.max_tokens
+
+    def check(self) -> None:
+        """One tiny request: proves the key, the model and the dimension before any write."""
+        inputs = [_Input(0, PROBE_TEXT, self.counter.count([PROBE_TEXT])[0])]
+        try:
+            self._request(inputs, max_retries=min(2, self.profile.limits.max_retries))
+        except RequestFailed as exc:
+            raise ProviderError(
+                f"profile {self.profile.name!r}: {endpoint(self.profile)} did not answer a probe "
+                f"request ({exc.reason}); check base_url and that the server is up"
+            ) from None
+
+    def embed_documents(self, texts: Sequence[str]) -> EmbedBatch:
+        """Vectors in input order; texts that could not be embedded are in ``failed``."""
+        prompt = self.profile.document_prompt
+        return self._embed([prompt + t for t in texts])
+
+    def embed_query(self, text: str) -> np.ndarray:
+        batch = self._embed([self.profile.query_prompt + text])
+        if batch.failed:
+            raise ProviderError(f"cannot embed the query with {self.profile.name!r}: {batch.failed[0]}")
+        return batch.vectors[0]
+
+    # --- planning ------------------------------------------------------------------
+
+    def _embed(self, texts: list[str]) -> EmbedBatch:
+        vectors = np.zeros((len(texts), self.profile.dims), dtype=np.float32)
+        inputs, failed = self._plan(texts)
+        weights = np.zeros(len(texts), dtype=np.float64)
+        for request in self._pack(inputs):
+            try:
+                got = self._request(request)
+            except RequestFailed as exc:
+                for item in request:
+                    failed.setdefault(item.row, exc.reason)
+                continue
+            for item, vec in zip(request, got):
+                vectors[item.row] += vec * item.tokens  # pieces: token-weighted mean
+                weights[item.row] += item.tokens
+        ok = weights > 0
+        vectors[ok] /= weights[ok, None].astype(np.float32)
+        if self.profile.normalize:
+            _normalize(vectors, ok)
+        for row in failed:  # a text with one failed piece has no vector at all
+            vectors[row] = 0.0
+        return EmbedBatch(vectors, failed=failed, chunked=_count_chunked(inputs, failed))
+
+    def _plan(self, texts: list[str]) -> tuple[list[_Input], dict[int, str]]:
+        """Inputs within the per-input limit; over-long texts are split or rejected."""
+        limit = self.profile.max_tokens or 8192
+        inputs: list[_Input] = []
+        failed: dict[int, str] = {}
+        for row, (text, count) in enumerate(zip(texts, self.counter.count(texts))):
+            if count <= limit:
+                inputs.append(_Input(row, text, count))
+            elif self.profile.long_inputs == "reject":
+                failed[row] = (
+                    f"text has {count} tokens, over the {limit}-token limit of "
+                    f"{self.profile.name!r} (long_inputs = \"reject\"); split it or set "
+                    "long_inputs = \"chunk\""
+                )
+            else:
+                inputs.extend(_Input(row, p.text, p.tokens) for p in self.counter.split(text, limit))
+        return inputs, failed
+
+    def _pack(self, inputs: list[_Input]) -> list[list[_Input]]:
+        """Consecutive inputs grouped into requests within the inputs and tokens caps."""
+        limits = self.profile.limits
+        cap = limits.max_request_tokens
+        if self.limiter.request_token_cap:  # keep each request inside the token budget's burst
+            cap = max(1, min(cap, self.limiter.request_token_cap))
+        requests: list[list[_Input]] = []
+        current: list[_Input] = []
+        used = 0
+        for item in inputs:
+            if current and (len(current) >= limits.max_inputs or used + item.tokens > cap):
+                requests.append(current)
+                current, used = [], 0
+            current.append(item)
+            used += item.tokens
+        if current:
+            requests.append(current)
+        return requests
+
+    # --- one request -----------------------------------------------------------------
+
+    def _request(self, request: list[_Input], max_retries: int | None = None) -> np.ndarray:
+        tokens = sum(i.tokens for i in request)
+        texts = [i.text for i in request]
+        vectors, billed = call_with_retries(
+            self.profile, lambda: self._send(texts), tokens, self.limiter, Attempt(), max_retries
+        )
+        if self.ledger is not None:
+            self.ledger.record(self.profile.name, self.profile.model, "embeddings", len(texts),
+                               billed if billed is not None else tokens,
+                               self.profile.price_per_million_tokens)
+        return vectors
+
+    def _send(self, texts: list[str]) -> tuple[np.ndarray, int | None]:
+        fmt = self._format
+        params: dict[str, Any] = {"model": self.profile.model, "input": texts, "encoding_format": fmt}
+        if self.profile.dimensions:
+            params["dimensions"] = self.profile.dimensions
+        try:
+            raw = self.client.embeddings.with_raw_response.create(**params)
+        except _bad_request() as exc:
+            if fmt != "base64" or "encoding_format" not in str(exc):
+                raise
+            with self._format_lock:  # a server that refuses base64 outright
+                self._format = "float"
+            return self._send(texts)
+        self.limiter.observe(raw.headers)
+        parsed = raw.parse()
+        data = sorted(parsed.data, key=lambda d: d.index)
+        if len(data) != len(texts):
+            raise ProviderError(
+                f"{endpoint(self.profile)} returned {len(data)} vectors for {len(texts)} inputs "
+                f"(model {self.profile.model!r}); the server is not speaking the protocol"
+            )
+        vectors = np.stack([self._decode(d.embedding, fmt) for d in data])
+        if vectors.shape[1] != self.profile.dims:
+            raise DimensionMismatch(
+                f"profile {self.profile.name!r} says dims = {self.profile.dims} but "
+                f"{endpoint(self.profile)} returned {vectors.shape[1]}-dimensional vectors; fix "
+                f"dims (or dimensions) under [profiles.{self.profile.name}]"
+            )
+        usage = getattr(parsed, "usage", None)
+        return vectors, getattr(usage, "prompt_tokens", None)
+
+    def _decode(self, embedding: Any, fmt: str) -> np.ndarray:
+        if isinstance(embedding, str):
+            try:
+                return np.frombuffer(base64.b64decode(embedding, validate=True), dtype="<f4").astype(np.float32)
+            except ValueError as exc:
+                raise MalformedResponse(f"bad base64 vector: {exc}") from None
+        if isinstance(embedding, list):
+            if fmt == "base64":  # the server ignores encoding_format: ask for floats from now on
+                with self._format_lock:
+                    if self._format == "base64":
+                        log.info("%s answers floats; not asking for base64 again", endpoint(self.profile))
+                        self._format = "float"
+            return np.asarray(embedding, dtype=np.float32)
+        raise MalformedResponse(f"vector of type {type(embedding).__name__}")
+
+
+def _normalize(vectors: np.ndarray, rows: np.ndarray) -> None:
+    norms = np.linalg.norm(vectors[rows], axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    vectors[rows] /= norms
+
+
+def _bad_request() -> type[Exception]:
+    import openai
+
+    return openai.BadRequestError
+
+
+def _count_chunked(inputs: list[_Input], failed: dict[int, str]) -> int:
+    pieces: dict[int, int] = {}
+    for item in inputs:
+        pieces[item.row] = pieces.get(item.row, 0) + 1
+    return sum(1 for row, n in pieces.items() if n > 1 and row not in failed)

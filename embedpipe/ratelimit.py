@@ -1,0 +1,144 @@
+"""Staying inside a provider's rate limits, and backing off when we did not.
+
+One :class:`RateLimiter` per hosted profile and process is shared by every request in
+flight. It holds two token buckets (requests and tokens per minute) and a pause the
+server can impose: a 429's ``Retry-After`` (or ``retry-after-ms``) or an exhausted
+``x-ratelimit-remaining-*`` header stops *every* worker until the reset, not just the
+one that was told, so the fleet does not keep hammering a limit it already hit.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import re
+import threading
+import time
+from collections.abc import Mapping
+
+__all__ = ["RateLimiter", "backoff_delay", "parse_duration", "retry_after"]
+
+# Buckets hold a few seconds of budget: providers enforce per-minute limits over
+# short windows, so a full minute's burst at start-up would only earn 429s.
+BURST_S = 6.0
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(value: str) -> float | None:
+    """OpenAI's reset durations (``"6m0s"``, ``"1.5s"``, ``"20ms"``) in seconds."""
+    value = value.strip()
+    parts = _DURATION.findall(value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None
+    return sum(float(n) * _UNIT_S[u] for n, u in parts)
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds the server asked us to wait: ``retry-after-ms``, then ``Retry-After``."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+def backoff_delay(
+    attempt: int, base_s: float, max_s: float, hint_s: float | None = None,
+    rng: random.Random | None = None,
+) -> float:
+    """How long to wait before retry ``attempt`` (0-based).
+
+    The server's hint wins (plus up to 10% jitter so waiting workers do not return in
+    lockstep); without one, exponential backoff with full jitter.
+    """
+    rng = rng or random
+    if hint_s is not None:
+        return min(max_s, hint_s) * (1 + 0.1 * rng.random())
+    return rng.uniform(0, min(max_s, base_s * 2**attempt))
+
+
+class _Bucket:
+    """A token bucket refilled continuously; a request larger than the bucket may pass
+    when the bucket is full, leaving it in debt, so nothing is unsatisfiable."""
+
+    def __init__(self, per_minute: float) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate * BURST_S)
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+
+    def wait_for(self, amount: float, now: float) -> float:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        need = min(amount, self.capacity)
+        return 0.0 if self.level >= need else (need - self.level) / self.rate
+
+    def take(self, amount: float) -> None:
+        self.level -= amount
+
+
+class RateLimiter:
+    """Requests-per-minute and tokens-per-minute budgets plus server-imposed pauses."""
+
+    def __init__(self, requests_per_minute: int | None = None, tokens_per_minute: int | None = None) -> None:
+        self._requests = _Bucket(requests_per_minute) if requests_per_minute else None
+        self._tokens = _Bucket(tokens_per_minute) if tokens_per_minute else None
+        self._paused_until = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def request_token_cap(self) -> int | None:
+        """The largest request the token budget admits without going into debt."""
+        return int(self._tokens.capacity) if self._tokens else None
+
+    def acquire(self, tokens: int) -> float:
+        """Block until a request of ``tokens`` fits the budgets; returns seconds waited."""
+        waited = 0.0
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                delay = max(0.0, self._paused_until - now)
+                for bucket, amount in ((self._requests, 1), (self._tokens, tokens)):
+                    if bucket is not None:
+                        delay = max(delay, bucket.wait_for(amount, now))
+                if delay <= 0:
+                    for bucket, amount in ((self._requests, 1), (self._tokens, tokens)):
+                        if bucket is not None:
+                            bucket.take(amount)
+                    return waited
+            time.sleep(min(delay, 1.0))
+            waited += min(delay, 1.0)
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request for ``seconds`` (a 429's Retry-After, an exhausted budget)."""
+        with self._lock:
+            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+    def observe(self, headers: Mapping[str, str]) -> None:
+        """Learn from a successful response's ``x-ratelimit-*`` headers."""
+        for kind in ("tokens", "requests"):
+            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+            reset = headers.get(f"x-ratelimit-reset-{kind}")
+            if remaining is None or reset is None:
+                continue
+            try:
+                exhausted = int(float(remaining)) <= 0
+            except ValueError:
+                continue
+            seconds = parse_duration(reset)
+            if exhausted and seconds:
+                self.pause(seconds)

@@ -1,0 +1,108 @@
+"""The usage and cost ledger of hosted calls.
+
+Every successful hosted request appends one JSON line to ``<data>/usage/ledger.jsonl``:
+when, which profile and model, how many inputs and tokens, and what it cost at the
+price in force then (so a later price change does not rewrite history). Tokens are
+the provider's own ``usage.prompt_tokens`` when it reports them (that is what it
+bills), else our exact tiktoken count. Lines are appended under a lock, one
+``write`` each; a torn last line (a crash mid-write) is skipped when reading.
+Nothing secret is recorded: no key, no text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["UsageLedger", "UsageRecord", "cost_summary"]
+
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One hosted request that the provider answered (and so billed)."""
+
+    ts: str  # UTC, ISO 8601
+    profile: str
+    model: str
+    kind: str  # "embeddings" or "chat"
+    requests: int
+    inputs: int
+    tokens: int
+    usd: float
+
+    @property
+    def day(self) -> str:
+        return self.ts[:10]
+
+
+class UsageLedger:
+    """Append-only JSONL ledger under ``<data_dir>/usage``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / "usage" / "ledger.jsonl"
+        with _locks_guard:
+            self._lock = _locks.setdefault(str(self.path), threading.Lock())
+
+    def record(
+        self, profile: str, model: str, kind: str, inputs: int, tokens: int,
+        price_per_million: float | None,
+    ) -> UsageRecord:
+        """Append one request's usage; returns what was written."""
+        entry = UsageRecord(
+            ts=dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+            profile=profile,
+            model=model,
+            kind=kind,
+            requests=1,
+            inputs=inputs,
+            tokens=tokens,
+            usd=round(tokens * (price_per_million or 0.0) / 1_000_000, 10),
+        )
+        line = (json.dumps(asdict(entry), separators=(",", ":")) + "\n").encode("utf-8")
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        return entry
+
+    def records(self) -> Iterator[UsageRecord]:
+        """Every complete record, oldest first."""
+        if not self.path.is_file():
+            return
+        with self.path.open("rb") as fh:
+            for raw in fh:
+                try:
+                    yield UsageRecord(**json.loads(raw))
+                except (ValueError, TypeError):
+                    continue  # a torn line from a crash mid-append
+
+
+def cost_summary(ledger: UsageLedger, since: dt.date | None = None) -> list[dict[str, Any]]:
+    """Requests, inputs, tokens and USD per (day, profile, kind), oldest day first."""
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for rec in ledger.records():
+        if since is not None and rec.day < since.isoformat():
+            continue
+        key = (rec.day, rec.profile, rec.kind)
+        row = rows.setdefault(key, {"day": rec.day, "profile": rec.profile, "model": rec.model,
+                                    "kind": rec.kind, "requests": 0, "inputs": 0, "tokens": 0,
+                                    "usd": 0.0})
+        row["requests"] += rec.requests
+        row["inputs"] += rec.inputs
+        row["tokens"] += rec.tokens
+        row["usd"] += rec.usd
+    for row in rows.values():
+        row["usd"] = round(row["usd"], 6)
+    return [rows[k] for k in sorted(rows)]

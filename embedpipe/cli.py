@@ -118,6 +118,7 @@ def ingest(
         report = run_ingest(settings, index, path, profile=profile, progress=progress, dry_run=dry_run)
     if as_json:
         _print_json(report.to_dict())
+        _exit_if_failures(report)
         return
     if dry_run:
         typer.echo(
@@ -133,8 +134,22 @@ def ingest(
         f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
         f"{report.failed} failed; {report.embedded} embedded, {report.reused} reused"
         + (f", {report.truncated} truncated" if report.truncated else "")
+        + (f", {report.chunked} chunked" if report.chunked else "")
         + f" in {report.seconds:.1f}s{rate}"
     )
+    for failure in report.failures[:10]:
+        typer.echo(f"failed: {failure['id']}: {failure['reason']}", err=True)
+    if len(report.failures) > 10:
+        typer.echo(f"... and {len(report.failures) - 10} more failures (--json lists all)", err=True)
+    _exit_if_failures(report)
+
+
+PARTIAL_EXIT = 3  # some documents failed; the rest were ingested
+
+
+def _exit_if_failures(report: Any) -> None:
+    if report.failed:
+        raise typer.Exit(PARTIAL_EXIT)
 
 
 def _parse_filters(pairs: list[str]) -> dict[str, Any] | None:
@@ -190,6 +205,8 @@ def status(
     for entry in data:
         typer.echo(f"index {entry['index']}: alias -> {entry['alias'] or '(none)'}, "
                    f"{entry['documents']} documents in the corpus")
+        for warning in entry["warnings"]:
+            typer.echo(f"warning: {warning}", err=True)
         for v in entry["versions"]:
             mark = "*" if v["live"] else " "
             warn = "" if v["deprecation"] == "active" else f"  [{v['deprecation']}]"
@@ -220,6 +237,41 @@ def models(as_json: JsonOpt = False) -> None:
             f"{p['name']:<18} {p['provider']:<22} {p['dims']:>5}  {p['fingerprint'] or '-':<12}  "
             f"{'yes' if p['usable'] else 'no':<6}  {status_text}  ({p['where']})"
         )
+    for p in data:
+        for warning in p["warnings"]:
+            typer.echo(f"warning: {warning}", err=True)
+
+
+@app.command()
+def cost(
+    since: Annotated[Optional[str], typer.Option("--since", help="Only from this day on (YYYY-MM-DD).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Hosted usage: requests, tokens and USD per day and profile, from the cost ledger."""
+    import datetime as dt
+
+    from embedpipe.errors import InputError
+    from embedpipe.usage import UsageLedger, cost_summary
+
+    try:
+        start = dt.date.fromisoformat(since) if since else None
+    except ValueError:
+        raise InputError(f"--since {since!r} is not a date; use YYYY-MM-DD") from None
+    rows = cost_summary(UsageLedger(_settings().data_dir), start)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        typer.echo("no hosted usage recorded yet")
+        return
+    typer.echo(f"{'day':<10}  {'profile':<18} {'kind':<10} {'requests':>9} {'tokens':>12} {'USD':>10}")
+    for r in rows:
+        typer.echo(f"{r['day']:<10}  {r['profile']:<18} {r['kind']:<10} {r['requests']:>9,} "
+                   f"{r['tokens']:>12,} {r['usd']:>10.4f}")
+    total_t = sum(r["tokens"] for r in rows)
+    total_usd = sum(r["usd"] for r in rows)
+    typer.echo(f"{'total':<10}  {'':<18} {'':<10} {sum(r['requests'] for r in rows):>9,} "
+               f"{total_t:>12,} {total_usd:>10.4f}")
 
 
 def main() -> None:

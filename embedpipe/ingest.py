@@ -190,8 +190,14 @@ def _ingest_staged(
     # Documents that failed to embed stay out of the corpus too, so the next run
     # sees them as new (or changed) and tries again.
     _commit_corpus(corpus, staged, changed - stats.failures.keys())
+    for doc_id in stats.failures:  # added/updated count what landed; failed, what did not
+        counts["updated" if doc_id in known else "added"] -= 1
     if building:
-        _go_live(versions, index, target, set(corpus.known()))
+        corpus_ids = set(corpus.known())
+        if corpus_ids:
+            _go_live(versions, index, target, corpus_ids)
+        elif created:  # every document failed: leave no empty version behind
+            versions.drop(target)
     corpus.compact_if_needed()
     return IngestReport(
         index=index,

@@ -11,7 +11,40 @@ from embedpipe.errors import EmbedpipeError
 from embedpipe.index import IndexVersions
 from embedpipe.profiles import Profile, fingerprint, resolve_weights, short
 
-__all__ = ["index_status", "profile_status"]
+__all__ = ["deprecation_warning", "index_status", "live_profiles", "profile_status"]
+
+
+def deprecation_warning(profile: Profile, index: str) -> str | None:
+    """A warning when a live index uses a model its provider deprecated or retired."""
+    dep = profile.deprecation
+    state = dep.status()
+    if state == "active":
+        return None
+    when = f" (shutdown {dep.shutdown.isoformat()})" if dep.shutdown else ""
+    past = "was retired" if state == "retired" else "is deprecated"
+    fix = (
+        f"embedpipe migrate --to {dep.replacement} --index {index}"
+        if dep.replacement
+        else f"embedpipe migrate --to PROFILE --index {index} (pick one from `embedpipe models`)"
+    )
+    return f"index {index!r} is live on profile {profile.name!r}, whose model {past}{when}; run `{fix}`"
+
+
+def live_profiles(settings: Settings) -> dict[str, list[str]]:
+    """profile name -> indexes live on it (empty when Qdrant cannot be opened)."""
+    from embedpipe.errors import QdrantUnavailable
+    from embedpipe.qdrant import connect
+
+    try:
+        versions = IndexVersions(connect(settings), settings)
+        aliases = versions.aliases()
+        out: dict[str, list[str]] = {}
+        for v in versions.versions():
+            if aliases.get(v.index) == v.collection:
+                out.setdefault(v.profile, []).append(v.index)
+        return out
+    except QdrantUnavailable:
+        return {}
 
 
 def index_status(settings: Settings, index: str | None = None) -> list[dict[str, Any]]:
@@ -29,10 +62,15 @@ def index_status(settings: Settings, index: str | None = None) -> list[dict[str,
         raise IndexNotFound(f"index {index!r} does not exist; `embedpipe status` lists them")
     out = []
     for name, found in sorted(by_index.items()):
+        live = next((v for v in found if aliases.get(name) == v.collection), None)
+        warning = None
+        if live is not None and live.profile in settings.profiles:
+            warning = deprecation_warning(settings.profiles[live.profile], name)
         out.append(
             {
                 "index": name,
                 "alias": aliases.get(name),
+                "warnings": [warning] if warning else [],
                 "documents": CorpusStore.for_index(settings.data_dir, name).count(),
                 "versions": [
                     {
@@ -55,12 +93,24 @@ def _deprecation(settings: Settings, profile: str) -> str:
 
 
 def profile_status(settings: Settings) -> list[dict[str, Any]]:
-    """Each profile with provider, dims, short fingerprint, usability and deprecation."""
-    return [_one_profile(p) for p in sorted(settings.profiles.values(), key=lambda p: p.name)]
+    """Each profile with provider, dims, short fingerprint, usability, deprecation, the
+    indexes live on it, and a warning per live index on a deprecated model."""
+    live = live_profiles(settings)
+    out = []
+    for profile in sorted(settings.profiles.values(), key=lambda p: p.name):
+        entry = _one_profile(profile, settings.sovereign)
+        entry["live_indexes"] = sorted(live.get(profile.name, []))
+        entry["warnings"] = [
+            w for w in (deprecation_warning(profile, i) for i in entry["live_indexes"]) if w
+        ]
+        out.append(entry)
+    return out
 
 
-def _one_profile(profile: Profile) -> dict[str, Any]:
+def _one_profile(profile: Profile, sovereign: bool = False) -> dict[str, Any]:
     usable, where = _usable(profile)
+    if sovereign and profile.is_hosted:
+        usable, where = False, "refused: sovereign mode"
     fp = None
     if usable:
         try:
@@ -72,6 +122,7 @@ def _one_profile(profile: Profile) -> dict[str, Any]:
         "name": profile.name,
         "provider": profile.provider,
         "model": profile.model,
+        "hosted": profile.is_hosted,
         "dims": profile.dims,
         "fingerprint": short(fp) if fp else None,
         "usable": usable,
@@ -89,6 +140,9 @@ def _usable(profile: Profile) -> tuple[bool, str]:
         except EmbedpipeError:
             return False, "weights not found"
         return True, f"{found.source}: {found.path}"
+    server = profile.base_url or "api.openai.com"
+    if not profile.api_key_env:
+        return True, f"{server}, no key"
     if os.environ.get(profile.api_key_env):
-        return True, f"API key in ${profile.api_key_env}"
+        return True, f"{server}, key in ${profile.api_key_env}"
     return False, f"${profile.api_key_env} not set"

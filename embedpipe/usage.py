@@ -70,8 +70,11 @@ class UsageLedger:
         line = (json.dumps(asdict(entry), separators=(",", ":")) + "\n").encode("utf-8")
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line  # a torn line from a crash: start afresh
                 os.write(fd, line)
             finally:
                 os.close(fd)
@@ -104,5 +107,5 @@ def cost_summary(ledger: UsageLedger, since: dt.date | None = None) -> list[dict
         row["tokens"] += rec.tokens
         row["usd"] += rec.usd
     for row in rows.values():
-        row["usd"] = round(row["usd"], 6)
+        row["usd"] = round(row["usd"], 10)
     return [rows[k] for k in sorted(rows)]

@@ -81,3 +81,41 @@ def static_profile_toml(path: Path, name: str = "static") -> str:
         f"[profiles.{name}]\nprovider = \"sentence-transformers\"\nmodel = \"local/static-256\"\n"
         f"path = \"{path}\"\ndims = 256\nnormalize = true\nbatch_size = 1024\n"
     )
+
+
+LOOPBACK_KEY = "sk-loopback-test-0123456789abcdef"
+
+
+@pytest.fixture
+def openai_server(static_model_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """A real OpenAI-protocol server on 127.0.0.1 serving the static model's vectors.
+
+    ``text-embedding-3-small`` is served; ``text-embedding-ada-002`` answers 404
+    model_not_found like a retired model. ``OPENAI_API_KEY`` holds the server's key.
+    """
+    from embedpipe.testing.openai_server import LoopbackOpenAI, ServerConfig
+
+    config = ServerConfig(
+        model_path=static_model_dir,
+        served_models=("text-embedding-3-small",),
+        deprecated_models=("text-embedding-ada-002",),
+        api_key=LOOPBACK_KEY,
+        retry_after_s=0.02,
+        timeout_delay_s=1.0,
+    )
+    monkeypatch.setenv("OPENAI_API_KEY", LOOPBACK_KEY)
+    with LoopbackOpenAI(config) as server:
+        yield server
+
+
+def hosted_profile_toml(
+    base_url: str, name: str = "hosted", extra: str = "", limits: str = "",
+    model: str = "text-embedding-3-small",
+) -> str:
+    """A hosted profile on the loopback server with test-speed timeouts and backoff."""
+    return (
+        f"[profiles.{name}]\nprovider = \"openai\"\nmodel = \"{model}\"\n"
+        f"base_url = \"{base_url}\"\ndims = 256\nprice_per_million_tokens = 0.02\n{extra}\n"
+        f"[profiles.{name}.limits]\nconcurrency = 4\ntimeout_s = 0.5\nbackoff_base_s = 0.01\n"
+        f"backoff_max_s = 0.2\n{limits}\n"
+    )

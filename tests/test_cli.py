@@ -81,6 +81,6 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, args, message, cod
 
 
 def test_every_command_has_help(tmp_path: Path) -> None:
-    for command in ("ingest", "search", "status", "models"):
+    for command in ("ingest", "search", "status", "models", "cost"):
         out = run(command, "--help", cwd=tmp_path)
         assert out.returncode == 0 and "--json" in out.stdout

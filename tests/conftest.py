@@ -112,10 +112,15 @@ def hosted_profile_toml(
     base_url: str, name: str = "hosted", extra: str = "", limits: str = "",
     model: str = "text-embedding-3-small",
 ) -> str:
-    """A hosted profile on the loopback server with test-speed timeouts and backoff."""
+    """A hosted profile on the loopback server with test-speed timeouts and backoff;
+    ``limits`` lines (``key = value``) override the defaults below."""
+    table = {"concurrency": "4", "timeout_s": "0.5", "backoff_base_s": "0.01", "backoff_max_s": "0.2"}
+    for line in filter(None, limits.splitlines()):
+        key, _, value = line.partition("=")
+        table[key.strip()] = value.strip()
+    limit_lines = "".join(f"{k} = {v}\n" for k, v in table.items())
     return (
         f"[profiles.{name}]\nprovider = \"openai\"\nmodel = \"{model}\"\n"
         f"base_url = \"{base_url}\"\ndims = 256\nprice_per_million_tokens = 0.02\n{extra}\n"
-        f"[profiles.{name}.limits]\nconcurrency = 4\ntimeout_s = 0.5\nbackoff_base_s = 0.01\n"
-        f"backoff_max_s = 0.2\n{limits}\n"
+        f"[profiles.{name}.limits]\n{limit_lines}"
     )

@@ -98,7 +98,7 @@ def test_requests_out_of_retries_fail_their_documents_and_a_rerun_completes(
     settings = make_settings(hosted_profile_toml(
         openai_server.base_url, limits="max_inputs = 2\nmax_retries = 1\nconcurrency = 1\n"))
     path = write_jsonl(tmp_path / "d.jsonl", _docs(2))
-    openai_server.config.fail_after_requests = 1  # the probe succeeds, then every request 500s
+    openai_server.config.faults_after_requests = 1  # the probe succeeds, then every request 500s
     openai_server.config.rate_500 = 1.0
     report = ingest(settings, "kb", path, profile="hosted")
     assert (report.documents, report.added, report.failed) == (8, 0, 8)

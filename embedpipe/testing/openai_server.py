@@ -89,6 +89,8 @@ class ServerConfig:
     drop_one_vector: bool = False
     chat_text: str | None = None
     latency_s: float = 0.0
+    # Faults spare the first N POST requests (e.g. a client's probe), then apply.
+    faults_after_requests: int = 0
 
     def __post_init__(self) -> None:
         self.model_path = Path(self.model_path)
@@ -413,6 +415,7 @@ class _Service:
         self._model: SentenceTransformer | None = None
         self._rng_seed = config.seed
         self._rng = random.Random(config.seed)
+        self._posts = 0  # POST requests that reached fault drawing
         self._bucket: _TokenBucket | None = None
         self._next_id = 0
         self._counters = self._zero_counters()
@@ -452,6 +455,8 @@ class _Service:
                 setattr(self.config, name, value)
             if {"tpm_limit", "tpm_burst_s"} & changes.keys():
                 self._bucket = None  # a new limit starts with a full bucket
+            if "seed" in changes:  # setting a seed, even the same one, restarts the faults
+                self._rng_seed, self._rng = self.config.seed, random.Random(self.config.seed)
 
     def request_id(self) -> str:
         with self._lock:
@@ -474,6 +479,9 @@ class _Service:
 
     def _draw_fault(self, cfg: ServerConfig) -> str | None:
         with self._lock:
+            self._posts += 1
+            if self._posts <= cfg.faults_after_requests:
+                return None
             if cfg.seed != self._rng_seed:  # a new seed restarts the fault sequence
                 self._rng_seed, self._rng = cfg.seed, random.Random(cfg.seed)
             for name in _RATES:
@@ -802,8 +810,9 @@ def main(argv: list[str] | None = None) -> None:
     server = LoopbackOpenAI(cfg, port=args.port)
     server.load_model()
     with server:
-        auth = "bearer key required" if cfg.api_key else "no auth"
-        print(f"serving OpenAI protocol on {server.base_url} ({auth}); Ctrl-C to stop", flush=True)
+        print(f"serving OpenAI protocol on {server.base_url}", flush=True)
+        auth = "a bearer key is required" if cfg.api_key else "no auth"
+        print(f"({auth}; Ctrl-C to stop)", flush=True)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:

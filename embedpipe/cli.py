@@ -126,6 +126,8 @@ def ingest(
             f"{report.documents} documents, {report.added} to add, {report.updated} to update, "
             f"{report.unchanged} unchanged; {report.embedded} texts to embed, "
             f"{report.reused} vectors reusable"
+            + (f"; {report.tokens:,} tokens" if report.tokens is not None else "")
+            + (f", about ${report.estimated_usd:.4f}" if report.estimated_usd is not None else "")
         )
         return
     rate = f" ({report.embedded / report.seconds:,.0f} docs/s)" if report.embedded else ""

@@ -62,6 +62,8 @@ class IngestReport:
     seconds: float
     dry_run: bool = False
     chunked: int = 0  # long texts embedded in pieces and averaged (hosted models)
+    tokens: int | None = None  # dry run, hosted profiles: exact tokens that would be sent
+    estimated_usd: float | None = None  # dry run: those tokens at the profile's price
     failures: list[dict[str, str]] = field(default_factory=list)  # {"id", "reason"}
 
     def to_dict(self) -> dict[str, Any]:
@@ -263,6 +265,7 @@ def _dry_run(
         hashes.update({i: k.content_hash for i, k in known.items() if i not in hashes})
     store = VectorStore.existing(settings.data_dir, fp, profile.dims)
     stored = {h for h in set(hashes.values()) if store is not None and h in store}
+    tokens, usd = _estimate(profile, set(hashes.values()) - stored, staged, corpus, building)
     return IngestReport(
         index=index,
         collection=target.collection if target else f"{index}__{profile.name}__v(new)",
@@ -276,7 +279,36 @@ def _dry_run(
         created_version=target is None,
         seconds=round(time.perf_counter() - started, 3),
         dry_run=True,
+        tokens=tokens,
+        estimated_usd=usd,
     )
+
+
+def _estimate(
+    profile: Any, todo: set[str], staged: Path, corpus: CorpusStore, building: bool
+) -> tuple[int | None, float | None]:
+    """Exact tokens (and USD at the profile's price) a hosted profile would be sent."""
+    if profile.provider != "openai" or not todo:
+        return (0, 0.0) if profile.provider == "openai" else (None, None)
+    from embedpipe.tokens import TokenCounter
+
+    counter = TokenCounter(profile.tokenizer)
+    prompt = profile.document_prompt
+    tokens = 0
+    sources = [pq.ParquetFile(staged).iter_batches(batch_size=4096, columns=["text", "content_hash"])]
+    if building:
+        sources.append(corpus.iter_batches(columns=["text", "content_hash"]))
+    for source in sources:
+        for batch in source:
+            texts = [
+                prompt + t
+                for t, h in zip(batch.column("text").to_pylist(), batch.column("content_hash").to_pylist())
+                if h in todo
+            ]
+            todo -= set(batch.column("content_hash").to_pylist())
+            tokens += sum(counter.count(texts)) if texts else 0
+    price = profile.price_per_million_tokens
+    return tokens, (round(tokens * price / 1_000_000, 6) if price is not None else None)
 
 
 def _ids(staged: Path) -> set[str]:

@@ -291,3 +291,17 @@ def test_examples_corpus_through_the_cli_exits_3_on_partial_failure(make_setting
     assert f"failed: long: text has {tokens} tokens, over the 200-token limit" in out.output
     search = CliRunner().invoke(app, ["search", "wind tunnel", "--index", "kb", "--json"])
     assert "long" not in {h["id"] for h in json.loads(search.output)}
+
+
+def test_dry_run_counts_tokens_and_cost_without_sending_anything(make_settings, openai_server, tmp_path) -> None:
+    from embedpipe.tokens import TokenCounter
+
+    settings = make_settings(hosted_profile_toml(openai_server.base_url))
+    docs = _docs(3)
+    path = write_jsonl(tmp_path / "d.jsonl", docs)
+    report = ingest(settings, "kb", path, profile="hosted", dry_run=True)
+    expected = sum(TokenCounter().count([d["text"] for d in docs]))
+    assert (report.embedded, report.tokens) == (12, expected)
+    assert report.estimated_usd == pytest.approx(round(expected * 0.02 / 1e6, 6))
+    assert openai_server.counters()["requests"] == 0
+    assert _state(settings, "kb") == (0, [])

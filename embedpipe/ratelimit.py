@@ -123,6 +123,14 @@ class RateLimiter:
             time.sleep(min(delay, 1.0))
             waited += min(delay, 1.0)
 
+    def refund(self, tokens: int) -> None:
+        """Give back the budget of a request the server refused (a 429 is not counted
+        against the server's own limit, so it must not be against ours either)."""
+        with self._lock:
+            for bucket, amount in ((self._requests, 1), (self._tokens, tokens)):
+                if bucket is not None:
+                    bucket.level = min(bucket.capacity, bucket.level + amount)
+
     def pause(self, seconds: float) -> None:
         """Hold every request for ``seconds`` (a 429's Retry-After, an exhausted budget)."""
         with self._lock:

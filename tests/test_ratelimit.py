@@ -55,3 +55,14 @@ def test_limiter_pause_holds_every_caller_and_headers_can_impose_it() -> None:
     limiter.observe({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "50ms"})
     assert limiter.acquire(1) > 0.0
     assert RateLimiter(tokens_per_minute=60_000).request_token_cap == int(1000 * BURST_S)
+
+
+def test_a_refused_request_gives_its_budget_back() -> None:
+    limiter = RateLimiter(tokens_per_minute=600)  # capacity 60 tokens
+    limiter.acquire(60)
+    bucket = limiter._tokens
+    assert bucket is not None and bucket.level == pytest.approx(0, abs=0.5)
+    limiter.refund(60)
+    assert bucket.level == pytest.approx(60, abs=0.5)
+    limiter.refund(60)
+    assert bucket.level <= bucket.capacity  # never above a full bucket

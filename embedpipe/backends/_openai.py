@@ -166,6 +166,7 @@ def call_with_retries(
                     f"{endpoint(profile)} says the account's quota is exhausted (429 "
                     "insufficient_quota); add credit or raise the limit, then re-run"
                 ) from None
+            limiter.refund(tokens)
             hint = retry_after(exc.response.headers)
             if hint is not None:
                 limiter.pause(hint)

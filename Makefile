@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # (or a plain `torch` requirement resolved first) pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install dev demo test test-all bench clean
+.PHONY: install dev demo test test-all bench bench-hosted clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ test-all: dev
 
 bench: dev
 	$(PY) bench/ingest_vs_encode.py
+
+bench-hosted: dev
+	$(PY) bench/hosted_tpm.py
 
 clean:
 	rm -rf .embedpipe .pytest_cache

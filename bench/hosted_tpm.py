@@ -8,7 +8,10 @@ examples corpus repeated, when Cranfield is absent) with a hosted profile on tha
 server, in two modes:
 
 * ``budgeted``  -- the profile declares ``tokens_per_minute = --tpm`` (the client paces
-                   itself and sizes requests to its bucket);
+                   itself and sizes requests to its bucket) and ``refund_refused = true``,
+                   which matches this server (a 429 is not counted against its limit);
+* ``strict``    -- the same without refunds (the default, since OpenAI counts refused
+                   requests against the limit): each 429 costs a request's budget;
 * ``reactive``  -- (``--modes reactive``) the profile declares no budget; the client learns
                    the limit only from 429s with Retry-After. The server refuses any
                    request larger than its burst, so this mode only completes when
@@ -85,7 +88,11 @@ def run_mode(mode: str, docs: list[dict[str, str]], model: Path, args: argparse.
     data = folder / "docs.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     config = ServerConfig(model_path=model, api_key=KEY, tpm_limit=args.tpm, tpm_burst_s=args.burst_s)
-    budget = f"tokens_per_minute = {args.tpm}\n" if mode == "budgeted" else ""
+    budget = {
+        "budgeted": f"tokens_per_minute = {args.tpm}\nrefund_refused = true\n",
+        "strict": f"tokens_per_minute = {args.tpm}\n",
+        "reactive": "",
+    }[mode]
     with LoopbackOpenAI(config) as server:
         (folder / "embedpipe.toml").write_text(
             f'data_dir = "data"\n[profiles.hosted]\nprovider = "openai"\nmodel = "text-embedding-3-small"\n'
@@ -128,7 +135,7 @@ def main() -> None:
     parser.add_argument("--burst-s", type=float, default=6.0)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--modes", default="budgeted")
+    parser.add_argument("--modes", default="budgeted,strict")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
     docs, source = corpus(args.limit)

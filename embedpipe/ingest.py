@@ -192,7 +192,7 @@ def _ingest_staged(
     # Documents that failed to embed stay out of the corpus too, so the next run
     # sees them as new (or changed) and tries again.
     _commit_corpus(corpus, staged, changed - stats.failures.keys())
-    for doc_id in stats.failures:  # added/updated count what landed; failed, what did not
+    for doc_id in stats.failures.keys() & changed:  # added/updated: what landed
         counts["updated" if doc_id in known else "added"] -= 1
     if building:
         corpus_ids = set(corpus.known())

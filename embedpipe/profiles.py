@@ -84,6 +84,12 @@ class HostedLimits(BaseModel):
     max_request_tokens: int = Field(default=300_000, ge=1)  # tokens per request
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
+    # A 429 asking for a longer wait than this (a daily limit) fails its texts at once.
+    max_wait_s: float = Field(default=300.0, gt=0)
+    # Give a 429'd request's budget back to our bucket. Off by default: OpenAI counts
+    # refused requests against the limit; servers that do not (vLLM proxies, the
+    # loopback server) get more throughput with it on.
+    refund_refused: bool = False
 
 
 class Profile(BaseModel):

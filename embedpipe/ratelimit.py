@@ -52,8 +52,16 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, when.timestamp() - time.time()) if when else None
+        pass
+    try:  # an HTTP date
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None  # neither seconds nor a date: ignore the hint, back off as usual
+    if when.tzinfo is None:
+        import datetime as dt
+
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, when.timestamp() - time.time())
 
 
 def backoff_delay(
@@ -149,4 +157,6 @@ class RateLimiter:
                 continue
             seconds = parse_duration(reset)
             if exhausted and seconds:
-                self.pause(seconds)
+                # The reset is when the bucket is *full* again (up to a minute); the next
+                # request needs far less, so wait a bounded slice of it.
+                self.pause(min(seconds, 1.0))

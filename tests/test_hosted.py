@@ -305,3 +305,32 @@ def test_dry_run_counts_tokens_and_cost_without_sending_anything(make_settings, 
     assert report.estimated_usd == pytest.approx(round(expected * 0.02 / 1e6, 6))
     assert openai_server.counters()["requests"] == 0
     assert _state(settings, "kb") == (0, [])
+
+
+def test_one_refused_text_does_not_fail_the_texts_packed_with_it(make_settings, openai_server, tmp_path) -> None:
+    # The profile believes 9,000 tokens fit; the server allows 8,192 and answers 400.
+    settings = make_settings(hosted_profile_toml(openai_server.base_url, extra="max_tokens = 9000\n"))
+    docs = _docs(5) + [{"id": "huge", "text": "lift " * 8600}]
+    report = ingest(settings, "kb", write_jsonl(tmp_path / "d.jsonl", docs), profile="hosted")
+    assert (report.added, report.failed) == (20, 1)
+    assert report.failures[0]["id"] == "huge" and "HTTP 400" in report.failures[0]["reason"]
+    assert IndexVersions(connect(settings), settings).count("kb__hosted__v1") == 20
+
+
+def test_a_429_asking_for_hours_fails_fast_instead_of_hanging(make_settings, openai_server, tmp_path) -> None:
+    settings = make_settings(hosted_profile_toml(openai_server.base_url, limits="max_wait_s = 60\n"))
+    cfg = openai_server.config
+    cfg.faults_after_requests, cfg.rate_429, cfg.retry_after_s = 1, 1.0, 3600.0
+    report = ingest(settings, "kb", write_jsonl(tmp_path / "d.jsonl", _docs()), profile="hosted")
+    assert report.failed == 4
+    assert "told to wait 3,600 s, over max_wait_s = 60" in report.failures[0]["reason"]
+
+
+def test_malformed_bodies_are_retried(make_settings, openai_server, tmp_path) -> None:
+    settings = make_settings(hosted_profile_toml(
+        openai_server.base_url, limits="max_inputs = 2\nmax_retries = 10\n"))
+    openai_server.config.faults_after_requests = 1
+    openai_server.config.rate_malformed = 0.3
+    report = ingest(settings, "kb", write_jsonl(tmp_path / "d.jsonl", _docs(5)), profile="hosted")
+    assert (report.added, report.failed) == (20, 0)
+    assert openai_server.counters()["faults"].get("malformed", 0) > 0

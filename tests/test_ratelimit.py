@@ -66,3 +66,8 @@ def test_a_refused_request_gives_its_budget_back() -> None:
     assert bucket.level == pytest.approx(60, abs=0.5)
     limiter.refund(60)
     assert bucket.level <= bucket.capacity  # never above a full bucket
+
+
+def test_unparseable_retry_after_is_ignored() -> None:
+    assert retry_after({"retry-after": "soon"}) is None
+    assert retry_after({"retry-after-ms": "x", "retry-after": "2"}) == 2.0

@@ -55,9 +55,12 @@ class RequestFailed(Exception):
     ``reason``, the rest of the work goes on.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, refused: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        # The server refused this request's content (400/413/422, "request too large"):
+        # a smaller request may pass, the same one never will.
+        self.refused = refused
 
 
 def endpoint(profile: Profile) -> str:
@@ -102,11 +105,11 @@ def make_client(profile: Profile) -> openai.OpenAI:
 
 def limiter_for(profile: Profile) -> RateLimiter:
     """One limiter per endpoint and model in this process, shared by every caller."""
-    key = (endpoint(profile), profile.model)
+    limits = profile.limits
+    key = (endpoint(profile), profile.model, limits.requests_per_minute, limits.tokens_per_minute)
     with _limiters_lock:
         limiter = _limiters.get(key)
         if limiter is None:
-            limits = profile.limits
             limiter = RateLimiter(limits.requests_per_minute, limits.tokens_per_minute)
             _limiters[key] = limiter
         return limiter
@@ -166,8 +169,16 @@ def call_with_retries(
                     f"{endpoint(profile)} says the account's quota is exhausted (429 "
                     "insufficient_quota); add credit or raise the limit, then re-run"
                 ) from None
-            limiter.refund(tokens)
+            if "request too large" in _message(exc).lower():
+                raise RequestFailed(f"HTTP 429 {_message(exc)}", refused=True) from None
+            if limits.refund_refused:
+                limiter.refund(tokens)
             hint = retry_after(exc.response.headers)
+            if hint is not None and hint > limits.max_wait_s:
+                raise RequestFailed(
+                    f"HTTP 429 rate limited and told to wait {hint:,.0f} s, over max_wait_s = "
+                    f"{limits.max_wait_s:g} (a daily limit?); re-run later"
+                ) from None
             if hint is not None:
                 limiter.pause(hint)
             last = f"HTTP 429 rate limited: {_message(exc)}"
@@ -207,7 +218,7 @@ def _classify_status(profile: Profile, exc: Any) -> str:
         ) from None
     if status >= 500 or status in (408, 409):
         return f"HTTP {status}: {message}"
-    raise RequestFailed(f"refused by the server (HTTP {status}): {message}")
+    raise RequestFailed(f"refused by the server (HTTP {status}): {message}", refused=True)
 
 
 def _body(exc: Any) -> Mapping[str, Any]:

@@ -127,13 +127,7 @@ class HostedEmbedder:
         inputs, failed = self._plan(texts)
         weights = np.zeros(len(texts), dtype=np.float64)
         for request in self._pack(inputs):
-            try:
-                got = self._request(request)
-            except RequestFailed as exc:
-                for item in request:
-                    failed.setdefault(item.row, exc.reason)
-                continue
-            for item, vec in zip(request, got):
+            for item, vec in self._request_or_split(request, failed):
                 vectors[item.row] += vec * item.tokens  # pieces: token-weighted mean
                 weights[item.row] += item.tokens
         ok = weights > 0
@@ -161,6 +155,23 @@ class HostedEmbedder:
             else:
                 inputs.extend(_Input(row, p.text, p.tokens) for p in self.counter.split(text, limit))
         return inputs, failed
+
+    def _request_or_split(
+        self, request: list[_Input], failed: dict[int, str]
+    ) -> list[tuple[_Input, np.ndarray]]:
+        """Vectors for a request's inputs; failures go to ``failed``. A request the server
+        refuses for its content is halved until the offending input stands alone, so one
+        bad text never fails the texts packed with it."""
+        try:
+            return list(zip(request, self._request(request)))
+        except RequestFailed as exc:
+            if exc.refused and len(request) > 1:
+                half = len(request) // 2
+                return (self._request_or_split(request[:half], failed)
+                        + self._request_or_split(request[half:], failed))
+            for item in request:
+                failed.setdefault(item.row, exc.reason)
+            return []
 
     def _pack(self, inputs: list[_Input]) -> list[list[_Input]]:
         """Consecutive inputs grouped into requests within the inputs and tokens caps."""
@@ -209,22 +220,29 @@ class HostedEmbedder:
                 self._format = "float"
             return self._send(texts)
         self.limiter.observe(raw.headers)
-        parsed = raw.parse()
-        data = sorted(parsed.data, key=lambda d: d.index)
-        if len(data) != len(texts):
+        try:
+            parsed = raw.parse()
+            data = sorted(parsed.data, key=lambda d: d.index)
+            vectors = [self._decode(d.embedding, fmt) for d in data]
+            billed = getattr(getattr(parsed, "usage", None), "prompt_tokens", None)
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            # Missing data, an HTML page from a proxy, non-numbers: retry like a torn body.
+            raise MalformedResponse(f"{type(exc).__name__}: {exc}") from None
+        if len(vectors) != len(texts):
             raise ProviderError(
-                f"{endpoint(self.profile)} returned {len(data)} vectors for {len(texts)} inputs "
+                f"{endpoint(self.profile)} returned {len(vectors)} vectors for {len(texts)} inputs "
                 f"(model {self.profile.model!r}); the server is not speaking the protocol"
             )
-        vectors = np.stack([self._decode(d.embedding, fmt) for d in data])
-        if vectors.shape[1] != self.profile.dims:
+        widths = {v.shape for v in vectors}
+        if len(widths) > 1:
+            raise MalformedResponse(f"vectors of different shapes {sorted(widths)}")
+        if widths != {(self.profile.dims,)}:
             raise DimensionMismatch(
                 f"profile {self.profile.name!r} says dims = {self.profile.dims} but "
-                f"{endpoint(self.profile)} returned {vectors.shape[1]}-dimensional vectors; fix "
+                f"{endpoint(self.profile)} returned {widths.pop()[0]}-dimensional vectors; fix "
                 f"dims (or dimensions) under [profiles.{self.profile.name}]"
             )
-        usage = getattr(parsed, "usage", None)
-        return vectors, getattr(usage, "prompt_tokens", None)
+        return np.stack(vectors), billed if isinstance(billed, int) else None
 
     def _decode(self, embedding: Any, fmt: str) -> np.ndarray:
         if isinstance(embedding, str):
@@ -238,7 +256,10 @@ class HostedEmbedder:
                     if self._format == "base64":
                         log.info("%s answers floats; not asking for base64 again", endpoint(self.profile))
                         self._format = "float"
-            return np.asarray(embedding, dtype=np.float32)
+            vector = np.asarray(embedding, dtype=np.float32)
+            if vector.ndim != 1:
+                raise MalformedResponse(f"a vector of shape {vector.shape}")
+            return vector
         raise MalformedResponse(f"vector of type {type(embedding).__name__}")
 
 

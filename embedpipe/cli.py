@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,6 +44,8 @@ def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
     _state["config"] = config
+    # Prefect logs every task state at INFO; the CLI prints its own progress and report.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -274,6 +277,210 @@ def cost(
     total_usd = sum(r["usd"] for r in rows)
     typer.echo(f"{'total':<10}  {'':<18} {'':<10} {sum(r['requests'] for r in rows):>9,} "
                f"{total_t:>12,} {total_usd:>10.4f}")
+
+
+def _resolve_index(settings: Any, index: str | None) -> str:
+    """The named index, or the only one there is."""
+    if index:
+        return index
+    from embedpipe.errors import ConfigError
+    from embedpipe.index import IndexVersions
+    from embedpipe.qdrant import connect
+
+    names = sorted({v.index for v in IndexVersions(connect(settings), settings).versions()})
+    if len(names) == 1:
+        return names[0]
+    raise ConfigError(
+        f"pass --index NAME (indexes: {', '.join(names)})" if names
+        else "no index exists yet; create one with `embedpipe ingest PATH --index NAME`"
+    )
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _print_plan(plan: Any) -> None:
+    p = plan.to_dict()
+    tokens = "-" if p["tokens"] is None else f"{p['tokens']:,}" + (
+        " (exact, billed)" if p["tokens_exact"] else " (model tokenizer)")
+    usd = "-" if p["estimated_usd"] is None else f"${p['estimated_usd']:.4f}"
+    rate = f" at {p['probe_docs_per_s']:,.1f} docs/s (probe)" if p["probe_docs_per_s"] else ""
+    dep = p["deprecation"]
+    lines = [
+        f"migrate {p['index']}: {p['from_profile']} ({p['from_collection']}) -> {p['to_profile']}",
+        f"  documents         {p['documents']:,}",
+        f"  to embed          {p['to_embed']:,} texts ({p['reusable']:,} vectors already stored for "
+        f"{p['to_profile']})",
+        f"  tokens            {tokens}" + (f"; {p['over_limit']:,} over the limit" if p["over_limit"] else ""),
+        f"  estimated cost    {usd}",
+        f"  estimated time    {_duration(p['estimated_seconds'])}{rate}",
+        f"  storage           Qdrant ~{_size(p['storage_bytes']['qdrant'])}, "
+        f"vector store +{_size(p['storage_bytes']['vector_store'])}",
+        f"  deprecation       {p['from_profile']}: {dep['from']['status']}; "
+        f"{p['to_profile']}: {dep['to']['status']}",
+    ]
+    if p["resume_collection"]:
+        lines.append(f"  resumes           {p['resume_collection']} "
+                     f"({p['already_written']:,} documents already written)")
+    typer.echo("\n".join(lines))
+    for warning in p["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+
+
+def _print_validation(validation: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    verdict = "passed" if validation["checks_passed"] else (
+        "FAILED, overridden by --force" if validation["forced"] else "FAILED")
+    table = Table(title=f"validation of {validation['new_collection']}: {verdict}")
+    for column in ("check", "old", "new", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    for row in validation["table"]:
+        table.add_row(*(str(row[c]) for c in ("check", "old", "new", "result", "detail")))
+    Console(stderr=False, width=120).print(table)
+    if not validation["old_can_query"]:
+        typer.echo(f"note: the old version cannot embed queries ({validation['old_reason']}); "
+                   "the new version was judged on its own")
+
+
+def _confirm(yes: bool, question: str) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        from embedpipe.errors import InputError
+
+        raise InputError("not a terminal, so nothing was asked: pass --yes to go ahead")
+    if not typer.confirm(question, default=False):
+        typer.echo("aborted; nothing was changed", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def migrate(
+    to: Annotated[str, typer.Option("--to", help="The profile to move the index to (see `embedpipe models`).")],
+    index: Annotated[Optional[str], typer.Option("--index", "-i", help="Index to migrate (default: the only one).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (documents, tokens, cost, time, storage) and stop.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before spending.")] = False,
+    golden: Annotated[Optional[Path], typer.Option("--golden", help="JSONL of {query, relevant[, grades]}: judge retrieval by nDCG@10 and recall@100.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Cut over even if validation fails (recorded in the report).")] = False,
+    tolerance: Annotated[Optional[float], typer.Option("--tolerance", min=0.0, max=1.0, help="Allowed metric drop, new vs old (default: migration.tolerance).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-index into a new version with another model, validate it, and move the alias.
+
+    Resumable: after a crash or kill, the same command continues where it stopped.
+    """
+    from embedpipe.errors import ValidationFailed
+    from embedpipe.migration import plan_migration
+
+    settings = _settings()
+    name = _resolve_index(settings, index)
+    if golden is not None:
+        from embedpipe.evaluation import read_golden
+
+        read_golden(golden)  # a bad golden file fails before anything is spent
+    plan = plan_migration(settings, name, to)
+    if as_json and dry_run:
+        _print_json({"status": "planned", "plan": plan.to_dict()})
+        return
+    if not as_json:
+        _print_plan(plan)
+    if dry_run:
+        typer.echo("dry run: nothing was written")
+        return
+    _confirm(yes, f"Migrate index {name!r} to {to!r}?")
+    from flows.migrate import run_migration
+
+    show = not as_json and sys.stderr.isatty()
+    try:
+        with _progress(show, f"building {name} on {to}") as progress:
+            report = run_migration(settings, name, to, golden=golden, force=force,
+                                   tolerance=tolerance, plan=plan.to_dict(), progress=progress)
+    except ValidationFailed as exc:
+        failed = getattr(exc, "report", None)
+        if failed and as_json:
+            _print_json(failed)
+        elif failed:
+            _print_validation(failed["validation"])
+        raise
+    if as_json:
+        _print_json(report)
+        return
+    _print_validation(report["validation"])
+    typer.echo(
+        f"{report['index']} -> {report['collection']} ({report['to_profile']}): live. "
+        f"{report['documents']:,} documents, {report['embedded']:,} embedded, "
+        f"{report['reused']:,} reused, {report['caught_up']['written']:,} caught up, "
+        f"{report['caught_up']['deleted']:,} removed in {report['seconds']:.1f}s. "
+        f"Previous version {report['from_collection']} is standby: "
+        f"`embedpipe rollback --index {report['index']}` undoes this"
+    )
+
+
+@app.command()
+def rollback(index: IndexOpt, as_json: JsonOpt = False) -> None:
+    """Point the index's alias back at its standby version (caught up with the corpus first)."""
+    from embedpipe.migration import rollback as run_rollback
+
+    settings = _settings()
+    show = not as_json and sys.stderr.isatty()
+    with _progress(show, f"catching up {index}") as progress:
+        result = run_rollback(settings, index, progress=progress)
+    if as_json:
+        _print_json(result)
+        return
+    typer.echo(
+        f"{result['index']} -> {result['collection']} ({result['profile']}): live again; "
+        f"{result['from_collection']} is standby. Caught up {result['written']} documents "
+        f"({result['embedded']} embedded, {result['reused']} reused), removed {result['deleted']}"
+    )
+    for warning in result["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+
+
+@app.command()
+def retire(
+    index: IndexOpt,
+    keep: Annotated[int, typer.Option("--keep", min=0, help="Old versions to keep for rollback.")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be deleted.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete old versions beyond the newest --keep; never the live one. Vectors stay in the store."""
+    from embedpipe.migration import retire as run_retire
+
+    settings = _settings()
+    planned = run_retire(settings, index, keep=keep, dry_run=True)
+    if dry_run or not planned["deleted"]:
+        result = planned
+    else:
+        if not as_json:
+            typer.echo(f"will delete: {', '.join(planned['deleted'])}")
+        _confirm(yes, f"Delete {len(planned['deleted'])} old versions of {index!r}?")
+        result = run_retire(settings, index, keep=keep)
+    if as_json:
+        _print_json(result)
+        return
+    verb = "would delete" if result["dry_run"] else "deleted"
+    typer.echo(f"{index}: live {result['live']}; {verb} {len(result['deleted'])} versions"
+               + (f" ({', '.join(result['deleted'])})" if result["deleted"] else "")
+               + (f"; kept {', '.join(result['kept'])}" if result["kept"] else ""))
 
 
 def main() -> None:

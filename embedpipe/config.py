@@ -29,7 +29,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["IndexSettings", "QdrantSettings", "Settings", "find_config", "load_settings"]
+__all__ = ["IndexSettings", "MigrationSettings", "QdrantSettings", "Settings", "find_config", "load_settings"]
 
 CONFIG_NAME = "embedpipe.toml"
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -59,6 +59,24 @@ class IndexSettings(BaseModel):
     store_text: bool | None = None
 
 
+class MigrationSettings(BaseModel):
+    """How ``embedpipe migrate`` validates a new version before the alias moves."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # The gate fails when a retrieval metric of the new version is below the old one's
+    # by more than this (absolute, metrics are in [0, 1]).
+    tolerance: float = Field(default=0.05, ge=0, le=1)
+    # When the old model can no longer embed queries, the new version is judged on its
+    # own: its self-retrieval must reach this.
+    min_self_retrieval: float = Field(default=0.5, ge=0, le=1)
+    sample_size: int = Field(default=100, gt=0)  # self-retrieval queries
+    vector_sample: int = Field(default=32, gt=0)  # stored vectors re-embedded and compared
+    min_cosine: float = Field(default=0.999, gt=0, le=1)
+    probe_size: int = Field(default=32, gt=0)  # texts embedded to estimate throughput
+    slice_size: int = Field(default=50_000, gt=0)  # documents per backfill task
+
+
 class Settings(BaseModel):
     """Everything embedpipe needs to know, resolved to absolute paths."""
 
@@ -73,6 +91,7 @@ class Settings(BaseModel):
     sovereign: bool = False
     window: int = Field(default=2048, gt=0, le=1_000_000)
     qdrant: QdrantSettings = QdrantSettings()
+    migration: MigrationSettings = MigrationSettings()
     profiles: dict[str, Profile]
     indexes: dict[str, IndexSettings] = {}
 
@@ -141,7 +160,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         qdrant["api_key"] = secret
 
 
-_TABLES = ("qdrant",)
+_TABLES = ("qdrant", "migration")
 _TABLES_OF_TABLES = ("profiles", "indexes")
 
 

@@ -18,7 +18,10 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     ├── InputError                  bad documents; nothing was written
     ├── IndexNotFound               no such index (alias) exists
     ├── StoreError                  the corpus or vector Parquet files are unusable
-    └── QdrantUnavailable           the vector database cannot be reached
+    ├── QdrantUnavailable           the vector database cannot be reached
+    ├── IndexBusy                   another ingest or migration holds the index
+    └── MigrationError              a migration, rollback or retire cannot go on
+        └── ValidationFailed        the new version failed the validation gate
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ __all__ = [
     "DimensionMismatch",
     "EmbedpipeError",
     "FingerprintMismatch",
+    "IndexBusy",
     "IndexNotFound",
     "InputError",
+    "MigrationError",
     "ModelDeprecated",
     "ModelError",
     "ProviderError",
@@ -37,6 +42,7 @@ __all__ = [
     "SovereigntyError",
     "StoreError",
     "UnknownProfile",
+    "ValidationFailed",
     "WeightsNotFound",
 ]
 
@@ -120,3 +126,19 @@ class StoreError(EmbedpipeError):
 
 class QdrantUnavailable(EmbedpipeError):
     """The Qdrant server (or local-mode folder) cannot be reached or opened."""
+
+
+class IndexBusy(EmbedpipeError):
+    """Another ingest, migration or rollback is writing the index; wait and re-run."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+class MigrationError(EmbedpipeError):
+    """A migration, rollback or retire cannot go on; the alias was not moved."""
+
+
+class ValidationFailed(MigrationError):
+    """The new version scored worse than the old beyond the tolerance; ``--force`` overrides."""
+
+    exit_code = 4

@@ -13,7 +13,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["GoldenSet", "mean", "ndcg_at_k", "read_cranfield", "recall_at_k"]
+__all__ = [
+    "GoldenQuery",
+    "GoldenSet",
+    "first_sentence",
+    "mean",
+    "ndcg_at_k",
+    "overlap_at_k",
+    "read_cranfield",
+    "read_golden",
+    "recall_at_k",
+]
 
 
 def ndcg_at_k(ranked: Sequence[str], gains: Mapping[str, float], k: int = 10) -> float:
@@ -78,3 +88,96 @@ def read_cranfield(folder: Path) -> GoldenSet:
             q, d, grade = parts[0], parts[1], int(parts[2])
             judgments.setdefault(q, {})[d] = _CRAN_GAIN.get(grade, 0.0)
     return GoldenSet(docs, queries, judgments)
+
+
+@dataclass(frozen=True)
+class GoldenQuery:
+    """One query of a golden file with graded relevant documents."""
+
+    query: str
+    gains: dict[str, float]  # doc id -> gain (higher is more relevant)
+
+
+def read_golden(path: Path) -> list[GoldenQuery]:
+    """Read a golden set: JSONL of ``{"query": str, "relevant": [ids], "grades": [numbers]}``.
+
+    ``relevant`` may also be a mapping ``{id: grade}``; without grades every relevant
+    document has gain 1. Any malformed line is an ``InputError`` naming the line.
+    """
+    import json
+
+    from embedpipe.errors import InputError
+
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"golden file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"golden file {path} is unreadable ({type(exc).__name__})") from None
+    out: list[GoldenQuery] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise InputError(f"{where}: not a JSON object") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: not a JSON object")
+        out.append(GoldenQuery(_golden_query(record, where), _golden_gains(record, where)))
+    if not out:
+        raise InputError(f"golden file {path} holds no queries")
+    return out
+
+
+def _golden_query(record: dict, where: str) -> str:
+    from embedpipe.errors import InputError
+
+    query = record.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise InputError(f"{where}: 'query' must be a non-empty string")
+    return query
+
+
+def _golden_gains(record: dict, where: str) -> dict[str, float]:
+    from embedpipe.errors import InputError
+
+    relevant = record.get("relevant")
+    grades = record.get("grades")
+    if isinstance(relevant, dict):
+        pairs = list(relevant.items())
+    elif isinstance(relevant, list):
+        if grades is not None and (not isinstance(grades, list) or len(grades) != len(relevant)):
+            raise InputError(f"{where}: 'grades' must be a list as long as 'relevant'")
+        pairs = list(zip(relevant, grades if grades is not None else [1.0] * len(relevant)))
+    else:
+        raise InputError(f"{where}: 'relevant' must be a list of ids or an {{id: grade}} object")
+    gains: dict[str, float] = {}
+    for doc_id, grade in pairs:
+        if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
+            raise InputError(f"{where}: relevant id {doc_id!r} must be a string")
+        if not isinstance(grade, (int, float)) or isinstance(grade, bool) or grade != grade:
+            raise InputError(f"{where}: grade {grade!r} of {doc_id!r} must be a number")
+        gains[str(doc_id)] = float(grade)
+    if not any(g > 0 for g in gains.values()):
+        raise InputError(f"{where}: no relevant document with a positive grade")
+    return gains
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def first_sentence(text: str, max_words: int = 32) -> str:
+    """A document's first sentence (at most ``max_words`` words): a self-retrieval query."""
+    words = text.split()
+    first = _SENTENCE_END.split(" ".join(words), maxsplit=1)[0].split()
+    if len(first) < 4:  # a heading or an abbreviation: take the opening words instead
+        first = words
+    return " ".join(first[:max_words])
+
+
+def overlap_at_k(a: Sequence[str], b: Sequence[str], k: int = 10) -> float:
+    """Share of the top ``k`` two rankings have in common."""
+    return len(set(a[:k]) & set(b[:k])) / k if k else 0.0

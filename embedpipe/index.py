@@ -10,6 +10,7 @@ read through one upgrade path (``_manifest``). The alias moves in one atomic cal
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -221,6 +222,28 @@ class IndexVersions:
         if previous is not None and previous.collection != version.collection:
             self.set_state(previous, "standby")
 
+    def go_live(self, index: str, version: Version, corpus_ids: set[str]) -> None:
+        """Point the alias at ``version`` once it holds exactly the corpus: the one cutover.
+
+        Points that are not in the corpus (left by an interrupted build whose input
+        changed, or by documents deleted meanwhile) are deleted first; a missing point
+        stops the cutover with the alias untouched.
+        """
+        from embedpipe.errors import EmbedpipeError
+
+        expected = {point_id(i) for i in corpus_ids}
+        present = self.point_ids(version.collection)
+        extra = present - expected
+        if extra:
+            self.delete_points(version.collection, sorted(extra))
+        missing = len(expected - present)
+        if missing:
+            raise EmbedpipeError(
+                f"version {version.collection} lacks {missing} of the corpus's {len(expected)} "
+                "documents; the alias was not moved. Re-run the same command to complete it"
+            )
+        self.point_alias(index, version)
+
     def count(self, collection: str) -> int:
         return int(self._call("counting points", self.client.count, collection, exact=True).count)
 
@@ -236,6 +259,38 @@ class IndexVersions:
             ids.update(str(p.id) for p in points)
             if offset is None:
                 return ids
+
+    def contents(self, collection: str, page: int = 4096) -> dict[str, str]:
+        """document id -> record hash of every point: what a version holds, from the
+        collection alone (no vectors read)."""
+        from embedpipe.corpus import record_hash
+
+        out: dict[str, str] = {}
+        offset = None
+        while True:
+            points, offset = self._call(
+                "listing points", self.client.scroll, collection, limit=page, offset=offset,
+                with_payload=["id", "record_hash", "content_hash", "metadata"], with_vectors=False,
+            )
+            for p in points:
+                payload = p.payload or {}
+                rh = payload.get("record_hash")
+                if rh is None:  # points written before record_hash joined the payload
+                    meta = json.dumps(payload.get("metadata") or {}, sort_keys=True,
+                                      ensure_ascii=False, default=str)
+                    rh = record_hash(str(payload.get("content_hash")), meta)
+                out[str(payload.get("id"))] = rh
+            if offset is None:
+                return out
+
+    def stored_vectors(self, collection: str, doc_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """document id -> the vector stored in ``collection`` (absent ids are left out)."""
+        import numpy as np
+
+        by_point = {point_id(d): d for d in doc_ids}
+        records = self._call("reading vectors", self.client.retrieve, collection,
+                             ids=list(by_point), with_vectors=True, with_payload=False)
+        return {by_point[str(r.id)]: np.asarray(r.vector, dtype=np.float32) for r in records}
 
     def delete_points(self, collection: str, ids: Sequence[str], batch: int = 1024) -> None:
         """Delete points by point id (not document id)."""

@@ -19,9 +19,9 @@ it only once it holds every document.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,14 @@ from filelock import FileLock, Timeout
 from embedpipe.backends import build_embedder
 from embedpipe.config import Settings
 from embedpipe.corpus import CorpusStore, Known, documents_to_batch
-from embedpipe.errors import ConfigError, EmbedpipeError, InputError
+from embedpipe.errors import ConfigError, IndexBusy, InputError
 from embedpipe.index import IndexVersions, Version, check_fingerprint, point_id
 from embedpipe.pipeline import Work, embed_and_write
 from embedpipe.qdrant import connect
 from embedpipe.sources import read_documents
 from embedpipe.vectors import VectorStore
 
-__all__ = ["IngestReport", "ingest"]
+__all__ = ["IngestReport", "delete", "index_lock", "ingest"]
 
 ProgressFactory = Callable[[int], Callable[[int], None]]
 
@@ -70,11 +70,24 @@ class IngestReport:
         return asdict(self)
 
 
-def index_lock(settings: Settings, index: str) -> FileLock:
-    """One writer per index at a time (ingest, later sync and migrate)."""
+@contextlib.contextmanager
+def index_lock(settings: Settings, index: str, timeout: float = 0, what: str = "") -> Iterator[None]:
+    """One writer per index at a time: ingest, and a migration's cutover or a rollback.
+
+    ``what`` names a longer-held lock of its own (``"migrate"``: one migration per
+    index, while ingests go on). Waits up to ``timeout`` seconds, then raises IndexBusy.
+    """
     folder = settings.data_dir / "locks"
     folder.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(folder / f"{index}.lock"), timeout=0)
+    name = f"{index}.{what}.lock" if what else f"{index}.lock"
+    try:
+        with FileLock(str(folder / name), timeout=timeout):
+            yield
+    except Timeout:
+        holder = "a migration or rollback" if what else "an ingest, migration cutover or rollback"
+        raise IndexBusy(
+            f"{holder} is already running on index {index!r}; wait for it to finish and re-run"
+        ) from None
 
 
 def ingest(
@@ -95,15 +108,8 @@ def ingest(
     corpus = CorpusStore.for_index(settings.data_dir, index)
     staged = _stage(corpus, Path(path))  # validates everything before any write
     try:
-        try:
-            with index_lock(settings, index):
-                return _ingest_staged(
-                    settings, index, corpus, staged, profile, progress, started, dry_run
-                )
-        except Timeout:
-            raise EmbedpipeError(
-                f"another ingest or migration is writing index {index!r}; wait for it to finish"
-            ) from None
+        with index_lock(settings, index):
+            return _ingest_staged(settings, index, corpus, staged, profile, progress, started, dry_run)
     finally:
         staged.unlink(missing_ok=True)
 
@@ -197,7 +203,7 @@ def _ingest_staged(
     if building:
         corpus_ids = set(corpus.known())
         if corpus_ids:
-            _go_live(versions, index, target, corpus_ids)
+            versions.go_live(index, target, corpus_ids)
         elif created:  # every document failed: leave no empty version behind
             versions.drop(target)
     corpus.compact_if_needed()
@@ -362,40 +368,30 @@ def _work(
             continue
         for row in rows.to_pylist():
             seen.add(row["id"])
-            yield _to_work(row, store_text)
+            yield Work.from_corpus_row(row, store_text)
     if building:
         for batch in corpus.iter_batches():
             for row in batch.to_pylist():
                 if row["id"] not in seen:
-                    yield _to_work(row, store_text)
+                    yield Work.from_corpus_row(row, store_text)
 
 
-def _to_work(row: dict[str, Any], store_text: bool) -> Work:
-    payload: dict[str, Any] = {
-        "id": row["id"],
-        "content_hash": row["content_hash"],
-        "metadata": json.loads(row["metadata"] or "{}"),
-    }
-    if store_text:
-        payload["text"] = row["text"]
-    return Work(row["id"], row["text"], row["content_hash"], payload)
+def delete(settings: Settings, index: str, ids: Iterable[str]) -> int:
+    """Remove documents from the live version and the corpus. Returns how many were live.
 
-
-def _go_live(versions: IndexVersions, index: str, target: Version, corpus_ids: set[str]) -> None:
-    """Point the alias at ``target`` once it holds exactly the corpus.
-
-    Points that are not in the corpus (left by an interrupted build whose input
-    changed before the re-run) are deleted first; a missing point stops the cutover.
+    Points go first, then the corpus markers: a crash in between leaves documents the
+    corpus still lists, and the same call finishes the job. Versions that are not live
+    (a migration's new version) catch up from the corpus before they go live.
     """
-    expected = {point_id(i) for i in corpus_ids}
-    present = versions.point_ids(target.collection)
-    extra = present - expected
-    if extra:
-        versions.delete_points(target.collection, sorted(extra))
-    missing = len(expected - present)
-    if missing:
-        raise EmbedpipeError(
-            f"version {target.collection} lacks {missing} of the corpus's {len(expected)} "
-            "documents; the alias was not moved. Re-run the same ingest to complete it"
-        )
-    versions.point_alias(index, target)
+    _check_index_name(index)
+    ids = sorted({str(i) for i in ids})
+    if not ids:
+        return 0
+    corpus = CorpusStore.for_index(settings.data_dir, index)
+    with index_lock(settings, index):
+        versions = IndexVersions(connect(settings), settings)
+        live = versions.require_live(index)
+        present = corpus.known().keys() & set(ids)
+        versions.delete_points(live.collection, [point_id(i) for i in ids])
+        corpus.delete(present)
+        return len(present)

@@ -18,6 +18,7 @@ The embedding model is the bottleneck, so everything else hides behind it:
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -44,6 +45,23 @@ class Work:
     text: str
     content_hash: str
     payload: dict[str, Any]
+
+    @classmethod
+    def from_corpus_row(cls, row: dict[str, Any], store_text: bool) -> Work:
+        """The work for one corpus row; its payload is what the point carries in Qdrant.
+
+        ``record_hash`` in the payload lets a version be compared with the corpus
+        (catch-up, rollback) from the collection alone.
+        """
+        payload: dict[str, Any] = {
+            "id": row["id"],
+            "content_hash": row["content_hash"],
+            "record_hash": row["record_hash"],
+            "metadata": json.loads(row["metadata"] or "{}"),
+        }
+        if store_text:
+            payload["text"] = row["text"]
+        return cls(row["id"], row["text"], row["content_hash"], payload)
 
 
 @dataclass

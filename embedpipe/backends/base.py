@@ -49,6 +49,10 @@ class Embedder(Protocol):
         """Embed documents (with the profile's document prompt)."""
         ...
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each document by the model's tokenizer (exact for hosted models)."""
+        ...
+
     def embed_query(self, text: str) -> np.ndarray:
         """Embed one query (with the profile's query prompt)."""
         ...

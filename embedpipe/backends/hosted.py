@@ -113,6 +113,11 @@ class HostedEmbedder:
         prompt = self.profile.document_prompt
         return self._embed([prompt + t for t in texts])
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Exact tokens of each document as the API bills them (document prompt included)."""
+        prompt = self.profile.document_prompt
+        return self.counter.count([prompt + t for t in texts]) if texts else []
+
     def embed_query(self, text: str) -> np.ndarray:
         batch = self._embed([self.profile.query_prompt + text])
         if batch.failed:

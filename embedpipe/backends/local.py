@@ -172,6 +172,15 @@ class LocalEmbedder:
         vectors = self.model.encode(texts, **kwargs)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each document (with the document prompt) by the model's own tokenizer,
+        before truncation; 0s for a model without a tokenizer."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is None or not texts:
+            return [0] * len(texts)
+        prompt = self.profile.document_prompt
+        return [len(ids) for ids in _token_ids(tokenizer, [prompt + t for t in texts])]
+
     def count_truncated(self, texts: Sequence[str], prompt: str = "") -> int:
         """How many texts (with the prompt) exceed the model's token limit."""
         limit = self.max_tokens

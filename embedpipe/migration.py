@@ -1,0 +1,749 @@
+"""Re-index migrations as plain functions: plan, build, catch up, validate, cut over,
+roll back, retire.
+
+``flows/migrate.py`` strings these steps into a Prefect flow; tests call them directly.
+The order is what keeps the invariants (DESIGN.md):
+
+1. **plan** counts documents and tokens, probes the target's throughput and finds the
+   vectors already stored for the target's fingerprint; it writes nothing;
+2. **prepare** checks the target model, then creates version N+1 in state ``building``
+   (or resumes the one an interrupted run left);
+3. **backfill** writes the corpus into it from the Parquet corpus, never from the old
+   collection, reusing stored vectors. Each upsert is acknowledged before the batch
+   counts as done, so the collection itself is the checkpoint: a killed run resumes
+   by comparing it with the corpus (``todo``) and skipping what is already there;
+4. **catch_up** brings in what ingests added, changed or deleted meanwhile (ingests
+   keep writing the live version while this one builds);
+5. **validate** (``validation.py``) gates the cutover;
+6. **cutover** takes the index lock (so no ingest is half-done), catches up one last
+   time, and moves the alias in one atomic call once the version holds exactly the
+   corpus. The old version becomes ``standby``.
+
+``sync_version`` is the one catch-up: backfill, catch-up, the final pass and rollback
+all make a version hold exactly the corpus through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from embedpipe.backends import build_embedder
+from embedpipe.corpus import CorpusStore
+from embedpipe.errors import FingerprintMismatch, MigrationError
+from embedpipe.index import IndexVersions, Version, check_fingerprint, point_id
+from embedpipe.ingest import index_lock
+from embedpipe.pipeline import PipelineStats, Work, embed_and_write
+from embedpipe.profiles import Profile, fingerprint
+from embedpipe.qdrant import connect
+from embedpipe.vectors import VectorStore
+
+if TYPE_CHECKING:
+    from embedpipe.backends import EmbedBatch, Embedder
+    from embedpipe.config import Settings
+    from embedpipe.validation import ValidationReport
+
+__all__ = [
+    "Migration",
+    "MigrationPlan",
+    "SyncStats",
+    "plan_migration",
+    "retire",
+    "rollback",
+    "sync_version",
+]
+
+Progress = Callable[[int], None]
+ProgressFactory = Callable[[int], Progress]
+
+# How long a cutover or rollback waits for a running ingest to release the index.
+CUTOVER_WAIT_S = 600.0
+IN_PROGRESS = ("building", "validating")
+
+
+# --- the one catch-up ------------------------------------------------------------
+
+
+@dataclass
+class SyncStats:
+    """What making a version hold the corpus cost."""
+
+    written: int = 0  # points upserted (new, changed text or changed metadata)
+    deleted: int = 0  # points removed because the corpus no longer has them
+    embedded: int = 0  # texts sent to a model
+    reused: int = 0  # vectors taken from the vector store
+    truncated: int = 0
+    chunked: int = 0
+    failures: dict[str, str] = field(default_factory=dict)  # document id -> reason
+
+    def add(self, other: SyncStats | PipelineStats, written: int = 0) -> None:
+        self.written += getattr(other, "written", written)
+        self.deleted += getattr(other, "deleted", 0)
+        self.embedded += other.embedded
+        self.reused += other.reused
+        self.truncated += other.truncated
+        self.chunked += other.chunked
+        self.failures.update(other.failures)
+
+
+def stale_ids(versions: IndexVersions, corpus: CorpusStore, version: Version) -> tuple[list[str], list[str]]:
+    """(ids the version lacks or holds stale, ids it holds that the corpus dropped)."""
+    held = versions.contents(version.collection)
+    known = corpus.known()
+    stale = [i for i, k in known.items() if held.get(i) != k.record_hash]
+    gone = [i for i in held if i not in known]
+    return stale, gone
+
+
+def write_documents(
+    versions: IndexVersions,
+    corpus: CorpusStore,
+    version: Version,
+    ids: Sequence[str],
+    embedder: Embedder,
+    store: VectorStore,
+    settings: Settings,
+    progress: Progress | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> SyncStats:
+    """Embed (reusing stored vectors) and upsert the corpus documents ``ids`` into ``version``."""
+    stats = SyncStats()
+    if not ids:
+        return stats
+    wanted = pa.array(sorted(set(ids)), pa.string())
+    store_text = settings.index_store_text(version.index)
+
+    def items() -> Iterator[Work]:
+        for batch in corpus.iter_batches():
+            rows = batch.filter(pc.is_in(batch.column("id"), value_set=wanted))
+            for row in rows.to_pylist():
+                yield Work.from_corpus_row(row, store_text)
+
+    def write(doc_ids: list[str], vectors: np.ndarray, payloads: list[dict[str, Any]]) -> None:
+        versions.upsert(version.collection, doc_ids, vectors, payloads)  # acknowledged: the checkpoint
+        stats.written += len(doc_ids)
+        if on_batch is not None:
+            on_batch(len(doc_ids))
+
+    done = embed_and_write(items(), embedder, write, store, window=settings.window, progress=progress)
+    stats.add(done, written=0)
+    return stats
+
+
+def sync_version(
+    versions: IndexVersions,
+    corpus: CorpusStore,
+    version: Version,
+    embedder: Embedder,
+    store: VectorStore,
+    settings: Settings,
+    progress: ProgressFactory | None = None,
+) -> SyncStats:
+    """Make ``version`` hold exactly the corpus: write what it lacks or holds stale,
+    delete what the corpus no longer has. Idempotent; cheap when nothing changed."""
+    stale, gone = stale_ids(versions, corpus, version)
+    if gone:
+        versions.delete_points(version.collection, [point_id(i) for i in gone])
+    stats = write_documents(
+        versions, corpus, version, stale, embedder, store, settings,
+        progress=progress(len(stale)) if progress and stale else None,
+    )
+    stats.deleted += len(gone)
+    return stats
+
+
+class LazyEmbedder:
+    """An embedder built only when something must really be embedded.
+
+    A rollback whose vectors are all stored needs no model at all, so it still works
+    when the old model is gone. When it is built, its fingerprint must be the
+    recorded one: a rollback never writes vectors of another space.
+    """
+
+    def __init__(self, profile: Profile, settings: Settings, recorded: Version) -> None:
+        self.profile = profile
+        self.settings = settings
+        self.recorded = recorded
+        self._real: Embedder | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.recorded.fingerprint
+
+    @property
+    def concurrency(self) -> int:
+        return self.profile.limits.concurrency if self.profile.is_hosted else 1
+
+    def real(self) -> Embedder:
+        if self._real is None:
+            embedder = build_embedder(self.profile, self.settings)
+            check_fingerprint(self.recorded, embedder.fingerprint, self.profile.name)
+            embedder.check()
+            self._real = embedder
+        return self._real
+
+    def check(self) -> None:
+        self.real()
+
+    def embed_documents(self, texts: Sequence[str]) -> EmbedBatch:
+        return self.real().embed_documents(texts)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self.real().embed_query(text)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return self.real().count_tokens(texts)
+
+
+# --- where migrations keep their files ---------------------------------------------
+
+
+def migrations_dir(settings: Settings, index: str) -> Path:
+    """``<data>/migrations/<index>/``: state, validation reports and final reports."""
+    folder = settings.data_dir / "migrations" / index
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write JSON atomically (temporary name, then rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --- plan ------------------------------------------------------------------------------
+
+
+@dataclass
+class MigrationPlan:
+    """What a migration will do and cost; all that ``--dry-run`` prints."""
+
+    index: str
+    from_profile: str
+    from_collection: str
+    to_profile: str
+    to_fingerprint: str
+    documents: int  # live corpus documents
+    to_embed: int  # distinct texts with no stored vector for the target
+    reusable: int  # distinct texts whose target vector is already stored
+    already_written: int  # documents a resumed version already holds
+    resume_collection: str | None
+    tokens: int | None  # of the texts to embed, by the target's tokenizer
+    tokens_exact: bool  # exact as the hosted API bills (tiktoken); local: the model's tokenizer
+    over_limit: int  # texts longer than the target's max_tokens (truncated or chunked)
+    estimated_usd: float | None
+    estimated_seconds: float | None
+    probe_docs_per_s: float | None
+    probe_embedded: int  # texts the probe embedded
+    storage_bytes: dict[str, int]
+    deprecation: dict[str, dict[str, Any]]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _deprecation(profile: Profile | None) -> dict[str, Any]:
+    if profile is None:
+        return {"status": "unknown profile", "shutdown": None, "replacement": None}
+    dep = profile.deprecation
+    return {
+        "status": dep.status(),
+        "shutdown": dep.shutdown.isoformat() if dep.shutdown else None,
+        "replacement": dep.replacement,
+    }
+
+
+def plan_migration(
+    settings: Settings, index: str, to: str, probe: bool = True, keep_probe: bool = False
+) -> MigrationPlan:
+    """Plan moving ``index`` to profile ``to``. Loads the target model (or probes the
+    hosted endpoint) but writes nothing unless ``keep_probe`` stores the probe's vectors."""
+    m = Migration(settings, index, to)
+    return m.plan(probe=probe, keep_probe=keep_probe)
+
+
+# --- the migration -----------------------------------------------------------------
+
+
+@dataclass
+class MigrationReport:
+    """The result of a migration, as ``--json`` prints it and the flow returns it."""
+
+    status: str  # live | failed | validation_failed | nothing_to_do
+    index: str
+    from_profile: str
+    to_profile: str
+    from_collection: str
+    collection: str
+    documents: int = 0
+    embedded: int = 0  # texts sent to a model while building (backfill and catch-up)
+    reused: int = 0  # vectors taken from the vector store
+    truncated: int = 0
+    chunked: int = 0
+    caught_up: dict[str, int] = field(default_factory=lambda: {"written": 0, "deleted": 0})
+    failed: int = 0
+    failures: list[dict[str, str]] = field(default_factory=list)
+    resumed: bool = False
+    forced: bool = False
+    validation: dict[str, Any] | None = None
+    plan: dict[str, Any] | None = None
+    seconds: float = 0.0
+    report_file: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Migration:
+    """One migration of one index to one profile: the state its steps share.
+
+    Build it, then call ``prepare``, ``backfill`` (once per slice of ``todo``),
+    ``catch_up``, ``validate`` and ``cutover`` in that order, or let the Prefect flow
+    do so. Every step can be re-run: a new ``Migration`` over the same arguments
+    resumes where a killed one stopped.
+    """
+
+    def __init__(self, settings: Settings, index: str, to: str, force: bool = False) -> None:
+        self.settings = settings
+        self.index = index
+        self.force = force
+        self.versions = IndexVersions(connect(settings), settings)
+        self.corpus = CorpusStore.for_index(settings.data_dir, index)
+        self.source = self.versions.require_live(index)
+        self.profile = settings.profile(to)
+        self.fingerprint = fingerprint(self.profile)
+        self.target: Version | None = None
+        self.started = time.perf_counter()
+        self.stats = SyncStats()
+        self.caught_up = SyncStats()
+        self.progress: ProgressFactory | None = None
+        self.resumed = False
+        self._embedder: Embedder | None = None
+        self._check_target()
+
+    # -- checks and shared pieces -------------------------------------------------------
+
+    def _check_target(self) -> None:
+        if self.fingerprint == self.source.fingerprint:
+            raise MigrationError(
+                f"index {self.index!r} is already live on {self.profile.name!r} "
+                f"({self.source.collection}); nothing to migrate"
+            )
+        state = self.profile.deprecation.status()
+        if state == "retired" and not self.force:
+            fix = self.profile.deprecation.replacement or "another profile"
+            raise MigrationError(
+                f"profile {self.profile.name!r} was retired by its provider; migrate to "
+                f"{fix} instead (or pass --force)"
+            )
+
+    @property
+    def embedder(self) -> Embedder:
+        """The target's embedder, checked (model loaded, endpoint probed) on first use."""
+        if self._embedder is None:
+            embedder = build_embedder(self.profile, self.settings)
+            embedder.check()
+            self._embedder = embedder
+        return self._embedder
+
+    def store(self, create: bool = True) -> VectorStore | None:
+        if not create:
+            return VectorStore.existing(self.settings.data_dir, self.fingerprint, self.profile.dims)
+        return VectorStore(self.settings.data_dir, self.fingerprint, self.profile.dims, self.profile.name)
+
+    @property
+    def folder(self) -> Path:
+        return migrations_dir(self.settings, self.index)
+
+    def _resumable(self) -> Version | None:
+        """A version an interrupted migration to this fingerprint left, newest first."""
+        for version in reversed(self.versions.versions(self.index)):
+            if version.state in IN_PROGRESS and version.fingerprint == self.fingerprint:
+                return version
+        return None
+
+    def save_state(self, phase: str, **extra: Any) -> None:
+        """The progress record (``embedpipe status`` and people read it; resuming reads the
+        collection itself)."""
+        write_json(self.folder / "state.json", {
+            "index": self.index,
+            "from_collection": self.source.collection,
+            "to_profile": self.profile.name,
+            "collection": self.target.collection if self.target else None,
+            "phase": phase,
+            "written": self.stats.written,
+            "updated_at": _now(),
+            **extra,
+        })
+
+    # -- plan -----------------------------------------------------------------------------
+
+    def plan(self, probe: bool = True, keep_probe: bool = False) -> MigrationPlan:
+        """Documents, tokens, cost, time, storage, reusable vectors and deprecation."""
+        known = self.corpus.known()
+        resume = self._resumable()
+        held = self.versions.contents(resume.collection) if resume else {}
+        already = sum(1 for i, k in known.items() if held.get(i) == k.record_hash)
+        store = self.store(create=False)
+        hashes = {k.content_hash for k in known.values()}
+        stored = {h for h in hashes if store is not None and h in store}
+        todo = hashes - stored
+        texts, text_bytes, meta_bytes = self._texts_of(todo)
+        tokens, over = self._count_tokens(texts) if probe else (None, 0)
+        rate, probed = self._probe(texts, keep_probe) if probe and texts else (None, 0)
+        price = self.profile.price_per_million_tokens
+        usd = round(tokens * price / 1_000_000, 6) if tokens is not None and price is not None else None
+        if not self.profile.is_hosted:
+            usd = 0.0
+        dims_bytes = self.profile.dims * 4
+        payload = (text_bytes if self.settings.index_store_text(self.index) else 0) + meta_bytes
+        source_profile = self.settings.profiles.get(self.source.profile)
+        plan = MigrationPlan(
+            index=self.index,
+            from_profile=self.source.profile,
+            from_collection=self.source.collection,
+            to_profile=self.profile.name,
+            to_fingerprint=self.fingerprint,
+            documents=len(known),
+            to_embed=len(todo),
+            reusable=len(stored),
+            already_written=already,
+            resume_collection=resume.collection if resume else None,
+            tokens=tokens,
+            tokens_exact=self.profile.is_hosted,
+            over_limit=over,
+            estimated_usd=usd,
+            estimated_seconds=self._estimate_seconds(len(todo), tokens, rate) if probe else None,
+            probe_docs_per_s=round(rate, 2) if rate else None,
+            probe_embedded=probed,
+            storage_bytes={
+                "qdrant": len(known) * (dims_bytes + 160) + payload,
+                "vector_store": len(todo) * dims_bytes,
+            },
+            deprecation={"from": _deprecation(source_profile), "to": _deprecation(self.profile)},
+        )
+        plan.warnings = self._plan_warnings(plan)
+        return plan
+
+    def _texts_of(self, hashes: set[str]) -> tuple[list[str], int, int]:
+        """One text per hash to embed, and the bytes of all texts and metadata (storage)."""
+        texts: dict[str, str] = {}
+        text_bytes = meta_bytes = 0
+        for batch in self.corpus.iter_batches(columns=["text", "content_hash", "metadata"]):
+            for text, h, meta in zip(batch.column("text").to_pylist(),
+                                     batch.column("content_hash").to_pylist(),
+                                     batch.column("metadata").to_pylist()):
+                text_bytes += len(text.encode("utf-8"))
+                meta_bytes += len(meta or "")
+                if h in hashes and h not in texts:
+                    texts[h] = text
+        return list(texts.values()), text_bytes, meta_bytes
+
+    def _count_tokens(self, texts: list[str]) -> tuple[int, int]:
+        if not texts:
+            return 0, 0
+        counts: list[int] = []
+        for start in range(0, len(texts), 4096):
+            counts.extend(self.embedder.count_tokens(texts[start:start + 4096]))
+        limit = self.profile.max_tokens
+        return sum(counts), sum(1 for c in counts if limit and c > limit)
+
+    def _probe(self, texts: list[str], keep: bool) -> tuple[float, int]:
+        """docs/s of the target on a sample of the texts to embed (vectors stored if ``keep``)."""
+        rng = random.Random(self.index)  # the same corpus probes the same texts
+        sample = rng.sample(texts, min(len(texts), self.settings.migration.probe_size))
+        embedder = self.embedder
+        if not self.profile.is_hosted:
+            embedder.embed_documents(sample[:2])  # warm-up: first-call costs are not throughput
+        start = time.perf_counter()
+        batch = embedder.embed_documents(sample)
+        seconds = max(time.perf_counter() - start, 1e-6)
+        if keep:
+            from embedpipe.corpus import content_hash
+
+            ok = [i for i in range(len(sample)) if i not in batch.failed]
+            self.store().add([content_hash(sample[i]) for i in ok], batch.vectors[ok])
+        return len(sample) / seconds, len(sample)
+
+    def _estimate_seconds(self, n: int, tokens: int | None, rate: float | None) -> float | None:
+        if n == 0:
+            return 0.0
+        if not rate:
+            return None
+        limits = self.profile.limits
+        seconds = n / (rate * (limits.concurrency if self.profile.is_hosted else 1))
+        if self.profile.is_hosted and tokens and limits.tokens_per_minute:
+            seconds = max(seconds, tokens / limits.tokens_per_minute * 60)
+        return round(seconds, 1)
+
+    def _plan_warnings(self, plan: MigrationPlan) -> list[str]:
+        out = []
+        to = plan.deprecation["to"]
+        if to["status"] != "active":
+            out.append(f"target profile {plan.to_profile!r} is {to['status']}"
+                       + (f"; consider {to['replacement']}" if to["replacement"] else ""))
+        frm = plan.deprecation["from"]
+        if frm["status"] != "active":
+            out.append(f"source profile {plan.from_profile!r} is {frm['status']}: the old version "
+                       "may not be able to embed queries for validation")
+        if plan.over_limit:
+            how = "chunked" if self.profile.is_hosted and self.profile.long_inputs == "chunk" else (
+                "rejected" if self.profile.is_hosted else "truncated")
+            out.append(f"{plan.over_limit} texts exceed {plan.to_profile}'s {self.profile.max_tokens}-token "
+                       f"limit and will be {how}")
+        if plan.documents and plan.documents > 20_000 and not self.settings.qdrant.url:
+            out.append("Qdrant local mode holds every point in RAM and slows above 20,000 points; "
+                       "consider a Qdrant server (qdrant.url)")
+        return out
+
+    # -- build --------------------------------------------------------------------------------
+
+    def prepare(self) -> Version:
+        """Check the target model, then create version N+1 (``building``) or resume one."""
+        self.embedder  # noqa: B018 - a bad model fails here, before any collection exists
+        resume = self._resumable()
+        if resume is not None:
+            self.target = self.versions.set_state(resume, "building")
+            self.resumed = True
+        else:
+            self.target = self.versions.create_version(self.index, self.profile, self.fingerprint)
+        self.save_state("building")
+        return self.target
+
+    def _require_target(self) -> Version:
+        if self.target is None:
+            raise MigrationError("call prepare() before building the new version")
+        return self.target
+
+    def todo(self) -> list[str]:
+        """Corpus ids the new version lacks or holds stale: the backfill's work, after resume."""
+        stale, gone = stale_ids(self.versions, self.corpus, self._require_target())
+        if gone:
+            self.versions.delete_points(self.target.collection, [point_id(i) for i in gone])  # type: ignore[union-attr]
+        return stale
+
+    def slices(self, ids: Sequence[str]) -> list[list[str]]:
+        """The backfill's batches of work (one Prefect task each)."""
+        size = self.settings.migration.slice_size
+        return [list(ids[i:i + size]) for i in range(0, len(ids), size)]
+
+    def backfill(self, ids: Sequence[str], progress: Progress | None = None) -> SyncStats:
+        """Embed and write one slice of documents into the new version."""
+        target = self._require_target()
+        stats = write_documents(
+            self.versions, self.corpus, target, ids, self.embedder, self.store(), self.settings,
+            progress=progress, on_batch=lambda n: self.save_state("building"),
+        )
+        self.stats.add(stats)
+        return stats
+
+    def catch_up(self, passes: int = 3) -> SyncStats:
+        """Bring in what was ingested, changed or deleted since the backfill read the
+        corpus; repeats while ingests keep changing it (the cutover does a last pass
+        under the index lock)."""
+        target = self._require_target()
+        total = SyncStats()
+        for _ in range(passes):
+            stats = sync_version(self.versions, self.corpus, target, self.embedder, self.store(),
+                                 self.settings, progress=self.progress)
+            total.add(stats)
+            if not (stats.written or stats.deleted):
+                break
+        self._count_catch_up(total)
+        self.save_state("caught_up")
+        return total
+
+    def _count_catch_up(self, stats: SyncStats) -> None:
+        self.caught_up.add(stats)
+        self.stats.embedded += stats.embedded
+        self.stats.reused += stats.reused
+        self.stats.truncated += stats.truncated
+        self.stats.chunked += stats.chunked
+        self.stats.failures.update(stats.failures)
+
+    def validate(self, golden: Path | None = None, tolerance: float | None = None) -> ValidationReport:
+        """Run the validation gate; the report is saved whatever the outcome."""
+        from embedpipe.validation import validate
+
+        target = self.versions.set_state(self._require_target(), "validating")
+        self.target = target
+        self.save_state("validating")
+        report = validate(
+            self.settings, self.versions, self.corpus, old=self.source, new=target,
+            new_embedder=self.embedder, golden=golden, tolerance=tolerance, force=self.force,
+        )
+        path = write_json(self.folder / f"{target.collection}.validation.json", report.to_dict())
+        report.path = str(path)
+        return report
+
+    def cutover(self, report: ValidationReport) -> SyncStats:
+        """Last catch-up under the index lock, then the one atomic alias move."""
+        from embedpipe.errors import ValidationFailed
+
+        target = self._require_target()
+        if not report.passed:
+            self.save_state("validation_failed")
+            raise ValidationFailed(
+                f"{target.collection} failed validation ({report.summary()}); the alias still "
+                f"points at {self.source.collection}. See {report.path}; re-run with --force to "
+                "cut over anyway"
+            )
+        if self.stats.failures:
+            raise MigrationError(
+                f"{len(self.stats.failures)} documents could not be embedded with "
+                f"{self.profile.name!r}; the alias was not moved. Fix them or their profile and "
+                "re-run the same command"
+            )
+        with index_lock(self.settings, self.index, timeout=CUTOVER_WAIT_S):
+            stats = sync_version(self.versions, self.corpus, target, self.embedder, self.store(),
+                                 self.settings)
+            self._count_catch_up(stats)
+            if stats.failures:
+                raise MigrationError(
+                    f"{len(stats.failures)} documents ingested meanwhile could not be embedded; "
+                    "the alias was not moved; re-run the same command"
+                )
+            self.versions.go_live(self.index, target, set(self.corpus.known()))
+        self.save_state("live")
+        return stats
+
+    def report(self, status: str, validation: ValidationReport | None = None,
+               plan: dict[str, Any] | None = None) -> MigrationReport:
+        """The migration's report, written to ``<data>/migrations/<index>/``."""
+        target = self.target
+        report = MigrationReport(
+            status=status,
+            index=self.index,
+            from_profile=self.source.profile,
+            to_profile=self.profile.name,
+            from_collection=self.source.collection,
+            collection=target.collection if target else "",
+            documents=self.corpus.count(),
+            embedded=self.stats.embedded,
+            reused=self.stats.reused,
+            truncated=self.stats.truncated,
+            chunked=self.stats.chunked,
+            caught_up={"written": self.caught_up.written, "deleted": self.caught_up.deleted},
+            failed=len(self.stats.failures),
+            failures=[{"id": i, "reason": r} for i, r in sorted(self.stats.failures.items())],
+            resumed=self.resumed,
+            forced=bool(validation and validation.forced),
+            validation=validation.to_dict() if validation else None,
+            plan=plan,
+            seconds=round(time.perf_counter() - self.started, 3),
+        )
+        if target is not None:
+            path = self.folder / f"{target.collection}.report.json"
+            report.report_file = str(path)
+            write_json(path, report.to_dict())
+        return report
+
+
+@contextlib.contextmanager
+def migration_lock(settings: Settings, index: str) -> Iterator[None]:
+    """One migration, rollback or retire per index at a time (ingests may go on)."""
+    with index_lock(settings, index, timeout=0, what="migrate"):
+        yield
+
+
+# --- rollback and retire ---------------------------------------------------------------
+
+
+def rollback(settings: Settings, index: str, progress: ProgressFactory | None = None) -> dict[str, Any]:
+    """Point the alias back at the standby version, atomically.
+
+    The standby first catches up with the corpus (documents ingested since the cutover
+    went only to the live version). Stored vectors make that free for anything a
+    version of the same fingerprint ever embedded; the old model is loaded only if a
+    text truly needs embedding.
+    """
+    from embedpipe.status import deprecation_warning
+
+    with migration_lock(settings, index):
+        versions = IndexVersions(connect(settings), settings)
+        live = versions.require_live(index)
+        standby = _standby(versions, index, live)
+        profile = settings.profile(standby.profile)
+        embedder = LazyEmbedder(profile, settings, standby)
+        store = VectorStore(settings.data_dir, standby.fingerprint, standby.dims, profile.name)
+        corpus = CorpusStore.for_index(settings.data_dir, index)
+        started = time.perf_counter()
+        with index_lock(settings, index, timeout=CUTOVER_WAIT_S):
+            try:
+                stats = sync_version(versions, corpus, standby, embedder, store, settings, progress)
+            except FingerprintMismatch as exc:
+                raise MigrationError(f"cannot catch {standby.collection} up: {exc}") from None
+            if stats.failures:
+                raise MigrationError(
+                    f"{len(stats.failures)} documents could not be embedded for "
+                    f"{standby.collection}; the alias was not moved"
+                )
+            versions.go_live(index, standby, set(corpus.known()))
+        warning = deprecation_warning(profile, index)
+        return {
+            "index": index,
+            "from_collection": live.collection,
+            "collection": standby.collection,
+            "profile": standby.profile,
+            "written": stats.written,
+            "deleted": stats.deleted,
+            "embedded": stats.embedded,
+            "reused": stats.reused,
+            "seconds": round(time.perf_counter() - started, 3),
+            "warnings": [warning] if warning else [],
+        }
+
+
+def _standby(versions: IndexVersions, index: str, live: Version) -> Version:
+    candidates = [v for v in versions.versions(index)
+                  if v.state == "standby" and v.collection != live.collection]
+    if not candidates:
+        raise MigrationError(
+            f"index {index!r} has no standby version to roll back to "
+            "(`embedpipe status` lists its versions)"
+        )
+    return candidates[-1]  # the newest standby: the one the last cutover left
+
+
+def retire(settings: Settings, index: str, keep: int = 1, dry_run: bool = False) -> dict[str, Any]:
+    """Delete versions older than the live one beyond the ``keep`` newest; never the live
+    one, nor a newer version a migration may still resume. Stored vectors are kept."""
+    if keep < 0:
+        from embedpipe.errors import InputError
+
+        raise InputError(f"--keep {keep}: keep 0 or more old versions")
+    with migration_lock(settings, index):
+        versions = IndexVersions(connect(settings), settings)
+        live = versions.require_live(index)
+        older = [v for v in versions.versions(index) if v.version < live.version]
+        newer = [v for v in versions.versions(index) if v.version > live.version]
+        doomed = older[: max(0, len(older) - keep)]
+        if not dry_run:
+            for version in doomed:
+                versions.drop(version)
+        return {
+            "index": index,
+            "live": live.collection,
+            "deleted": [v.collection for v in doomed],
+            "kept": [v.collection for v in older if v not in doomed] + [v.collection for v in newer],
+            "dry_run": dry_run,
+        }

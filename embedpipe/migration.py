@@ -272,13 +272,10 @@ def _deprecation(profile: Profile | None) -> dict[str, Any]:
     }
 
 
-def plan_migration(
-    settings: Settings, index: str, to: str, probe: bool = True, keep_probe: bool = False
-) -> MigrationPlan:
-    """Plan moving ``index`` to profile ``to``. Loads the target model (or probes the
-    hosted endpoint) but writes nothing unless ``keep_probe`` stores the probe's vectors."""
-    m = Migration(settings, index, to)
-    return m.plan(probe=probe, keep_probe=keep_probe)
+def plan_migration(settings: Settings, index: str, to: str, probe: bool = True) -> MigrationPlan:
+    """Plan moving ``index`` to profile ``to``. Loads the target model (or sends the hosted
+    endpoint a few texts to time it) but writes nothing."""
+    return Migration(settings, index, to).plan(probe=probe)
 
 
 # --- the migration -----------------------------------------------------------------
@@ -335,6 +332,7 @@ class Migration:
         self.started = time.perf_counter()
         self.stats = SyncStats()
         self.caught_up = SyncStats()
+        self.written = 0  # points upserted by this run so far (the progress record)
         self.progress: ProgressFactory | None = None
         self.resumed = False
         self._embedder: Embedder | None = None
@@ -390,14 +388,14 @@ class Migration:
             "to_profile": self.profile.name,
             "collection": self.target.collection if self.target else None,
             "phase": phase,
-            "written": self.stats.written,
+            "written": self.written,
             "updated_at": _now(),
             **extra,
         })
 
     # -- plan -----------------------------------------------------------------------------
 
-    def plan(self, probe: bool = True, keep_probe: bool = False) -> MigrationPlan:
+    def plan(self, probe: bool = True) -> MigrationPlan:
         """Documents, tokens, cost, time, storage, reusable vectors and deprecation."""
         known = self.corpus.known()
         resume = self._resumable()
@@ -409,7 +407,7 @@ class Migration:
         todo = hashes - stored
         texts, text_bytes, meta_bytes = self._texts_of(todo)
         tokens, over = self._count_tokens(texts) if probe else (None, 0)
-        rate, probed = self._probe(texts, keep_probe) if probe and texts else (None, 0)
+        rate, probed = self._probe(texts) if probe and texts else (None, 0)
         price = self.profile.price_per_million_tokens
         usd = round(tokens * price / 1_000_000, 6) if tokens is not None and price is not None else None
         if not self.profile.is_hosted:
@@ -467,8 +465,9 @@ class Migration:
         limit = self.profile.max_tokens
         return sum(counts), sum(1 for c in counts if limit and c > limit)
 
-    def _probe(self, texts: list[str], keep: bool) -> tuple[float, int]:
-        """docs/s of the target on a sample of the texts to embed (vectors stored if ``keep``)."""
+    def _probe(self, texts: list[str]) -> tuple[float, int]:
+        """docs/s of the target on a sample of the texts to embed. The vectors are not kept:
+        a plan writes nothing (the user may say no)."""
         rng = random.Random(self.index)  # the same corpus probes the same texts
         sample = rng.sample(texts, min(len(texts), self.settings.migration.probe_size))
         embedder = self.embedder
@@ -477,12 +476,7 @@ class Migration:
         start = time.perf_counter()
         batch = embedder.embed_documents(sample)
         seconds = max(time.perf_counter() - start, 1e-6)
-        if keep:
-            from embedpipe.corpus import content_hash
-
-            ok = [i for i in range(len(sample)) if i not in batch.failed]
-            self.store().add([content_hash(sample[i]) for i in ok], batch.vectors[ok])
-        return len(sample) / seconds, len(sample)
+        return (len(sample) - len(batch.failed)) / seconds, len(sample)
 
     def _estimate_seconds(self, n: int, tokens: int | None, rate: float | None) -> float | None:
         if n == 0:
@@ -551,10 +545,15 @@ class Migration:
         target = self._require_target()
         stats = write_documents(
             self.versions, self.corpus, target, ids, self.embedder, self.store(), self.settings,
-            progress=progress, on_batch=lambda n: self.save_state("building"),
+            progress=progress, on_batch=self._upserted,
         )
         self.stats.add(stats)
         return stats
+
+    def _upserted(self, n: int) -> None:
+        """After each acknowledged upsert: advance the progress record."""
+        self.written += n
+        self.save_state("building")
 
     def catch_up(self, passes: int = 3) -> SyncStats:
         """Bring in what was ingested, changed or deleted since the backfill read the
@@ -725,8 +724,9 @@ def _standby(versions: IndexVersions, index: str, live: Version) -> Version:
 
 
 def retire(settings: Settings, index: str, keep: int = 1, dry_run: bool = False) -> dict[str, Any]:
-    """Delete versions older than the live one beyond the ``keep`` newest; never the live
-    one, nor a newer version a migration may still resume. Stored vectors are kept."""
+    """Delete the index's versions beyond the ``keep`` newest non-live ones. Never the live
+    one, nor a version a migration is still building (it may resume). Stored vectors
+    are kept: a later migration back costs no embeddings."""
     if keep < 0:
         from embedpipe.errors import InputError
 
@@ -734,16 +734,18 @@ def retire(settings: Settings, index: str, keep: int = 1, dry_run: bool = False)
     with migration_lock(settings, index):
         versions = IndexVersions(connect(settings), settings)
         live = versions.require_live(index)
-        older = [v for v in versions.versions(index) if v.version < live.version]
-        newer = [v for v in versions.versions(index) if v.version > live.version]
-        doomed = older[: max(0, len(older) - keep)]
+        every = versions.versions(index)
+        resumable = [v for v in every if v.state in IN_PROGRESS and v.version > live.version]
+        old = [v for v in every if v.collection != live.collection and v not in resumable]
+        doomed = sorted(old, key=lambda v: v.version, reverse=True)[keep:]
         if not dry_run:
             for version in doomed:
                 versions.drop(version)
+        kept = [v for v in every if v.collection != live.collection and v not in doomed]
         return {
             "index": index,
             "live": live.collection,
-            "deleted": [v.collection for v in doomed],
-            "kept": [v.collection for v in older if v not in doomed] + [v.collection for v in newer],
+            "deleted": [v.collection for v in sorted(doomed, key=lambda v: v.version)],
+            "kept": [v.collection for v in kept],
             "dry_run": dry_run,
         }

@@ -14,6 +14,7 @@ flow's process (Qdrant local mode allows one process per folder).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,12 @@ _progress: ProgressFactory | None = None
 _task = task(cache_policy=NONE, persist_result=False, retries=0)
 
 
-@_task(name="plan")
+@_task(name="plan", task_run_name="plan")
 def plan_task(m: Migration) -> dict[str, Any]:
-    return m.plan(keep_probe=True).to_dict()
+    return m.plan().to_dict()
 
 
-@_task(name="prepare")
+@_task(name="prepare", task_run_name="prepare")
 def prepare_task(m: Migration) -> list[str]:
     """Create or resume the new version; returns the documents it still needs."""
     m.prepare()
@@ -53,13 +54,13 @@ def backfill_task(m: Migration, ids: list[str], number: int, advance: Any = None
             "failed": len(stats.failures)}
 
 
-@_task(name="catch-up")
+@_task(name="catch-up", task_run_name="catch-up")
 def catch_up_task(m: Migration) -> dict[str, int]:
     stats = m.catch_up()
     return {"written": stats.written, "deleted": stats.deleted, "embedded": stats.embedded}
 
 
-@_task(name="validate")
+@_task(name="validate", task_run_name="validate")
 def validate_task(m: Migration, golden: str | None, tolerance: float | None) -> ValidationReport:
     report = m.validate(Path(golden) if golden else None, tolerance)
     create_table_artifact(
@@ -75,13 +76,14 @@ def validate_task(m: Migration, golden: str | None, tolerance: float | None) -> 
     return report
 
 
-@_task(name="cutover")
+@_task(name="cutover", task_run_name="cutover")
 def cutover_task(m: Migration, report: ValidationReport) -> None:
     m.cutover(report)
 
 
 def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    """An artifact key: lowercase letters, digits and single dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 @flow(name="embedpipe-migrate", flow_run_name="migrate-{index}-to-{to}", persist_result=False,

@@ -124,3 +124,18 @@ def hosted_profile_toml(
         f"base_url = \"{base_url}\"\ndims = 256\nprice_per_million_tokens = 0.02\n{extra}\n"
         f"[profiles.{name}.limits]\n{limit_lines}"
     )
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """Prefect's test harness (a temporary server and database), started once per session.
+
+    Yields the API URL, so subprocesses can report to the same server.
+    """
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())

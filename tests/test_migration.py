@@ -292,6 +292,15 @@ def test_retire_keeps_the_live_version_and_the_newest_old_ones(cfg) -> None:
     assert Index("kb", cfg).search("black hole", k=1)
 
 
+def test_retire_spares_a_version_a_migration_may_resume(cfg) -> None:
+    m = Migration(cfg, "kb", "static")
+    m.prepare()
+    m.backfill(m.todo()[:5])  # interrupted: kb__static__v2 stays "building"
+    result = retire(cfg, "kb", keep=0)
+    assert result["deleted"] == [] and result["kept"] == ["kb__static__v2"]
+    assert Migration(cfg, "kb", "static").plan(probe=False).already_written == 5
+
+
 def test_migrating_to_the_live_space_or_an_unknown_profile_is_refused(cfg) -> None:
     with pytest.raises(MigrationError, match="already live"):
         Migration(cfg, "kb", "local-minilm")

@@ -44,8 +44,12 @@ def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
     _state["config"] = config
+    _state["verbose"] = verbose
     # Prefect logs every task state at INFO; the CLI prints its own progress and report.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    # The temporary server's telemetry heartbeat races its own SQLite writes ("database
+    # is locked" tracebacks); nothing leaves this machine anyway.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -212,6 +216,14 @@ def status(
                    f"{entry['documents']} documents in the corpus")
         for warning in entry["warnings"]:
             typer.echo(f"warning: {warning}", err=True)
+        if entry.get("migration"):
+            m = entry["migration"]
+            again = f"embedpipe migrate --to {m['to_profile']} --index {entry['index']}"
+            hint = (f"`{again} --force` cuts over anyway; `embedpipe retire --index {entry['index']} "
+                    "--abandon` drops it" if m["phase"] == "validation_failed"
+                    else f"`{again}` resumes it")
+            typer.echo(f"  migration to {m['to_profile']} -> {m['collection']}: {m['phase']} "
+                       f"(updated {m['updated_at']}); {hint}")
         for v in entry["versions"]:
             mark = "*" if v["live"] else " "
             warn = "" if v["deprecation"] == "active" else f"  [{v['deprecation']}]"
@@ -371,6 +383,14 @@ def _confirm(yes: bool, question: str) -> None:
         raise typer.Exit(1)
 
 
+def _quiet_run_logs() -> None:
+    """Keep flow and task run logs (tracebacks included) on the Prefect server only: the
+    CLI prints its own one-line errors. ``--verbose`` shows them on the terminal too."""
+    if not _state.get("verbose"):
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).propagate = False
+
+
 @app.command()
 def migrate(
     to: Annotated[str, typer.Option("--to", help="The profile to move the index to (see `embedpipe models`).")],
@@ -407,6 +427,7 @@ def migrate(
     _confirm(yes, f"Migrate index {name!r} to {to!r}?")
     from flows.migrate import run_migration
 
+    _quiet_run_logs()
     show = not as_json and sys.stderr.isatty()
     try:
         with _progress(show, f"building {name} on {to}") as progress:
@@ -458,6 +479,7 @@ def rollback(index: IndexOpt, as_json: JsonOpt = False) -> None:
 def retire(
     index: IndexOpt,
     keep: Annotated[int, typer.Option("--keep", min=0, help="Old versions to keep for rollback.")] = 1,
+    abandon: Annotated[bool, typer.Option("--abandon", help="Also delete unfinished versions of migrations (e.g. one that failed validation).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be deleted.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting.")] = False,
     as_json: JsonOpt = False,
@@ -466,14 +488,14 @@ def retire(
     from embedpipe.migration import retire as run_retire
 
     settings = _settings()
-    planned = run_retire(settings, index, keep=keep, dry_run=True)
+    planned = run_retire(settings, index, keep=keep, dry_run=True, abandon=abandon)
     if dry_run or not planned["deleted"]:
         result = planned
     else:
         if not as_json:
             typer.echo(f"will delete: {', '.join(planned['deleted'])}")
         _confirm(yes, f"Delete {len(planned['deleted'])} old versions of {index!r}?")
-        result = run_retire(settings, index, keep=keep)
+        result = run_retire(settings, index, keep=keep, abandon=abandon)
     if as_json:
         _print_json(result)
         return

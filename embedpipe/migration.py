@@ -723,10 +723,12 @@ def _standby(versions: IndexVersions, index: str, live: Version) -> Version:
     return candidates[-1]  # the newest standby: the one the last cutover left
 
 
-def retire(settings: Settings, index: str, keep: int = 1, dry_run: bool = False) -> dict[str, Any]:
+def retire(
+    settings: Settings, index: str, keep: int = 1, dry_run: bool = False, abandon: bool = False
+) -> dict[str, Any]:
     """Delete the index's versions beyond the ``keep`` newest non-live ones. Never the live
-    one, nor a version a migration is still building (it may resume). Stored vectors
-    are kept: a later migration back costs no embeddings."""
+    one, nor, unless ``abandon``, an unfinished version a migration may resume. Stored
+    vectors are kept: a later migration back costs no embeddings."""
     if keep < 0:
         from embedpipe.errors import InputError
 
@@ -738,6 +740,8 @@ def retire(settings: Settings, index: str, keep: int = 1, dry_run: bool = False)
         resumable = [v for v in every if v.state in IN_PROGRESS and v.version > live.version]
         old = [v for v in every if v.collection != live.collection and v not in resumable]
         doomed = sorted(old, key=lambda v: v.version, reverse=True)[keep:]
+        if abandon:
+            doomed += resumable
         if not dry_run:
             for version in doomed:
                 versions.drop(version)

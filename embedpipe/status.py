@@ -72,6 +72,7 @@ def index_status(settings: Settings, index: str | None = None) -> list[dict[str,
                 "alias": aliases.get(name),
                 "warnings": [warning] if warning else [],
                 "documents": CorpusStore.for_index(settings.data_dir, name).count(),
+                "migration": _migration_state(settings, name, {v.collection for v in found}),
                 "versions": [
                     {
                         **v.to_dict(),
@@ -85,6 +86,20 @@ def index_status(settings: Settings, index: str | None = None) -> list[dict[str,
             }
         )
     return out
+
+
+def _migration_state(settings: Settings, index: str, collections: set[str]) -> dict[str, Any] | None:
+    """The last migration's progress record, unless it finished or its version is gone."""
+    import json
+
+    path = settings.data_dir / "migrations" / index / "state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if state.get("phase") == "live" or state.get("collection") not in collections:
+        return None
+    return state
 
 
 def _deprecation(settings: Settings, profile: str) -> str:

@@ -104,3 +104,59 @@ def test_sample_corpus_golden_queries_find_their_documents(settings) -> None:
     ]
     assert len(queries) >= 10
     assert mean(recalls) >= 0.9  # all 12 measured at 1.0 with local-minilm
+
+
+def test_read_golden_accepts_lists_grades_and_mappings(tmp_path: Path) -> None:
+    from embedpipe.evaluation import read_golden
+
+    path = tmp_path / "golden.jsonl"
+    path.write_text(
+        '{"query": "wing flutter", "relevant": ["12", "7"], "grades": [3, 1]}\n\n'
+        '{"query": "boundary layer", "relevant": ["4"]}\n'
+        '{"query": "shock waves", "relevant": {"9": 2, "10": 0}}\n', encoding="utf-8")
+    golden = read_golden(path)
+    assert [g.query for g in golden] == ["wing flutter", "boundary layer", "shock waves"]
+    assert [g.gains for g in golden] == [{"12": 3.0, "7": 1.0}, {"4": 1.0}, {"9": 2.0, "10": 0.0}]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", ":1: not a JSON object"),
+        ('{"relevant": ["1"]}', "'query' must be a non-empty string"),
+        ('{"query": "q", "relevant": "1"}', "'relevant' must be a list"),
+        ('{"query": "q", "relevant": ["1", "2"], "grades": [1]}', "'grades' must be a list as long"),
+        ('{"query": "q", "relevant": {"1": "high"}}', "must be a number"),
+        ('{"query": "q", "relevant": {"1": 0}}', "no relevant document with a positive grade"),
+    ],
+)
+def test_read_golden_names_the_bad_line(tmp_path: Path, line: str, message: str) -> None:
+    from embedpipe.errors import InputError
+    from embedpipe.evaluation import read_golden
+
+    path = tmp_path / "golden.jsonl"
+    path.write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(InputError) as err:
+        read_golden(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_read_golden_missing_or_empty_file(tmp_path: Path) -> None:
+    from embedpipe.errors import InputError
+    from embedpipe.evaluation import read_golden
+
+    with pytest.raises(InputError, match="does not exist"):
+        read_golden(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(InputError, match="holds no queries"):
+        read_golden(tmp_path / "empty.jsonl")
+
+
+def test_first_sentence_and_overlap() -> None:
+    from embedpipe.evaluation import first_sentence, overlap_at_k
+
+    text = "Shock waves form ahead of blunt bodies. Their stand-off distance grows with Mach number."
+    assert first_sentence(text) == "Shock waves form ahead of blunt bodies."
+    assert first_sentence("Dr. Smith wrote it. Then more.") == "Dr. Smith wrote it. Then more."
+    assert first_sentence(" ".join(["word"] * 50)) == " ".join(["word"] * 32)
+    assert overlap_at_k(list("abcdefghij"), list("abcxyzwvut"), 10) == 0.3

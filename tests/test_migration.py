@@ -299,6 +299,8 @@ def test_retire_spares_a_version_a_migration_may_resume(cfg) -> None:
     result = retire(cfg, "kb", keep=0)
     assert result["deleted"] == [] and result["kept"] == ["kb__static__v2"]
     assert Migration(cfg, "kb", "static").plan(probe=False).already_written == 5
+    assert retire(cfg, "kb", keep=0, abandon=True)["deleted"] == ["kb__static__v2"]
+    assert [v.collection for v in _versions(cfg).versions("kb")] == ["kb__local-minilm__v1"]
 
 
 def test_migrating_to_the_live_space_or_an_unknown_profile_is_refused(cfg) -> None:

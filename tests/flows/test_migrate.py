@@ -144,10 +144,12 @@ def test_cli_prints_the_failed_gate_and_exits_4(prefect_api: str, make_settings,
                          "--yes")
     assert code == 4
     assert "FAIL" in out and "self-retrieval@10" in out
-    assert "failed validation" in err and "--force" in err
+    assert "failed validation" in err and "--force" in err and "Traceback" not in err
     assert IndexVersions(connect(settings), settings).live("kb").collection == "kb__local-minilm__v1"
     run, _, _ = _prefect_records("migrate-kb-to-static-bad")
     assert run.state.is_failed()
+    code, out, _ = cli(capsys, monkeypatch, "-c", str(settings.config_path), "status")
+    assert "validation_failed" in out and "--abandon" in out
 
 
 def test_deprecated_hosted_model_migrates_to_a_local_one_and_back_for_free(

@@ -65,6 +65,8 @@ class SegmentFolder:
     def read_columns(self, path: Path, columns: list[str]) -> pa.Table:
         try:
             return pq.read_table(path, columns=columns)
+        except FileNotFoundError:
+            raise _vanished(path) from None
         except (pa.ArrowException, OSError) as exc:
             raise StoreError(
                 f"{path} is not a readable Parquet file ({exc}); move it out of {self.root} "
@@ -76,6 +78,8 @@ class SegmentFolder:
     ) -> Iterator[pa.RecordBatch]:
         try:
             yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)
+        except FileNotFoundError:
+            raise _vanished(path) from None
         except (pa.ArrowException, OSError) as exc:
             raise StoreError(
                 f"{path} is not a readable Parquet file ({exc}); move it out of {self.root} "
@@ -93,6 +97,11 @@ class SegmentFolder:
             if path != new:
                 path.unlink(missing_ok=True)
         return new
+
+
+def _vanished(path: Path) -> StoreError:
+    return StoreError(f"{path} was removed while being read (another process compacted the "
+                      "store); nothing is wrong with the data: re-run the command")
 
 
 class SegmentWriter:

@@ -406,7 +406,7 @@ def migrate(
 
     Resumable: after a crash or kill, the same command continues where it stopped.
     """
-    from embedpipe.errors import ValidationFailed
+    from embedpipe.errors import MigrationError, NothingToMigrate
     from embedpipe.migration import plan_migration
 
     settings = _settings()
@@ -415,7 +415,14 @@ def migrate(
         from embedpipe.evaluation import read_golden
 
         read_golden(golden)  # a bad golden file fails before anything is spent
-    plan = plan_migration(settings, name, to)
+    try:
+        plan = plan_migration(settings, name, to)
+    except NothingToMigrate as exc:  # re-running a finished migration is not an error
+        if as_json:
+            _print_json({"status": "nothing_to_do", "index": name, "to_profile": to, "detail": str(exc)})
+        else:
+            typer.echo(str(exc))
+        return
     if as_json and dry_run:
         _print_json({"status": "planned", "plan": plan.to_dict()})
         return
@@ -433,12 +440,15 @@ def migrate(
         with _progress(show, f"building {name} on {to}") as progress:
             report = run_migration(settings, name, to, golden=golden, force=force,
                                    tolerance=tolerance, plan=plan.to_dict(), progress=progress)
-    except ValidationFailed as exc:
+    except MigrationError as exc:
         failed = getattr(exc, "report", None)
         if failed and as_json:
             _print_json(failed)
-        elif failed:
+        elif failed and failed.get("validation"):
             _print_validation(failed["validation"])
+        if failed and not as_json:
+            for failure in failed["failures"][:10]:
+                typer.echo(f"failed: {failure['id']}: {failure['reason']}", err=True)
         raise
     if as_json:
         _print_json(report)
@@ -455,14 +465,18 @@ def migrate(
 
 
 @app.command()
-def rollback(index: IndexOpt, as_json: JsonOpt = False) -> None:
+def rollback(
+    index: IndexOpt,
+    force: Annotated[bool, typer.Option("--force", help="Roll back even if the standby's model can no longer embed queries.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Point the index's alias back at its standby version (caught up with the corpus first)."""
     from embedpipe.migration import rollback as run_rollback
 
     settings = _settings()
     show = not as_json and sys.stderr.isatty()
     with _progress(show, f"catching up {index}") as progress:
-        result = run_rollback(settings, index, progress=progress)
+        result = run_rollback(settings, index, progress=progress, force=force)
     if as_json:
         _print_json(result)
         return

@@ -21,6 +21,7 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     ├── QdrantUnavailable           the vector database cannot be reached
     ├── IndexBusy                   another ingest or migration holds the index
     └── MigrationError              a migration, rollback or retire cannot go on
+        ├── NothingToMigrate        the index already lives in the target's space
         └── ValidationFailed        the new version failed the validation gate
 """
 
@@ -37,6 +38,7 @@ __all__ = [
     "MigrationError",
     "ModelDeprecated",
     "ModelError",
+    "NothingToMigrate",
     "ProviderError",
     "QdrantUnavailable",
     "SovereigntyError",
@@ -136,6 +138,10 @@ class IndexBusy(EmbedpipeError):
 
 class MigrationError(EmbedpipeError):
     """A migration, rollback or retire cannot go on; the alias was not moved."""
+
+
+class NothingToMigrate(MigrationError):
+    """The index is already live in the target's embedding space (the CLI exits 0)."""
 
 
 class ValidationFailed(MigrationError):

@@ -158,8 +158,9 @@ def _golden_gains(record: dict, where: str) -> dict[str, float]:
     for doc_id, grade in pairs:
         if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
             raise InputError(f"{where}: relevant id {doc_id!r} must be a string")
-        if not isinstance(grade, (int, float)) or isinstance(grade, bool) or grade != grade:
-            raise InputError(f"{where}: grade {grade!r} of {doc_id!r} must be a number")
+        if not isinstance(grade, (int, float)) or isinstance(grade, bool) or not 0 <= grade < float("inf"):
+            raise InputError(f"{where}: grade {grade!r} of {doc_id!r} must be a number >= 0 "
+                             "(higher is more relevant)")
         gains[str(doc_id)] = float(grade)
     if not any(g > 0 for g in gains.values()):
         raise InputError(f"{where}: no relevant document with a positive grade")
@@ -179,5 +180,7 @@ def first_sentence(text: str, max_words: int = 32) -> str:
 
 
 def overlap_at_k(a: Sequence[str], b: Sequence[str], k: int = 10) -> float:
-    """Share of the top ``k`` two rankings have in common."""
-    return len(set(a[:k]) & set(b[:k])) / k if k else 0.0
+    """Share of the top ``k`` two rankings have in common (of what they return, when a
+    small index returns fewer than ``k``)."""
+    size = min(k, max(len(a[:k]), len(b[:k])))
+    return len(set(a[:k]) & set(b[:k])) / size if size else 0.0

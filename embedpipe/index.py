@@ -222,6 +222,25 @@ class IndexVersions:
         if previous is not None and previous.collection != version.collection:
             self.set_state(previous, "standby")
 
+    def repair_states(self, index: str) -> list[str]:
+        """Make the recorded states agree with the alias, the one source of truth.
+
+        ``point_alias`` moves the alias in one atomic call and then records states in
+        two more calls; a crash in between leaves, e.g., two versions marked ``live``.
+        Writers call this first. Returns the collections whose state changed.
+        """
+        target = self.aliases().get(index)
+        fixed = []
+        for version in self.versions(index):
+            if version.collection == target and version.state != "live":
+                self.set_state(version, "live")
+            elif version.collection != target and version.state == "live":
+                self.set_state(version, "standby")
+            else:
+                continue
+            fixed.append(version.collection)
+        return fixed
+
     def go_live(self, index: str, version: Version, corpus_ids: set[str]) -> None:
         """Point the alias at ``version`` once it holds exactly the corpus: the one cutover.
 

@@ -20,6 +20,7 @@ it only once it holds every document.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,7 @@ from embedpipe.vectors import VectorStore
 __all__ = ["IngestReport", "delete", "index_lock", "ingest"]
 
 ProgressFactory = Callable[[int], Callable[[int], None]]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,14 +82,24 @@ def index_lock(settings: Settings, index: str, timeout: float = 0, what: str = "
     folder = settings.data_dir / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{index}.{what}.lock" if what else f"{index}.lock"
+    lock = FileLock(str(folder / name), timeout=timeout)
     try:
-        with FileLock(str(folder / name), timeout=timeout):
-            yield
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if not timeout:
+                raise
+            log.warning("index %r is busy (an ingest is running); waiting up to %.0f s", index, timeout)
+            lock.acquire(timeout=timeout)
     except Timeout:
         holder = "a migration or rollback" if what else "an ingest, migration cutover or rollback"
         raise IndexBusy(
             f"{holder} is already running on index {index!r}; wait for it to finish and re-run"
         ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def ingest(
@@ -112,6 +124,15 @@ def ingest(
             return _ingest_staged(settings, index, corpus, staged, profile, progress, started, dry_run)
     finally:
         staged.unlink(missing_ok=True)
+
+
+def _compact_unless_migrating(settings: Settings, index: str, corpus: CorpusStore) -> None:
+    """Compact the corpus, unless a migration (which streams its segments) is running."""
+    try:
+        with index_lock(settings, index, timeout=0, what="migrate"):
+            corpus.compact_if_needed()
+    except IndexBusy:
+        pass  # the next ingest compacts
 
 
 def _check_index_name(index: str) -> None:
@@ -152,6 +173,8 @@ def _ingest_staged(
     dry_run: bool = False,
 ) -> IngestReport:
     versions = IndexVersions(connect(settings), settings)
+    if not dry_run:
+        versions.repair_states(index)
     live = versions.live(index)
     if live is not None:
         if profile_name and profile_name != live.profile:
@@ -206,7 +229,7 @@ def _ingest_staged(
             versions.go_live(index, target, corpus_ids)
         elif created:  # every document failed: leave no empty version behind
             versions.drop(target)
-    corpus.compact_if_needed()
+    _compact_unless_migrating(settings, index, corpus)
     return IngestReport(
         index=index,
         collection=target.collection,

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 
 from embedpipe.backends import build_embedder
 from embedpipe.corpus import CorpusStore
-from embedpipe.errors import FingerprintMismatch, MigrationError
+from embedpipe.errors import FingerprintMismatch, MigrationError, NothingToMigrate
 from embedpipe.index import IndexVersions, Version, check_fingerprint, point_id
 from embedpipe.ingest import index_lock
 from embedpipe.pipeline import PipelineStats, Work, embed_and_write
@@ -203,6 +203,9 @@ class LazyEmbedder:
     def embed_query(self, text: str) -> np.ndarray:
         return self.real().embed_query(text)
 
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self.real().embed_queries(texts)
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return self.real().count_tokens(texts)
 
@@ -325,6 +328,7 @@ class Migration:
         self.force = force
         self.versions = IndexVersions(connect(settings), settings)
         self.corpus = CorpusStore.for_index(settings.data_dir, index)
+        self.versions.repair_states(index)  # a crash right after an earlier alias move
         self.source = self.versions.require_live(index)
         self.profile = settings.profile(to)
         self.fingerprint = fingerprint(self.profile)
@@ -342,7 +346,7 @@ class Migration:
 
     def _check_target(self) -> None:
         if self.fingerprint == self.source.fingerprint:
-            raise MigrationError(
+            raise NothingToMigrate(
                 f"index {self.index!r} is already live on {self.profile.name!r} "
                 f"({self.source.collection}); nothing to migrate"
             )
@@ -606,20 +610,18 @@ class Migration:
                 f"points at {self.source.collection}. See {report.path}; re-run with --force to "
                 "cut over anyway"
             )
-        if self.stats.failures:
-            raise MigrationError(
-                f"{len(self.stats.failures)} documents could not be embedded with "
-                f"{self.profile.name!r}; the alias was not moved. Fix them or their profile and "
-                "re-run the same command"
-            )
         with index_lock(self.settings, self.index, timeout=CUTOVER_WAIT_S):
             stats = sync_version(self.versions, self.corpus, target, self.embedder, self.store(),
                                  self.settings)
             self._count_catch_up(stats)
+            # A document that failed once and was written by a later pass is no failure.
+            self.stats.failures = dict(stats.failures)
             if stats.failures:
+                first = next(iter(sorted(stats.failures.items())))
                 raise MigrationError(
-                    f"{len(stats.failures)} documents ingested meanwhile could not be embedded; "
-                    "the alias was not moved; re-run the same command"
+                    f"{len(stats.failures)} documents could not be embedded with "
+                    f"{self.profile.name!r} (first: {first[0]}: {first[1]}); the alias was not "
+                    "moved. The report lists them all; fix them or the profile and re-run"
                 )
             self.versions.go_live(self.index, target, set(self.corpus.known()))
         self.save_state("live")
@@ -667,22 +669,28 @@ def migration_lock(settings: Settings, index: str) -> Iterator[None]:
 # --- rollback and retire ---------------------------------------------------------------
 
 
-def rollback(settings: Settings, index: str, progress: ProgressFactory | None = None) -> dict[str, Any]:
+def rollback(
+    settings: Settings, index: str, progress: ProgressFactory | None = None, force: bool = False
+) -> dict[str, Any]:
     """Point the alias back at the standby version, atomically.
 
     The standby first catches up with the corpus (documents ingested since the cutover
     went only to the live version). Stored vectors make that free for anything a
-    version of the same fingerprint ever embedded; the old model is loaded only if a
-    text truly needs embedding.
+    version of the same fingerprint ever embedded; the old model embeds documents only
+    if a text truly needs it. Unless ``force``, one query is embedded first: rolling back
+    to a model that can no longer embed queries would break every search.
     """
     from embedpipe.status import deprecation_warning
 
     with migration_lock(settings, index):
         versions = IndexVersions(connect(settings), settings)
+        versions.repair_states(index)
         live = versions.require_live(index)
         standby = _standby(versions, index, live)
         profile = settings.profile(standby.profile)
         embedder = LazyEmbedder(profile, settings, standby)
+        if not force:
+            _check_queries(embedder, standby)
         store = VectorStore(settings.data_dir, standby.fingerprint, standby.dims, profile.name)
         corpus = CorpusStore.for_index(settings.data_dir, index)
         started = time.perf_counter()
@@ -712,6 +720,18 @@ def rollback(settings: Settings, index: str, progress: ProgressFactory | None = 
         }
 
 
+def _check_queries(embedder: LazyEmbedder, standby: Version) -> None:
+    from embedpipe.errors import EmbedpipeError
+
+    try:
+        embedder.embed_query("rollback probe")
+    except EmbedpipeError as exc:
+        raise MigrationError(
+            f"{standby.collection} cannot serve searches: {str(exc).splitlines()[0]}. The alias "
+            "was not moved; pass --force to roll back anyway"
+        ) from None
+
+
 def _standby(versions: IndexVersions, index: str, live: Version) -> Version:
     candidates = [v for v in versions.versions(index)
                   if v.state == "standby" and v.collection != live.collection]
@@ -735,13 +755,15 @@ def retire(
         raise InputError(f"--keep {keep}: keep 0 or more old versions")
     with migration_lock(settings, index):
         versions = IndexVersions(connect(settings), settings)
+        versions.repair_states(index)
         live = versions.require_live(index)
         every = versions.versions(index)
-        resumable = [v for v in every if v.state in IN_PROGRESS and v.version > live.version]
-        old = [v for v in every if v.collection != live.collection and v not in resumable]
-        doomed = sorted(old, key=lambda v: v.version, reverse=True)[keep:]
+        unfinished = [v for v in every if v.state in IN_PROGRESS]
+        # ``keep`` is spent on the newest standby versions (rollback targets) only.
+        finished = [v for v in every if v.collection != live.collection and v not in unfinished]
+        doomed = sorted(finished, key=lambda v: v.version, reverse=True)[keep:]
         if abandon:
-            doomed += resumable
+            doomed += unfinished
         if not dry_run:
             for version in doomed:
                 versions.drop(version)

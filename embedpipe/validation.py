@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedpipe.errors import EmbedpipeError
+from embedpipe.errors import (
+    ConfigError,
+    EmbedpipeError,
+    FingerprintMismatch,
+    ModelDeprecated,
+    WeightsNotFound,
+)
 from embedpipe.evaluation import first_sentence, mean, ndcg_at_k, overlap_at_k, read_golden, recall_at_k
 from embedpipe.index import check_fingerprint
 
@@ -130,7 +136,7 @@ def validate(
     cfg = settings.migration
     tol = cfg.tolerance if tolerance is None else tolerance
     queries = read_golden(golden) if golden else None  # a bad file fails before any work
-    old_embedder, reason = _old_embedder(settings, old)
+    old_embedder, reason, broken = _old_embedder(settings, old)
     report = ValidationReport(
         old_collection=old.collection,
         new_collection=new.collection,
@@ -142,6 +148,9 @@ def validate(
     )
     known = corpus.known()
     report.checks.append(_parity(versions, new, set(known)))
+    if broken:  # a failure retrying may fix: do not quietly judge the new version alone
+        report.checks.append(Check("old version answers queries", False,
+                                   f"{reason}; re-run the migration, or pass --force"))
     sample = sample_ids(list(known), cfg.vector_sample, new.collection)
     texts = _texts(corpus, set(sample) | set(sample_ids(list(known), cfg.sample_size, "self")))
     report.checks.append(_vectors(versions, new, new_embedder, sample, texts, cfg.min_cosine))
@@ -150,7 +159,7 @@ def validate(
     if old_embedder is not None:
         sides["old"] = (old, old_embedder)
     if queries:
-        report.checks.extend(_golden_checks(versions, sides, queries, tol))
+        report.checks.extend(_golden_checks(versions, sides, queries, tol, set(known)))
         report.embedded += len(queries) * len(sides)
     if not queries or old_embedder is None:
         chosen = sample_ids(list(known), cfg.sample_size, "self")
@@ -162,17 +171,26 @@ def validate(
     return report
 
 
-def _old_embedder(settings: Settings, old: Version) -> tuple[Embedder | None, str | None]:
-    """The old version's query embedder, or None with the reason it cannot embed queries."""
+# The old model is gone for good: the new version is judged on its own.
+_GONE = (ModelDeprecated, FingerprintMismatch, WeightsNotFound, ConfigError)
+
+
+def _old_embedder(settings: Settings, old: Version) -> tuple[Embedder | None, str | None, bool]:
+    """(the old version's query embedder, why it cannot embed queries, whether that
+    failure may be transient). A model that is gone for good (deprecated, weights or
+    profile removed, key withdrawn, fingerprint changed) means "judge the new version on
+    its own"; anything else (a 5xx after retries, a timeout) fails the gate instead."""
     from embedpipe.backends import build_embedder
 
     try:
         embedder = build_embedder(settings.profile(old.profile), settings)
         check_fingerprint(old, embedder.fingerprint, old.profile)
         embedder.embed_query("validation probe")
+    except _GONE as exc:
+        return None, str(exc).splitlines()[0], False
     except EmbedpipeError as exc:
-        return None, str(exc).splitlines()[0]
-    return embedder, None
+        return None, f"the old model failed: {str(exc).splitlines()[0]}", True
+    return embedder, None, False
 
 
 def _texts(corpus: CorpusStore, ids: set[str]) -> dict[str, str]:
@@ -207,10 +225,12 @@ def _vectors(
     if not cosines:
         return Check("stored = fresh vectors", False, "the sample could not be re-embedded")
     worst = min(cosines)
-    ok = worst >= min_cosine and len(ids) == len(sample)
+    ok = worst >= min_cosine and len(ids) == len(sample) and not batch.failed
     detail = f"{len(cosines)} sampled vectors, min cosine {worst:.5f} (need >= {min_cosine})"
     if len(ids) < len(sample):
         detail += f"; {len(sample) - len(ids)} sampled documents have no point"
+    if batch.failed:
+        detail += f"; {len(batch.failed)} could not be re-embedded"
     return Check("stored = fresh vectors", ok, detail, None, worst)
 
 
@@ -223,9 +243,11 @@ def _rankings(
     versions: IndexVersions, version: Version, embedder: Embedder, queries: list[str], k: int
 ) -> list[list[str]]:
     out = []
-    for text in queries:
-        hits = versions.search(version.collection, embedder.embed_query(text), k, with_text=False)
-        out.append([h.id for h in hits])
+    for start in range(0, len(queries), 256):  # batched: one model call per 256 queries
+        vectors = embedder.embed_queries(queries[start:start + 256])
+        for vector in vectors:
+            hits = versions.search(version.collection, vector, k, with_text=False)
+            out.append([h.id for h in hits])
     return out
 
 
@@ -238,15 +260,22 @@ def _compare(name: str, scores: dict[str, float], tol: float, detail: str) -> Ch
 
 
 def _golden_checks(
-    versions: IndexVersions, sides: dict[str, tuple[Version, Embedder]], queries: list[Any], tol: float
+    versions: IndexVersions, sides: dict[str, tuple[Version, Embedder]], queries: list[Any],
+    tol: float, corpus_ids: set[str],
 ) -> list[Check]:
+    judged = {d for q in queries for d, g in q.gains.items() if g > 0}
+    missing = len(judged - corpus_ids)
+    if missing == len(judged):
+        return [Check("golden set", False, f"none of the {len(judged)} relevant ids of the golden "
+                      "file is in the corpus; check the ids")]
     ndcg: dict[str, float] = {}
     recall: dict[str, float] = {}
     for side, (version, embedder) in sides.items():
         ranked = _rankings(versions, version, embedder, [q.query for q in queries], 100)
         ndcg[side] = mean([ndcg_at_k(r, q.gains, 10) for r, q in zip(ranked, queries)])
         recall[side] = mean([recall_at_k(r, q.gains, 100) for r, q in zip(ranked, queries)])
-    detail = f"{len(queries)} golden queries"
+    detail = f"{len(queries)} golden queries" + (
+        f" ({missing} of {len(judged)} relevant ids are not in the corpus)" if missing else "")
     return [_compare("nDCG@10", ndcg, tol, detail), _compare("recall@100", recall, tol, detail)]
 
 

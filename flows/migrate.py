@@ -23,7 +23,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
 from embedpipe.config import Settings, load_settings
-from embedpipe.errors import ValidationFailed
+from embedpipe.errors import MigrationError, ValidationFailed
 from embedpipe.migration import Migration, ProgressFactory, migration_lock
 from embedpipe.validation import ValidationReport
 
@@ -111,8 +111,9 @@ def migrate_flow(
         report = validate_task(m, golden, tolerance)
         try:
             cutover_task(m, report)
-        except ValidationFailed as exc:
-            exc.report = m.report("validation_failed", report, plan).to_dict()  # type: ignore[attr-defined]
+        except MigrationError as exc:  # the report (with every failure's reason) still lands
+            status = "validation_failed" if isinstance(exc, ValidationFailed) else "failed"
+            exc.report = m.report(status, report, plan).to_dict()  # type: ignore[attr-defined]
             raise
         return m.report("live", report, plan).to_dict()
 

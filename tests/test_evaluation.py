@@ -128,6 +128,7 @@ def test_read_golden_accepts_lists_grades_and_mappings(tmp_path: Path) -> None:
         ('{"query": "q", "relevant": ["1", "2"], "grades": [1]}', "'grades' must be a list as long"),
         ('{"query": "q", "relevant": {"1": "high"}}', "must be a number"),
         ('{"query": "q", "relevant": {"1": 0}}', "no relevant document with a positive grade"),
+        ('{"query": "q", "relevant": {"1": 2, "2": -1}}', "must be a number >= 0"),
     ],
 )
 def test_read_golden_names_the_bad_line(tmp_path: Path, line: str, message: str) -> None:

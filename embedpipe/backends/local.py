@@ -158,6 +158,12 @@ class LocalEmbedder:
         """Embed one query with the profile's query prompt; a 1-D float32 vector."""
         return self._encode([text], self.profile.query_prompt)[0]
 
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed many queries in one call (evaluation, validation): rows in input order."""
+        if not texts:
+            return np.zeros((0, self.profile.dims), dtype=np.float32)
+        return self._encode(list(texts), self.profile.query_prompt)
+
     def _encode(self, texts: list[str], prompt: str) -> np.ndarray:
         # encode() sorts its input by length before batching, so handing it a large
         # window keeps padding (wasted work) low; see DESIGN.md's measurements.

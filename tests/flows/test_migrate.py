@@ -66,7 +66,8 @@ def _prefect_records(flow_run_name: str) -> tuple[object, list, list]:
 
 @pytest.fixture
 def local_index(make_settings, static_model_dir: Path):
-    settings = make_settings(static_profile_toml(static_model_dir) + "\n[migration]\nsample_size = 40\n")
+    settings = make_settings(static_profile_toml(static_model_dir)
+                             + "\n[migration]\nsample_size = 40\nslice_size = 16\n")
     ingest(settings, "kb", CORPUS, profile="local-minilm")
     return settings
 
@@ -90,7 +91,8 @@ def test_flow_runs_as_batched_tasks_with_a_validation_artifact(prefect_api: str,
     run, tasks, artifacts = _prefect_records("migrate-kb-to-static")
     assert run.state.is_completed()
     names = sorted(t.name for t in tasks)
-    assert names == ["backfill-1", "catch-up", "cutover", "plan", "prepare", "validate"]
+    assert names == ["backfill-1", "backfill-2", "backfill-3", "catch-up", "cutover", "plan", "prepare",
+                     "validate"]
     assert all(t.state.is_completed() for t in tasks)
     table = next(a for a in artifacts if a.key == "validation-kb-static-v2")
     rows = table.data if isinstance(table.data, list) else json.loads(table.data)
@@ -185,10 +187,12 @@ def test_deprecated_hosted_model_migrates_to_a_local_one_and_back_for_free(
                        "--json")
     assert code == 0 and json.loads(out)[0]["id"] == "astro-venus"
 
+    code, out, err = cli(capsys, monkeypatch, "-c", config, "rollback", "--index", "kb")
+    assert code == 1 and "cannot serve searches" in err and "--force" in err  # searches would break
     openai_server.reset_counters()
-    code, out, err = cli(capsys, monkeypatch, "-c", config, "rollback", "--index", "kb", "--json")
+    code, out, err = cli(capsys, monkeypatch, "-c", config, "rollback", "--index", "kb", "--force", "--json")
     assert code == 0, err
-    assert json.loads(out)["embedded"] == 0 and "no longer" not in err
+    assert json.loads(out)["embedded"] == 0
     assert openai_server.counters()["requests"] == 0  # rollback needed no model at all
     code, out, err = cli(capsys, monkeypatch, "-c", config, "migrate", "--to", "static", "--index", "kb",
                          "--yes", "--json")
@@ -198,15 +202,20 @@ def test_deprecated_hosted_model_migrates_to_a_local_one_and_back_for_free(
     counters = openai_server.counters()
     assert counters["embedding_ok"] == 0 and counters["inputs_served"] == 0  # nothing embedded or billed
 
-    # The key never reaches reports, Prefect records or the data directory.
+    # The key never reaches the data directory (Qdrant's files included) or Prefect's records.
     for path in settings.data_dir.rglob("*"):
-        if path.is_file() and path.suffix in (".json", ".jsonl", ".parquet", ".toml"):
+        if path.is_file():
             assert LOOPBACK_KEY.encode() not in path.read_bytes(), path
-    for name in ("migrate-kb-to-static",):
-        run, tasks, artifacts = _prefect_records(name)
-        blob = json.dumps([run.model_dump(mode="json"), [t.model_dump(mode="json") for t in tasks],
-                           [a.model_dump(mode="json") for a in artifacts]])
-        assert LOOPBACK_KEY not in blob
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        blob = json.dumps([
+            [r.model_dump(mode="json") for r in client.read_flow_runs()],
+            [t.model_dump(mode="json") for t in client.read_task_runs()],
+            [a.model_dump(mode="json") for a in client.read_artifacts()],
+            [entry.model_dump(mode="json") for entry in client.read_logs()],
+        ])
+    assert "migrate-kb-to-static" in blob and LOOPBACK_KEY not in blob
 
 
 def test_kill_9_mid_backfill_then_the_same_command_resumes(prefect_api: str, tmp_path: Path,

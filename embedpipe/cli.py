@@ -432,6 +432,7 @@ def migrate(
         typer.echo("dry run: nothing was written")
         return
     _confirm(yes, f"Migrate index {name!r} to {to!r}?")
+    plan.keep_probe(settings)  # the probe's vectors are not embedded twice
     from flows.migrate import run_migration
 
     _quiet_run_logs()

@@ -51,9 +51,10 @@ class Version:
     fingerprint: str
     dims: int
     distance: str
-    state: str  # building | live | standby | retired
+    state: str  # building | validating | live | standby
     created_at: str
     profile_data: dict[str, Any]
+    previous: str | None = None  # the collection that was live before this one went live
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +92,7 @@ def _manifest(collection: str, metadata: Mapping[str, Any] | None) -> Version | 
         state=str(raw["state"]),
         created_at=str(raw["created_at"]),
         profile_data=dict(raw.get("profile_data", {})),
+        previous=raw.get("previous"),
     )
 
 
@@ -192,9 +194,10 @@ class IndexVersions:
             raise IndexNotFound(f"refusing to drop {version.collection}: it is live")
         self._call("dropping a collection", self.client.delete_collection, version.collection)
 
-    def set_state(self, version: Version, state: str) -> Version:
+    def set_state(self, version: Version, state: str, **fields: Any) -> Version:
+        """Record a version's state (and other manifest fields) in its collection metadata."""
         info = self._info(version.collection)
-        manifest = dict(info.config.metadata[MANIFEST_KEY], state=state)
+        manifest = dict(info.config.metadata[MANIFEST_KEY], state=state, **fields)
         self._call("recording a version state", self.client.update_collection,
                    version.collection, metadata={MANIFEST_KEY: manifest})
         return _manifest(version.collection, {MANIFEST_KEY: manifest})  # type: ignore[return-value]
@@ -218,9 +221,12 @@ class IndexVersions:
         )
         self._call("moving the alias", self.client.update_collection_aliases,
                    change_aliases_operations=ops)
-        self.set_state(version, "live")
         if previous is not None and previous.collection != version.collection:
+            # Remembered so that rollback returns to exactly this version.
+            self.set_state(version, "live", previous=previous.collection)
             self.set_state(previous, "standby")
+        else:
+            self.set_state(version, "live")
 
     def repair_states(self, index: str) -> list[str]:
         """Make the recorded states agree with the alias, the one source of truth.

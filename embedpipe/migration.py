@@ -259,9 +259,22 @@ class MigrationPlan:
     storage_bytes: dict[str, int]
     deprecation: dict[str, dict[str, Any]]
     warnings: list[str] = field(default_factory=list)
+    probe_kept: int = 0  # probe vectors stored for the build once the user said yes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def keep_probe(self, settings: Settings) -> int:
+        """Store the probe's vectors (held in memory until now) so the build reuses them
+        instead of embedding those texts again. Call once the migration goes ahead."""
+        probe = getattr(self, "_probe", None)
+        if not probe or not probe[0]:
+            return 0
+        hashes, vectors = probe
+        profile = settings.profile(self.to_profile)
+        VectorStore(settings.data_dir, self.to_fingerprint, profile.dims, profile.name).add(hashes, vectors)
+        self.probe_kept = len(hashes)
+        return self.probe_kept
 
 
 def _deprecation(profile: Profile | None) -> dict[str, Any]:
@@ -377,10 +390,13 @@ class Migration:
         return migrations_dir(self.settings, self.index)
 
     def _resumable(self) -> Version | None:
-        """A version an interrupted migration to this fingerprint left, newest first."""
-        for version in reversed(self.versions.versions(self.index)):
-            if version.state in IN_PROGRESS and version.fingerprint == self.fingerprint:
-                return version
+        """A version of the target's space to build on: one an interrupted migration left,
+        else a standby (e.g. the one a rollback left), which then only needs catching up."""
+        mine = [v for v in reversed(self.versions.versions(self.index)) if v.fingerprint == self.fingerprint]
+        for state in (*IN_PROGRESS, "standby"):
+            for version in mine:
+                if version.state == state:
+                    return version
         return None
 
     def save_state(self, phase: str, **extra: Any) -> None:
@@ -411,7 +427,7 @@ class Migration:
         todo = hashes - stored
         texts, text_bytes, meta_bytes = self._texts_of(todo)
         tokens, over = self._count_tokens(texts) if probe else (None, 0)
-        rate, probed = self._probe(texts) if probe and texts else (None, 0)
+        rate, probed, kept = self._probe(texts) if probe and texts else (None, 0, ([], None))
         price = self.profile.price_per_million_tokens
         usd = round(tokens * price / 1_000_000, 6) if tokens is not None and price is not None else None
         if not self.profile.is_hosted:
@@ -444,6 +460,7 @@ class Migration:
             deprecation={"from": _deprecation(source_profile), "to": _deprecation(self.profile)},
         )
         plan.warnings = self._plan_warnings(plan)
+        plan._probe = kept  # type: ignore[attr-defined]  # in memory only; see keep_probe
         return plan
 
     def _texts_of(self, hashes: set[str]) -> tuple[list[str], int, int]:
@@ -469,9 +486,9 @@ class Migration:
         limit = self.profile.max_tokens
         return sum(counts), sum(1 for c in counts if limit and c > limit)
 
-    def _probe(self, texts: list[str]) -> tuple[float, int]:
-        """docs/s of the target on a sample of the texts to embed. The vectors are not kept:
-        a plan writes nothing (the user may say no)."""
+    def _probe(self, texts: list[str]) -> tuple[float, int, tuple[list[str], np.ndarray]]:
+        """docs/s of the target on a sample of the texts to embed, and the sample's vectors
+        (kept in memory: a plan writes nothing, the user may still say no)."""
         rng = random.Random(self.index)  # the same corpus probes the same texts
         sample = rng.sample(texts, min(len(texts), self.settings.migration.probe_size))
         embedder = self.embedder
@@ -480,7 +497,11 @@ class Migration:
         start = time.perf_counter()
         batch = embedder.embed_documents(sample)
         seconds = max(time.perf_counter() - start, 1e-6)
-        return (len(sample) - len(batch.failed)) / seconds, len(sample)
+        from embedpipe.corpus import content_hash
+
+        ok = [i for i in range(len(sample)) if i not in batch.failed]
+        kept = ([content_hash(sample[i]) for i in ok], batch.vectors[ok])
+        return len(ok) / seconds, len(sample), kept
 
     def _estimate_seconds(self, n: int, tokens: int | None, rate: float | None) -> float | None:
         if n == 0:
@@ -631,6 +652,8 @@ class Migration:
                plan: dict[str, Any] | None = None) -> MigrationReport:
         """The migration's report, written to ``<data>/migrations/<index>/``."""
         target = self.target
+        # Probe vectors the plan kept were embedded by this run; the build found them stored.
+        kept = min(int((plan or {}).get("probe_kept", 0)), self.stats.reused)
         report = MigrationReport(
             status=status,
             index=self.index,
@@ -639,8 +662,8 @@ class Migration:
             from_collection=self.source.collection,
             collection=target.collection if target else "",
             documents=self.corpus.count(),
-            embedded=self.stats.embedded,
-            reused=self.stats.reused,
+            embedded=self.stats.embedded + kept,
+            reused=self.stats.reused - kept,
             truncated=self.stats.truncated,
             chunked=self.stats.chunked,
             caught_up={"written": self.caught_up.written, "deleted": self.caught_up.deleted},
@@ -733,14 +756,20 @@ def _check_queries(embedder: LazyEmbedder, standby: Version) -> None:
 
 
 def _standby(versions: IndexVersions, index: str, live: Version) -> Version:
+    """The version the last cutover replaced; failing that, the newest standby of another
+    embedding space (a standby of the live space would roll back nothing)."""
     candidates = [v for v in versions.versions(index)
                   if v.state == "standby" and v.collection != live.collection]
-    if not candidates:
+    for v in candidates:
+        if v.collection == live.previous:
+            return v
+    other = [v for v in candidates if v.fingerprint != live.fingerprint]
+    if not other:
         raise MigrationError(
             f"index {index!r} has no standby version to roll back to "
             "(`embedpipe status` lists its versions)"
         )
-    return candidates[-1]  # the newest standby: the one the last cutover left
+    return other[-1]
 
 
 def retire(

@@ -37,7 +37,9 @@ _task = task(cache_policy=NONE, persist_result=False, retries=0)
 
 @_task(name="plan", task_run_name="plan")
 def plan_task(m: Migration) -> dict[str, Any]:
-    return m.plan().to_dict()
+    plan = m.plan()
+    plan.keep_probe(m.settings)
+    return plan.to_dict()
 
 
 @_task(name="prepare", task_run_name="prepare")

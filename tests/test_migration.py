@@ -274,10 +274,24 @@ def test_rollback_then_migrating_again_embeds_nothing(cfg) -> None:
     _run(first)
     assert rollback(cfg, "kb")["embedded"] == 0
     second = Migration(cfg, "kb", "static")
-    assert second.plan().to_embed == 0 and second.plan().probe_embedded == 0
-    _run(second)
-    assert (first.stats.embedded, second.stats.embedded, second.stats.reused) == (40, 0, 40)
-    assert _versions(cfg).live("kb").collection == "kb__static__v3"
+    plan = second.plan()
+    assert (plan.to_embed, plan.probe_embedded, plan.resume_collection) == (0, 0, "kb__static__v2")
+    _run(second)  # the standby of that space is caught up and goes live again
+    assert (first.stats.embedded, second.stats.embedded, second.stats.written) == (40, 0, 0)
+    assert [v.collection for v in _versions(cfg).versions("kb")] == ["kb__local-minilm__v1", "kb__static__v2"]
+    assert _versions(cfg).live("kb").collection == "kb__static__v2"
+    assert rollback(cfg, "kb")["collection"] == "kb__local-minilm__v1"
+
+
+def test_rollback_returns_to_the_version_the_last_cutover_replaced(make_settings, static_model_dir) -> None:
+    settings = make_settings(static_profile_toml(static_model_dir) + static_profile_toml(static_model_dir, "static2")
+                             + 'document_prompt = "passage: "\n[migration]\nsample_size = 20\n')
+    ingest(settings, "kb", CORPUS, profile="local-minilm")
+    _run(Migration(settings, "kb", "static"))
+    _run(Migration(settings, "kb", "static2"))  # v1 and v2 standby, v3 live
+    assert _versions(settings).live("kb").previous == "kb__static__v2"
+    assert rollback(settings, "kb")["collection"] == "kb__static__v2"
+    assert rollback(settings, "kb")["collection"] == "kb__static2__v3"  # and forward again
 
 
 def test_rollback_without_a_standby_is_refused(cfg) -> None:
@@ -285,17 +299,19 @@ def test_rollback_without_a_standby_is_refused(cfg) -> None:
         rollback(cfg, "kb")
 
 
-def test_retire_keeps_the_live_version_and_the_newest_old_ones(cfg) -> None:
-    _run(Migration(cfg, "kb", "static"))
-    rollback(cfg, "kb")
-    _run(Migration(cfg, "kb", "static"))  # v3 live; v1 and v2 standby
-    dry = retire(cfg, "kb", keep=1, dry_run=True)
+def test_retire_keeps_the_live_version_and_the_newest_old_ones(make_settings, static_model_dir) -> None:
+    settings = make_settings(static_profile_toml(static_model_dir) + static_profile_toml(static_model_dir, "static2")
+                             + 'document_prompt = "passage: "\n[migration]\nsample_size = 20\n')
+    ingest(settings, "kb", CORPUS, profile="local-minilm")
+    _run(Migration(settings, "kb", "static"))
+    _run(Migration(settings, "kb", "static2"))  # v3 live; v1 and v2 standby
+    dry = retire(settings, "kb", keep=1, dry_run=True)
     assert dry["deleted"] == ["kb__local-minilm__v1"] and dry["kept"] == ["kb__static__v2"]
-    assert len(_versions(cfg).versions("kb")) == 3
-    assert retire(cfg, "kb", keep=0)["deleted"] == ["kb__local-minilm__v1", "kb__static__v2"]
-    assert [v.collection for v in _versions(cfg).versions("kb")] == ["kb__static__v3"]
-    assert retire(cfg, "kb", keep=0)["deleted"] == []
-    assert Index("kb", cfg).search("black hole", k=1)
+    assert len(_versions(settings).versions("kb")) == 3
+    assert retire(settings, "kb", keep=0)["deleted"] == ["kb__local-minilm__v1", "kb__static__v2"]
+    assert [v.collection for v in _versions(settings).versions("kb")] == ["kb__static2__v3"]
+    assert retire(settings, "kb", keep=0)["deleted"] == []
+    assert Index("kb", settings).search("black hole", k=1)
 
 
 def test_retire_spares_a_version_a_migration_may_resume(cfg) -> None:

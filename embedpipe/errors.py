@@ -20,6 +20,7 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     ├── StoreError                  the corpus or vector Parquet files are unusable
     ├── QdrantUnavailable           the vector database cannot be reached
     ├── IndexBusy                   another ingest or migration holds the index
+    ├── PrefectUnavailable          the Prefect server in PREFECT_API_URL cannot be reached
     └── MigrationError              a migration, rollback or retire cannot go on
         ├── NothingToMigrate        the index already lives in the target's space
         └── ValidationFailed        the new version failed the validation gate
@@ -39,6 +40,7 @@ __all__ = [
     "ModelDeprecated",
     "ModelError",
     "NothingToMigrate",
+    "PrefectUnavailable",
     "ProviderError",
     "QdrantUnavailable",
     "SovereigntyError",
@@ -134,6 +136,10 @@ class IndexBusy(EmbedpipeError):
     """Another ingest, migration or rollback is writing the index; wait and re-run."""
 
     exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+class PrefectUnavailable(EmbedpipeError):
+    """The Prefect server named by ``PREFECT_API_URL`` does not answer."""
 
 
 class MigrationError(EmbedpipeError):

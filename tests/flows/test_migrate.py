@@ -267,3 +267,15 @@ def test_kill_9_mid_backfill_then_the_same_command_resumes(prefect_api: str, tmp
     known = CorpusStore.for_index(settings.data_dir, "kb").known()
     assert held == {i: k.record_hash for i, k in known.items()} and len(held) == len(docs)
     assert versions.count("kb__local-minilm__v2") == len(docs)  # exactly once each
+
+
+def test_an_unreachable_prefect_server_is_one_line_before_anything_is_spent(local_index, tmp_path) -> None:
+    close_all()  # the subprocess needs the Qdrant folder
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    out = subprocess.run([sys.executable, "-m", "embedpipe.cli", "migrate", "--to", "static", "--index", "kb",
+                          "--yes"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line, no traceback
+    assert "cannot reach the Prefect server at http://127.0.0.1:9/api" in out.stderr
+    assert [v.collection for v in IndexVersions(connect(local_index), local_index).versions("kb")] == [
+        "kb__local-minilm__v1"]

@@ -236,7 +236,7 @@ class _Step:
             if h in cached:
                 c.vectors[rows] = cached[h]
         keep = [row for row, item in enumerate(c.items) if item.content_hash not in failed_hashes]
-        for row, item in enumerate(c.items):
+        for item in c.items:
             if item.content_hash in failed_hashes:
                 self.stats.failures[item.id] = failed_hashes[item.content_hash]
         if keep:

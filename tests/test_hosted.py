@@ -4,7 +4,6 @@ server (tests/conftest.py `openai_server`) that serves a real local model's vect
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

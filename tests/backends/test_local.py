@@ -55,7 +55,6 @@ def test_asking_for_a_device_this_machine_lacks_is_a_config_error() -> None:
     import torch
 
     from embedpipe.backends.local import pick_device
-    from embedpipe.errors import ConfigError
 
     assert pick_device("cpu") == "cpu"
     if torch.cuda.is_available():

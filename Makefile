@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # (or a plain `torch` requirement resolved first) pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install dev demo test test-all bench bench-hosted clean
+.PHONY: install dev demo test test-all bench bench-hosted bench-migrate clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench: dev
 
 bench-hosted: dev
 	$(PY) bench/hosted_tpm.py
+
+bench-migrate: dev
+	$(PY) bench/migrate_vs_encode.py
 
 clean:
 	rm -rf .embedpipe .pytest_cache

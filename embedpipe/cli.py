@@ -153,6 +153,72 @@ def ingest(
     _exit_if_failures(report)
 
 
+@app.command()
+def sync(
+    index: IndexOpt,
+    allow_mass_delete: Annotated[bool, typer.Option("--allow-mass-delete", help="Go ahead even if the run deletes more than max_delete_fraction of the index.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and diff only: say what would be added, updated, deleted and embedded.")] = False,
+    prefect: Annotated[Optional[bool], typer.Option("--prefect/--no-prefect", help="Run as a Prefect flow (default: when PREFECT_API_URL is set).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sync an index with its configured source: embed what is new or changed, delete
+    what is gone. Unchanged documents are not re-embedded."""
+    settings = _settings()
+    show = not as_json and not dry_run and sys.stderr.isatty()
+    with _progress(show, f"syncing {index}") as progress:
+        if prefect if prefect is not None else bool(os.environ.get("PREFECT_API_URL")):
+            from flows.ingest import run_sync
+
+            _quiet_run_logs()
+            report = run_sync(settings, index, allow_mass_delete=allow_mass_delete,
+                              dry_run=dry_run, progress=progress)
+        else:
+            from embedpipe.sync import sync as run
+
+            report = run(settings, index, allow_mass_delete=allow_mass_delete, dry_run=dry_run,
+                         progress=progress).to_dict()
+    if as_json:
+        _print_json(report)
+    else:
+        _print_sync(report)
+    if report["failed"]:
+        raise typer.Exit(PARTIAL_EXIT)
+
+
+def _print_sync(r: dict[str, Any]) -> None:
+    verb = "would be" if r["dry_run"] else ""
+    tokens = f", {r['tokens']:,} tokens" if r.get("tokens") else ""
+    typer.echo(
+        f"{r['index']} <- {r['source']}: {r['documents']} documents; {r['added']} added, "
+        f"{r['updated']} updated, {r['deleted']} deleted, {r['unchanged']} unchanged, "
+        f"{r['failed']} failed{' (' + verb + ')' if verb else ''}; {r['embedded']} embedded, "
+        f"{r['reused']} reused{tokens} in {r['seconds']:.1f}s"
+    )
+    for collection, n in r.get("migration_writes", {}).items():
+        typer.echo(f"  also wrote {n} points into {collection} (a migration is building it)")
+    for failure in r["failures"][:10]:
+        typer.echo(f"failed: {failure.get('path') or failure.get('id')}: {failure['reason']}", err=True)
+    if len(r["failures"]) > 10:
+        typer.echo(f"... and {len(r['failures']) - 10} more failures (--json lists all)", err=True)
+    for warning in r["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+
+
+@app.command()
+def schedule(
+    index: Annotated[Optional[str], typer.Option("--index", "-i", help="Only this index (default: every index with a schedule).")] = None,
+    cron: Annotated[Optional[str], typer.Option("--cron", help="Cron schedule, overriding the index's `schedule` (e.g. \"*/15 * * * *\").")] = None,
+) -> None:
+    """Serve scheduled sync flows (one Prefect deployment per index) until interrupted.
+
+    Needs a Prefect server: run `prefect server start` and set PREFECT_API_URL.
+    """
+    from flows.schedule import serve_schedules
+
+    _quiet_run_logs()
+    serve_schedules(_settings(), index=index, cron=cron)
+
+
 PARTIAL_EXIT = 3  # some documents failed; the rest were ingested
 
 
@@ -224,6 +290,14 @@ def status(
                     else f"`{again}` resumes it")
             typer.echo(f"  migration to {m['to_profile']} -> {m['collection']}: {m['phase']} "
                        f"(updated {m['updated_at']}); {hint}")
+        for run in entry.get("runs", [])[:3]:
+            if run["status"] == "error":
+                typer.echo(f"  sync {run['started_at']}: error: {run['error']}")
+            else:
+                typer.echo(f"  sync {run['started_at']}: {run['status']}, {run['added']} added, "
+                           f"{run['updated']} updated, {run['deleted']} deleted, "
+                           f"{run['unchanged']} unchanged, {run['failed']} failed, "
+                           f"{run['embedded']} embedded in {run['seconds']:.1f}s")
         for v in entry["versions"]:
             mark = "*" if v["live"] else " "
             warn = "" if v["deprecation"] == "active" else f"  [{v['deprecation']}]"
@@ -527,7 +601,8 @@ def retire(
 def main() -> None:
     """Entry point: run the app, turning embedpipe errors into one line and an exit code."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns typer.Exit's code instead of exiting.
+        code = app(standalone_mode=False)
     except EmbedpipeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(exc.exit_code) from None
@@ -545,6 +620,8 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Abort):
             raise SystemExit(1) from None
         raise
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -51,12 +51,28 @@ class QdrantSettings(BaseModel):
 
 
 class IndexSettings(BaseModel):
-    """Per-index options under ``[indexes.NAME]``; later features add fields here."""
+    """Per-index options under ``[indexes.NAME]``: its model, its source, how its
+    documents are chunked and when ``embedpipe sync`` runs."""
 
-    model_config = ConfigDict(frozen=True, extra="allow")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     profile: str | None = None
     store_text: bool | None = None
+    # Where `embedpipe sync` reads documents: a folder tree (.txt, .md, .html, .pdf and
+    # record files), or one .jsonl, .csv or .parquet file. Relative to the config file.
+    source: Path | None = None
+    glob: str | None = None  # which files of a folder source, e.g. "**/*.md"
+    id_field: str = "id"  # record files: the id column/key
+    text_field: str = "text"  # record files: the text column/key
+    metadata_fields: list[str] | None = None  # record files: kept as metadata (None: all others)
+    # Split documents into chunks of this many tokens of the index's model (None: one
+    # point per document, cut at the model's limit).
+    chunk_tokens: int | None = Field(default=None, ge=8)
+    chunk_overlap: int = Field(default=32, ge=0)
+    schedule: str | None = None  # cron, for `embedpipe schedule`
+    # A sync that would delete more than this fraction of the index stops and asks for
+    # --allow-mass-delete (a source that came back empty is likely a failed mount).
+    max_delete_fraction: float = Field(default=0.5, ge=0, le=1)
 
 
 class MigrationSettings(BaseModel):
@@ -107,6 +123,19 @@ class Settings(BaseModel):
         """The profile configured for an index, else the default one."""
         configured = self.indexes.get(index)
         return (configured.profile if configured else None) or self.default_profile
+
+    def index_settings(self, index: str) -> IndexSettings:
+        """``[indexes.NAME]``, or the defaults for an index the config does not name."""
+        return self.indexes.get(index) or IndexSettings()
+
+    def index_chunking(self, index: str) -> dict[str, int] | None:
+        """The chunking new versions of an index get (``ChunkSpec.to_dict()``), or None."""
+        cfg = self.index_settings(index)
+        if cfg.chunk_tokens is None:
+            return None
+        from embedpipe.chunking import ChunkSpec
+
+        return ChunkSpec(cfg.chunk_tokens, cfg.chunk_overlap).to_dict()
 
     def index_store_text(self, index: str) -> bool:
         configured = self.indexes.get(index)
@@ -202,6 +231,9 @@ def load_settings(
     _apply_env(raw, env)
     profiles = merge_profiles(load_catalogue(), raw.pop("profiles", {}) or {}, base_dir)
     data_dir = base_dir / Path(raw.pop("data_dir", ".embedpipe")).expanduser()
+    for table in raw.get("indexes", {}).values():
+        if isinstance(table.get("source"), str):
+            table["source"] = (base_dir / Path(table["source"]).expanduser()).resolve()
     qdrant = raw.get("qdrant", {})
     if qdrant.get("path"):
         qdrant["path"] = (base_dir / Path(qdrant["path"]).expanduser()).resolve()
@@ -216,4 +248,5 @@ def load_settings(
     settings.profile(settings.default_profile)  # fail early on an unknown default
     for name in settings.indexes:
         settings.profile(settings.index_profile(name))
+        settings.index_chunking(name)  # chunk_overlap must fit chunk_tokens
     return settings

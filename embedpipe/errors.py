@@ -16,6 +16,8 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     │   └── ProviderError           a hosted endpoint refused or failed (key, reach, protocol)
     ├── FingerprintMismatch         query embedder and index were made by different spaces
     ├── InputError                  bad documents; nothing was written
+    │   ├── SourceUnavailable       an index's source is missing (unmounted?); nothing changed
+    │   └── MassDeleteRefused       a sync would delete too much of an index; nothing changed
     ├── IndexNotFound               no such index (alias) exists
     ├── StoreError                  the corpus or vector Parquet files are unusable
     ├── QdrantUnavailable           the vector database cannot be reached
@@ -36,6 +38,7 @@ __all__ = [
     "IndexBusy",
     "IndexNotFound",
     "InputError",
+    "MassDeleteRefused",
     "MigrationError",
     "ModelDeprecated",
     "ModelError",
@@ -43,6 +46,7 @@ __all__ = [
     "PrefectUnavailable",
     "ProviderError",
     "QdrantUnavailable",
+    "SourceUnavailable",
     "SovereigntyError",
     "StoreError",
     "UnknownProfile",
@@ -116,6 +120,16 @@ class InputError(EmbedpipeError):
     """Input documents were rejected; the corpus and index were left unchanged."""
 
     exit_code = 2
+
+
+class SourceUnavailable(InputError):
+    """An index's source folder or file is missing; a sync changes nothing."""
+
+
+class MassDeleteRefused(InputError):
+    """A sync would delete more of an index than ``max_delete_fraction`` allows."""
+
+    exit_code = 5
 
 
 class IndexNotFound(EmbedpipeError):

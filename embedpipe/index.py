@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from embedpipe.config import Settings
     from embedpipe.profiles import Profile
 
-__all__ = ["Hit", "Index", "IndexVersions", "Version", "point_id"]
+__all__ = ["Hit", "Holding", "Index", "IndexVersions", "Version", "point_id"]
 
 MANIFEST_KEY = "embedpipe"
 SCHEMA_VERSION = 1
@@ -55,6 +55,7 @@ class Version:
     created_at: str
     profile_data: dict[str, Any]
     previous: str | None = None  # the collection that was live before this one went live
+    chunking: dict[str, int] | None = None  # ChunkSpec.to_dict(); None: a point per document
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +67,7 @@ class Version:
             "distance": self.distance,
             "state": self.state,
             "created_at": self.created_at,
+            "chunking": self.chunking,
         }
 
 
@@ -93,6 +95,7 @@ def _manifest(collection: str, metadata: Mapping[str, Any] | None) -> Version | 
         created_at=str(raw["created_at"]),
         profile_data=dict(raw.get("profile_data", {})),
         previous=raw.get("previous"),
+        chunking=raw.get("chunking"),
     )
 
 
@@ -155,8 +158,11 @@ class IndexVersions:
             )
         return found
 
-    def create_version(self, index: str, profile: Profile, fingerprint: str) -> Version:
-        """Create collection version N+1 in state ``building``."""
+    def create_version(
+        self, index: str, profile: Profile, fingerprint: str, chunking: Mapping[str, int] | None = None
+    ) -> Version:
+        """Create collection version N+1 in state ``building``, chunking documents as
+        ``chunking`` says (``ChunkSpec.to_dict()``; None: one point per document)."""
         from qdrant_client import models
 
         number = max((v.version for v in self.versions(index)), default=0) + 1
@@ -172,6 +178,7 @@ class IndexVersions:
             "distance": profile.distance,
             "state": "building",
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "chunking": dict(chunking) if chunking else None,
         }
         q = self.settings.qdrant
         self._call(
@@ -250,21 +257,20 @@ class IndexVersions:
     def go_live(self, index: str, version: Version, corpus_ids: set[str]) -> None:
         """Point the alias at ``version`` once it holds exactly the corpus: the one cutover.
 
-        Points that are not in the corpus (left by an interrupted build whose input
-        changed, or by documents deleted meanwhile) are deleted first; a missing point
-        stops the cutover with the alias untouched.
+        Points of documents that are not in the corpus (left by an interrupted build whose
+        input changed, or by documents deleted meanwhile) are deleted first; a missing or
+        half-written document stops the cutover with the alias untouched.
         """
         from embedpipe.errors import EmbedpipeError
 
-        expected = {point_id(i) for i in corpus_ids}
-        present = self.point_ids(version.collection)
-        extra = present - expected
+        held = self.holdings(version.collection)
+        extra = [p for doc, h in held.items() if doc not in corpus_ids for p in h.points]
         if extra:
-            self.delete_points(version.collection, sorted(extra))
-        missing = len(expected - present)
+            self.delete_points(version.collection, extra)
+        missing = sum(1 for doc in corpus_ids if doc not in held or held[doc].record_hash is None)
         if missing:
             raise EmbedpipeError(
-                f"version {version.collection} lacks {missing} of the corpus's {len(expected)} "
+                f"version {version.collection} lacks {missing} of the corpus's {len(corpus_ids)} "
                 "documents; the alias was not moved. Re-run the same command to complete it"
             )
         self.point_alias(index, version)
@@ -285,28 +291,46 @@ class IndexVersions:
             if offset is None:
                 return ids
 
-    def contents(self, collection: str, page: int = 4096) -> dict[str, str]:
-        """document id -> record hash of every point: what a version holds, from the
-        collection alone (no vectors read)."""
-        from embedpipe.corpus import record_hash
+    def holdings(
+        self, collection: str, doc_ids: Sequence[str] | None = None, page: int = 4096
+    ) -> dict[str, Holding]:
+        """What a version holds per document (of ``doc_ids``, or all): its points and its
+        record hash, from the collection alone (no vectors read)."""
+        from qdrant_client import models
 
-        out: dict[str, str] = {}
-        offset = None
-        while True:
-            points, offset = self._call(
-                "listing points", self.client.scroll, collection, limit=page, offset=offset,
-                with_payload=["id", "record_hash", "content_hash", "metadata"], with_vectors=False,
-            )
-            for p in points:
-                payload = p.payload or {}
-                rh = payload.get("record_hash")
-                if rh is None:  # points written before record_hash joined the payload
-                    meta = json.dumps(payload.get("metadata") or {}, sort_keys=True,
-                                      ensure_ascii=False, default=str)
-                    rh = record_hash(str(payload.get("content_hash")), meta)
-                out[str(payload.get("id"))] = rh
-            if offset is None:
-                return out
+        fields = ["id", "record_hash", "content_hash", "metadata", "chunk", "chunks"]
+        filters: list[Any] = [None]
+        if doc_ids is not None:
+            ids = list(doc_ids)
+            filters = [
+                models.Filter(must=[models.FieldCondition(
+                    key="id", match=models.MatchAny(any=ids[i:i + 1000]))])
+                for i in range(0, len(ids), 1000)
+            ]
+        seen: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for flt in filters:
+            offset = None
+            while True:
+                points, offset = self._call(
+                    "listing points", self.client.scroll, collection, limit=page, offset=offset,
+                    scroll_filter=flt, with_payload=fields, with_vectors=False,
+                )
+                for p in points:
+                    payload = p.payload or {}
+                    seen.setdefault(str(payload.get("id")), []).append((str(p.id), payload))
+                if offset is None:
+                    break
+        return {doc: _holding(points) for doc, points in seen.items()}
+
+    def contents(self, collection: str) -> dict[str, str | None]:
+        """document id -> record hash of every document a version holds (None: half-written)."""
+        return {doc: h.record_hash for doc, h in self.holdings(collection).items()}
+
+    def delete_documents(self, collection: str, doc_ids: Sequence[str]) -> int:
+        """Delete every point (chunk) of these documents; returns how many were held."""
+        held = self.holdings(collection, doc_ids)
+        self.delete_points(collection, [p for h in held.values() for p in h.points])
+        return len(held)
 
     def stored_vectors(self, collection: str, doc_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """document id -> the vector stored in ``collection`` (absent ids are left out)."""
@@ -354,28 +378,47 @@ class IndexVersions:
         k: int,
         filter: Mapping[str, Any] | Any | None = None,
         with_text: bool = True,
+        group_by_doc: bool = False,
     ) -> list[Hit]:
+        """The ``k`` nearest points; with ``group_by_doc``, the best chunk of each of the
+        ``k`` nearest documents (a document's chunks share its ``id`` payload)."""
         from qdrant_client import models
 
         payload: Any = True if with_text else models.PayloadSelectorExclude(exclude=["text"])
-        resp = self._call(
-            "searching",
-            self.client.query_points,
-            collection,
-            query=vector.tolist(),
-            limit=k,
-            query_filter=_to_filter(filter),
-            with_payload=payload,
-        )
-        return [
-            Hit(
-                id=str(p.payload.get("id")),
-                score=float(p.score),
-                metadata=dict(p.payload.get("metadata") or {}),
-                text=p.payload.get("text"),
-            )
-            for p in resp.points
-        ]
+        common = {"query": vector.tolist(), "limit": k, "query_filter": _to_filter(filter),
+                  "with_payload": payload}
+        if group_by_doc:
+            resp = self._call("searching", self.client.query_points_groups, collection,
+                              group_by="id", group_size=1, **common)
+            points = [g.hits[0] for g in resp.groups if g.hits]
+        else:
+            points = self._call("searching", self.client.query_points, collection, **common).points
+        return [Hit.from_point(p) for p in points]
+
+
+@dataclass(frozen=True)
+class Holding:
+    """A document's points in one version."""
+
+    record_hash: str | None  # None when its points disagree (a rewrite was interrupted)
+    points: frozenset[str]
+
+
+def _holding(points: list[tuple[str, dict[str, Any]]]) -> Holding:
+    from embedpipe.corpus import record_hash
+
+    hashes = set()
+    for _, payload in points:
+        rh = payload.get("record_hash")
+        if rh is None:  # points written before record_hash joined the payload
+            meta = json.dumps(payload.get("metadata") or {}, sort_keys=True,
+                              ensure_ascii=False, default=str)
+            rh = record_hash(str(payload.get("content_hash")), meta)
+        hashes.add(rh)
+    counts = {payload.get("chunks", 1) for _, payload in points}
+    chunks = sorted(payload.get("chunk", 0) for _, payload in points)
+    whole = len(hashes) == 1 and len(counts) == 1 and chunks == list(range(counts.pop()))
+    return Holding(hashes.pop() if whole else None, frozenset(p for p, _ in points))
 
 
 def _first_line(content: Any) -> str:
@@ -419,13 +462,34 @@ def _to_filter(filter: Mapping[str, Any] | Any | None) -> Any:
 class Hit:
     """One search result."""
 
-    id: str
+    id: str  # the document's id (for a chunk, its parent document's)
     score: float
     metadata: dict[str, Any]
-    text: str | None = None
+    text: str | None = None  # the chunk's text for a chunked index
+    chunk_id: str | None = None  # ``<id>#<n>`` for a chunk
+    chunk: int | None = None  # the chunk's position in its document
+    start: int | None = None  # the chunk's character offsets in the document text
+    end: int | None = None
+
+    @classmethod
+    def from_point(cls, point: Any) -> Hit:
+        p = point.payload or {}
+        return cls(
+            id=str(p.get("id")),
+            score=float(point.score),
+            metadata=dict(p.get("metadata") or {}),
+            text=p.get("text"),
+            chunk_id=p.get("chunk_id"),
+            chunk=p.get("chunk"),
+            start=p.get("start"),
+            end=p.get("end"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "score": self.score, "metadata": self.metadata, "text": self.text}
+        out = {"id": self.id, "score": self.score, "metadata": self.metadata, "text": self.text}
+        if self.chunk_id is not None:
+            out.update(chunk_id=self.chunk_id, chunk=self.chunk, start=self.start, end=self.end)
+        return out
 
 
 class Index:
@@ -485,14 +549,22 @@ class Index:
         return self._pinned
 
     def search(
-        self, text: str, k: int = 10, filter: Mapping[str, Any] | Any | None = None
+        self,
+        text: str,
+        k: int = 10,
+        filter: Mapping[str, Any] | Any | None = None,
+        group_by_doc: bool = False,
     ) -> list[Hit]:
-        """The ``k`` nearest documents to ``text``; ``filter`` matches metadata fields."""
+        """The ``k`` nearest points to ``text``; ``filter`` matches metadata fields.
+
+        In a chunked index a hit is a chunk (``Hit.chunk_id``); ``group_by_doc`` returns
+        the best chunk of each of the ``k`` nearest documents instead.
+        """
         if not text or not text.strip():
             raise InputError("the query is empty; pass some text to search for")
         version, embedder = self._pin()
         vector = embedder.embed_query(text)
-        return self.versions.search(version.collection, vector, k, filter)
+        return self.versions.search(version.collection, vector, k, filter, group_by_doc=group_by_doc)
 
 
 def check_fingerprint(version: Version, fingerprint: str, profile: str) -> None:

@@ -31,11 +31,12 @@ import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
 from embedpipe.backends import build_embedder
+from embedpipe.chunking import Chunker, chunker_for, works_for_row
 from embedpipe.config import Settings
-from embedpipe.corpus import CorpusStore, Known, documents_to_batch
-from embedpipe.errors import ConfigError, IndexBusy, InputError
-from embedpipe.index import IndexVersions, Version, check_fingerprint, point_id
-from embedpipe.pipeline import Work, embed_and_write
+from embedpipe.corpus import CorpusStore, Document, Known, documents_to_batch
+from embedpipe.errors import ConfigError, EmbedpipeError, IndexBusy, InputError
+from embedpipe.index import Holding, IndexVersions, Version, check_fingerprint, point_id
+from embedpipe.pipeline import PipelineStats, Work, embed_and_write
 from embedpipe.qdrant import connect
 from embedpipe.sources import read_documents
 from embedpipe.vectors import VectorStore
@@ -62,11 +63,15 @@ class IngestReport:
     truncated: int  # texts cut at the model's input limit (local models)
     created_version: bool
     seconds: float
+    tokens_embedded: int | None = None  # tokens the model processed (None: not counted)
     dry_run: bool = False
     chunked: int = 0  # long texts embedded in pieces and averaged (hosted models)
     tokens: int | None = None  # dry run, hosted profiles: exact tokens that would be sent
     estimated_usd: float | None = None  # dry run: those tokens at the profile's price
     failures: list[dict[str, str]] = field(default_factory=list)  # {"id", "reason"}
+    # Documents also written into a version a running migration builds: collection -> count.
+    migration_writes: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,7 +123,9 @@ def ingest(
     _check_index_name(index)
     started = time.perf_counter()
     corpus = CorpusStore.for_index(settings.data_dir, index)
-    staged = _stage(corpus, Path(path))  # validates everything before any write
+    staged = stage(corpus, read_documents(Path(path)))  # validates everything before any write
+    if staged is None:  # read_documents already refuses an empty input; belt and braces
+        raise InputError(f"{path} holds no documents")
     try:
         with index_lock(settings, index):
             return _ingest_staged(settings, index, corpus, staged, profile, progress, started, dry_run)
@@ -142,24 +149,23 @@ def _check_index_name(index: str) -> None:
         )
 
 
-def _stage(corpus: CorpusStore, path: Path) -> Path:
+def stage(corpus: CorpusStore, documents: Iterable[Document]) -> Path | None:
+    """Write documents into a staged segment: closed, invisible to readers, not committed.
+    Returns its path, or None when there were no documents."""
     writer = corpus.writer()
     try:
-        batch: list = []
-        for doc in read_documents(path):
+        batch: list[Document] = []
+        for doc in documents:
             batch.append(doc)
             if len(batch) >= 4096:
                 writer.write(documents_to_batch(batch))
                 batch = []
         if batch:
             writer.write(documents_to_batch(batch))
-        staged = writer.finish()  # closed but not committed: invisible to readers
+        return writer.finish()  # closed but not committed: invisible to readers
     except BaseException:
         writer.abort()
         raise
-    if staged is None:  # read_documents already refuses an empty input; belt and braces
-        raise InputError(f"{path} holds no documents")
-    return staged
 
 
 def _ingest_staged(
@@ -189,13 +195,18 @@ def _ingest_staged(
     fp = embedder.fingerprint
     if dry_run:
         return _dry_run(settings, versions, index, live, profile, fp, corpus, staged, started)
-    embedder.check()  # a bad model fails here, before any collection or file is made
-    target, created = _target_version(versions, index, live, profile, fp)
-    check_fingerprint(target, fp, profile.name)
-
     known = corpus.known()
     counts, changed = _diff(staged, known)
-    building = target.state != "live"
+    existing = _existing_target(versions, index, live, fp)
+    building = existing is None or existing.state != "live"
+    if not changed and not building:  # nothing to embed: no model is loaded
+        check_fingerprint(existing, fp, profile.name)  # type: ignore[arg-type]
+        return _report(index, existing, profile.name, fp, counts, PipelineStats(), False, started,
+                       {}, _chunking_warnings(settings, index, existing))  # type: ignore[arg-type]
+    embedder.check()  # a bad model fails here, before any collection or file is made
+    target, created = _target_version(versions, index, live, profile, fp, settings.index_chunking(index))
+    check_fingerprint(target, fp, profile.name)
+    chunker = chunker_for(target, embedder)
     # A version that is not live yet must hold the whole corpus, not just the changes.
     if building:
         staged_ids = _ids(staged)
@@ -204,15 +215,21 @@ def _ingest_staged(
         todo = len(changed)
     store = VectorStore(settings.data_dir, fp, profile.dims, profile.name)
     store_text = settings.index_store_text(index)
+    # What chunked documents held before, so chunks a rewrite no longer has can go.
+    held = _held_before(versions, target, chunker, building, changed & known.keys())
+    written: set[str] = set()
 
     def write(ids: list[str], vectors: Any, payloads: list[dict[str, Any]]) -> None:
         versions.upsert(target.collection, ids, vectors, payloads)
+        if chunker is not None:
+            written.update(point_id(i) for i in ids)
 
     try:
-        items = _work(staged, changed, building, corpus, store_text)
+        items = _work(staged, changed, building, corpus, store_text, chunker)
         stats = embed_and_write(
             items, embedder, write, store, window=settings.window,
-            progress=progress(todo) if progress else None,
+            # a chunked document is several points: the bar counts points, total unknown
+            progress=progress(None if chunker else todo) if progress else None,  # type: ignore[arg-type]
         )
     except BaseException:
         if created and versions.count(target.collection) == 0:
@@ -221,8 +238,12 @@ def _ingest_staged(
     # Documents that failed to embed stay out of the corpus too, so the next run
     # sees them as new (or changed) and tries again.
     _commit_corpus(corpus, staged, changed - stats.failures.keys())
+    if chunker is not None:
+        _settle_chunks(versions, target, corpus, held, written, stats, known)
     for doc_id in stats.failures.keys() & changed:  # added/updated: what landed
         counts["updated" if doc_id in known else "added"] -= 1
+    migration_writes = {} if building else _write_to_migrations(
+        settings, versions, corpus, index, target, sorted(changed - stats.failures.keys()))
     if building:
         corpus_ids = set(corpus.known())
         if corpus_ids:
@@ -230,10 +251,18 @@ def _ingest_staged(
         elif created:  # every document failed: leave no empty version behind
             versions.drop(target)
     _compact_unless_migrating(settings, index, corpus)
+    return _report(index, target, profile.name, fp, counts, stats, created, started, migration_writes,
+                   _chunking_warnings(settings, index, target))
+
+
+def _report(
+    index: str, target: Version, profile: str, fp: str, counts: dict[str, int], stats: PipelineStats,
+    created: bool, started: float, migration_writes: dict[str, int], warnings: list[str],
+) -> IngestReport:
     return IngestReport(
         index=index,
         collection=target.collection,
-        profile=profile.name,
+        profile=profile,
         fingerprint=fp,
         **counts,  # documents, added, updated, unchanged
         failed=len(stats.failures),
@@ -243,8 +272,94 @@ def _ingest_staged(
         chunked=stats.chunked,
         created_version=created,
         seconds=round(time.perf_counter() - started, 3),
+        tokens_embedded=stats.tokens,
         failures=[{"id": i, "reason": r} for i, r in sorted(stats.failures.items())],
+        migration_writes=migration_writes,
+        warnings=warnings,
     )
+
+
+def _held_before(
+    versions: IndexVersions, target: Version, chunker: Chunker | None, building: bool, updated: set[str]
+) -> dict[str, Holding]:
+    if chunker is None:  # one point per document: a rewrite overwrites it
+        return {}
+    if building:  # everything is rewritten: any point not rewritten is a leftover
+        return versions.holdings(target.collection)
+    return versions.holdings(target.collection, sorted(updated)) if updated else {}
+
+
+def _settle_chunks(
+    versions: IndexVersions,
+    target: Version,
+    corpus: CorpusStore,
+    held: dict[str, Holding],
+    written: set[str],
+    stats: PipelineStats,
+    known: dict[str, Known],
+) -> None:
+    """After a chunked write: drop the chunks rewritten documents no longer have, and
+    every point of a document that failed (some of its chunks may have landed). A
+    failed document that was in the corpus leaves it too, so the next run retries it
+    as new: it is either whole in the index or reported failed, never half."""
+    leftovers = [p for doc, h in held.items() if doc not in stats.failures
+                 for p in h.points if p not in written]
+    versions.delete_points(target.collection, leftovers)
+    if stats.failures:
+        versions.delete_documents(target.collection, sorted(stats.failures))
+        corpus.delete(stats.failures.keys() & known.keys())
+
+
+def _write_to_migrations(
+    settings: Settings,
+    versions: IndexVersions,
+    corpus: CorpusStore,
+    index: str,
+    live: Version,
+    ids: list[str],
+) -> dict[str, int]:
+    """While a migration builds a new version, documents an ingest wrote to the live
+    version go into that version too (with its own model), so its cutover's catch-up
+    finds nothing left to do. Best effort: what fails here, the catch-up redoes."""
+    from embedpipe.catchup import write_documents
+
+    if not ids or not _migration_running(settings, index):
+        return {}
+    out: dict[str, int] = {}
+    for version in versions.versions(index):
+        if version.state not in ("building", "validating") or version.collection == live.collection:
+            continue
+        try:
+            profile = settings.profile(version.profile)
+            embedder = build_embedder(profile, settings)
+            check_fingerprint(version, embedder.fingerprint, profile.name)
+            store = VectorStore(settings.data_dir, version.fingerprint, version.dims, profile.name)
+            stats = write_documents(versions, corpus, version, ids, embedder, store, settings)
+        except EmbedpipeError as exc:
+            log.warning("could not write %d documents into %s (the migration's catch-up will): %s",
+                        len(ids), version.collection, str(exc).splitlines()[0])
+            continue
+        out[version.collection] = stats.written
+    return out
+
+
+def _migration_running(settings: Settings, index: str) -> bool:
+    try:
+        with index_lock(settings, index, timeout=0, what="migrate"):
+            return False
+    except IndexBusy:
+        return True
+
+
+def _chunking_warnings(settings: Settings, index: str, target: Version) -> list[str]:
+    wanted = settings.index_chunking(index)
+    if wanted == target.chunking:
+        return []
+    return [
+        f"[indexes.{index}] asks for chunking {wanted or 'off'} but {target.collection} was built "
+        f"with {target.chunking or 'none'}; it keeps its own. To re-chunk, run "
+        f"`embedpipe migrate --to {target.profile} --index {index}`"
+    ]
 
 
 def _existing_target(versions: IndexVersions, index: str, live: Version | None, fp: str) -> Version | None:
@@ -258,12 +373,13 @@ def _existing_target(versions: IndexVersions, index: str, live: Version | None, 
 
 
 def _target_version(
-    versions: IndexVersions, index: str, live: Version | None, profile: Any, fp: str
+    versions: IndexVersions, index: str, live: Version | None, profile: Any, fp: str,
+    chunking: dict[str, int] | None,
 ) -> tuple[Version, bool]:
     existing = _existing_target(versions, index, live, fp)
     if existing is not None:
         return existing, False
-    return versions.create_version(index, profile, fp), True
+    return versions.create_version(index, profile, fp, chunking), True
 
 
 def _dry_run(
@@ -379,10 +495,11 @@ def _commit_corpus(corpus: CorpusStore, staged: Path, ids: set[str]) -> None:
 
 
 def _work(
-    staged: Path, changed: set[str], building: bool, corpus: CorpusStore, store_text: bool
+    staged: Path, changed: set[str], building: bool, corpus: CorpusStore, store_text: bool,
+    chunker: Chunker | None,
 ) -> Iterator[Work]:
-    """Rows to embed: changed staged rows, and for a version still building, the rest of
-    the corpus too."""
+    """Points to embed: of changed staged rows, and for a version still building, of the
+    rest of the corpus too."""
     seen: set[str] = set()
     for batch in pq.ParquetFile(staged).iter_batches(batch_size=4096):
         mask = [doc_id in changed or building for doc_id in batch.column("id").to_pylist()]
@@ -391,21 +508,17 @@ def _work(
             continue
         for row in rows.to_pylist():
             seen.add(row["id"])
-            yield Work.from_corpus_row(row, store_text)
+            yield from works_for_row(row, store_text, chunker)
     if building:
         for batch in corpus.iter_batches():
             for row in batch.to_pylist():
                 if row["id"] not in seen:
-                    yield Work.from_corpus_row(row, store_text)
+                    yield from works_for_row(row, store_text, chunker)
 
 
 def delete(settings: Settings, index: str, ids: Iterable[str]) -> int:
-    """Remove documents from the live version and the corpus. Returns how many were live.
-
-    Points go first, then the corpus markers: a crash in between leaves documents the
-    corpus still lists, and the same call finishes the job. Versions that are not live
-    (a migration's new version) catch up from the corpus before they go live.
-    """
+    """Remove documents from every version of the index and from the corpus. Returns how
+    many the corpus held."""
     _check_index_name(index)
     ids = sorted({str(i) for i in ids})
     if not ids:
@@ -413,8 +526,19 @@ def delete(settings: Settings, index: str, ids: Iterable[str]) -> int:
     corpus = CorpusStore.for_index(settings.data_dir, index)
     with index_lock(settings, index):
         versions = IndexVersions(connect(settings), settings)
-        live = versions.require_live(index)
-        present = corpus.known().keys() & set(ids)
-        versions.delete_points(live.collection, [point_id(i) for i in ids])
-        corpus.delete(present)
-        return len(present)
+        versions.require_live(index)
+        return delete_locked(versions, corpus, index, ids)
+
+
+def delete_locked(versions: IndexVersions, corpus: CorpusStore, index: str, ids: list[str]) -> int:
+    """``delete`` for a caller that holds the index lock.
+
+    Points go first (from the live version, the standby kept for rollback and any
+    version a migration builds), then the corpus markers: a crash in between leaves
+    documents the corpus still lists, and the same call finishes the job.
+    """
+    present = corpus.known().keys() & set(ids)
+    for version in versions.versions(index):
+        versions.delete_documents(version.collection, ids)
+    corpus.delete(present)
+    return len(present)

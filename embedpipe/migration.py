@@ -19,8 +19,8 @@ The order is what keeps the invariants (DESIGN.md):
    time, and moves the alias in one atomic call once the version holds exactly the
    corpus. The old version becomes ``standby``.
 
-``sync_version`` is the one catch-up: backfill, catch-up, the final pass and rollback
-all make a version hold exactly the corpus through it.
+``catchup.sync_version`` is the one catch-up: backfill, catch-up, the final pass and
+rollback all make a version hold exactly the corpus through it.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedpipe.backends import build_embedder
+from embedpipe.catchup import SyncStats, stale_ids, sync_version, write_documents
 from embedpipe.corpus import CorpusStore
 from embedpipe.errors import FingerprintMismatch, MigrationError, NothingToMigrate
 from embedpipe.index import IndexVersions, Version, check_fingerprint, point_id
 from embedpipe.ingest import index_lock
-from embedpipe.pipeline import PipelineStats, Work, embed_and_write
 from embedpipe.profiles import Profile, fingerprint
 from embedpipe.qdrant import connect
 from embedpipe.vectors import VectorStore
@@ -71,97 +71,6 @@ ProgressFactory = Callable[[int], Progress]
 # How long a cutover or rollback waits for a running ingest to release the index.
 CUTOVER_WAIT_S = 600.0
 IN_PROGRESS = ("building", "validating")
-
-
-# --- the one catch-up ------------------------------------------------------------
-
-
-@dataclass
-class SyncStats:
-    """What making a version hold the corpus cost."""
-
-    written: int = 0  # points upserted (new, changed text or changed metadata)
-    deleted: int = 0  # points removed because the corpus no longer has them
-    embedded: int = 0  # texts sent to a model
-    reused: int = 0  # vectors taken from the vector store
-    truncated: int = 0
-    chunked: int = 0
-    failures: dict[str, str] = field(default_factory=dict)  # document id -> reason
-
-    def add(self, other: SyncStats | PipelineStats, written: int = 0) -> None:
-        self.written += getattr(other, "written", written)
-        self.deleted += getattr(other, "deleted", 0)
-        self.embedded += other.embedded
-        self.reused += other.reused
-        self.truncated += other.truncated
-        self.chunked += other.chunked
-        self.failures.update(other.failures)
-
-
-def stale_ids(versions: IndexVersions, corpus: CorpusStore, version: Version) -> tuple[list[str], list[str]]:
-    """(ids the version lacks or holds stale, ids it holds that the corpus dropped)."""
-    held = versions.contents(version.collection)
-    known = corpus.known()
-    stale = [i for i, k in known.items() if held.get(i) != k.record_hash]
-    gone = [i for i in held if i not in known]
-    return stale, gone
-
-
-def write_documents(
-    versions: IndexVersions,
-    corpus: CorpusStore,
-    version: Version,
-    ids: Sequence[str],
-    embedder: Embedder,
-    store: VectorStore,
-    settings: Settings,
-    progress: Progress | None = None,
-    on_batch: Callable[[int], None] | None = None,
-) -> SyncStats:
-    """Embed (reusing stored vectors) and upsert the corpus documents ``ids`` into ``version``."""
-    stats = SyncStats()
-    if not ids:
-        return stats
-    wanted = pa.array(sorted(set(ids)), pa.string())
-    store_text = settings.index_store_text(version.index)
-
-    def items() -> Iterator[Work]:
-        for batch in corpus.iter_batches():
-            rows = batch.filter(pc.is_in(batch.column("id"), value_set=wanted))
-            for row in rows.to_pylist():
-                yield Work.from_corpus_row(row, store_text)
-
-    def write(doc_ids: list[str], vectors: np.ndarray, payloads: list[dict[str, Any]]) -> None:
-        versions.upsert(version.collection, doc_ids, vectors, payloads)  # acknowledged: the checkpoint
-        stats.written += len(doc_ids)
-        if on_batch is not None:
-            on_batch(len(doc_ids))
-
-    done = embed_and_write(items(), embedder, write, store, window=settings.window, progress=progress)
-    stats.add(done, written=0)
-    return stats
-
-
-def sync_version(
-    versions: IndexVersions,
-    corpus: CorpusStore,
-    version: Version,
-    embedder: Embedder,
-    store: VectorStore,
-    settings: Settings,
-    progress: ProgressFactory | None = None,
-) -> SyncStats:
-    """Make ``version`` hold exactly the corpus: write what it lacks or holds stale,
-    delete what the corpus no longer has. Idempotent; cheap when nothing changed."""
-    stale, gone = stale_ids(versions, corpus, version)
-    if gone:
-        versions.delete_points(version.collection, [point_id(i) for i in gone])
-    stats = write_documents(
-        versions, corpus, version, stale, embedder, store, settings,
-        progress=progress(len(stale)) if progress and stale else None,
-    )
-    stats.deleted += len(gone)
-    return stats
 
 
 class LazyEmbedder:
@@ -208,6 +117,13 @@ class LazyEmbedder:
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return self.real().count_tokens(texts)
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self.real().max_tokens
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        return self.real().token_spans(text)
 
 
 # --- where migrations keep their files ---------------------------------------------
@@ -345,6 +261,9 @@ class Migration:
         self.source = self.versions.require_live(index)
         self.profile = settings.profile(to)
         self.fingerprint = fingerprint(self.profile)
+        # New versions chunk as the config says now (a change of chunking alone is a
+        # migration too: the same model, re-chunked).
+        self.chunking = settings.index_chunking(index)
         self.target: Version | None = None
         self.started = time.perf_counter()
         self.stats = SyncStats()
@@ -358,10 +277,10 @@ class Migration:
     # -- checks and shared pieces -------------------------------------------------------
 
     def _check_target(self) -> None:
-        if self.fingerprint == self.source.fingerprint:
+        if self.fingerprint == self.source.fingerprint and self.chunking == self.source.chunking:
             raise NothingToMigrate(
                 f"index {self.index!r} is already live on {self.profile.name!r} "
-                f"({self.source.collection}); nothing to migrate"
+                f"({self.source.collection}) with chunking {self.chunking or 'off'}; nothing to migrate"
             )
         state = self.profile.deprecation.status()
         if state == "retired" and not self.force:
@@ -392,7 +311,8 @@ class Migration:
     def _resumable(self) -> Version | None:
         """A version of the target's space to build on: one an interrupted migration left,
         else a standby (e.g. the one a rollback left), which then only needs catching up."""
-        mine = [v for v in reversed(self.versions.versions(self.index)) if v.fingerprint == self.fingerprint]
+        mine = [v for v in reversed(self.versions.versions(self.index))
+                if v.fingerprint == self.fingerprint and v.chunking == self.chunking]
         for state in (*IN_PROGRESS, "standby"):
             for version in mine:
                 if version.state == state:
@@ -544,7 +464,8 @@ class Migration:
             self.target = self.versions.set_state(resume, "building")
             self.resumed = True
         else:
-            self.target = self.versions.create_version(self.index, self.profile, self.fingerprint)
+            self.target = self.versions.create_version(self.index, self.profile, self.fingerprint,
+                                                       self.chunking)
         self.save_state("building")
         return self.target
 
@@ -557,7 +478,7 @@ class Migration:
         """Corpus ids the new version lacks or holds stale: the backfill's work, after resume."""
         stale, gone = stale_ids(self.versions, self.corpus, self._require_target())
         if gone:
-            self.versions.delete_points(self.target.collection, [point_id(i) for i in gone])  # type: ignore[union-attr]
+            self.versions.delete_documents(self.target.collection, gone)  # type: ignore[union-attr]
         return stale
 
     def slices(self, ids: Sequence[str]) -> list[list[str]]:

@@ -39,12 +39,16 @@ WriteFn = Callable[[list[str], np.ndarray, list[dict[str, Any]]], None]
 
 @dataclass(frozen=True)
 class Work:
-    """One document to place in the index."""
+    """One point to place in the index: a document, or one chunk of it."""
 
-    id: str
+    id: str  # the point's key: the document id, or ``<doc_id>#<n>`` for a chunk
     text: str
     content_hash: str
     payload: dict[str, Any]
+
+    @property
+    def doc_id(self) -> str:
+        return self.payload["id"]
 
     @classmethod
     def from_corpus_row(cls, row: dict[str, Any], store_text: bool) -> Work:
@@ -72,6 +76,7 @@ class PipelineStats:
     truncated: int = 0
     chunked: int = 0  # long texts embedded in pieces and averaged
     failures: dict[str, str] = field(default_factory=dict)  # document id -> reason
+    tokens: int | None = 0  # tokens sent to a model (None once a backend could not say)
 
 
 def plan_chunks(lengths: Sequence[int], chunk: int) -> list[list[int]]:
@@ -224,6 +229,8 @@ class _Step:
             self.stats.embedded += len(c.todo) - len(batch.failed)
             self.stats.truncated += batch.truncated
             self.stats.chunked += batch.chunked
+            if self.stats.tokens is not None:
+                self.stats.tokens = None if batch.tokens is None else self.stats.tokens + batch.tokens
             for n, ((h, rows), vec) in enumerate(zip(c.todo.items(), batch.vectors)):
                 if n in batch.failed:
                     failed_hashes[h] = batch.failed[n]
@@ -238,7 +245,7 @@ class _Step:
         keep = [row for row, item in enumerate(c.items) if item.content_hash not in failed_hashes]
         for item in c.items:
             if item.content_hash in failed_hashes:
-                self.stats.failures[item.id] = failed_hashes[item.content_hash]
+                self.stats.failures[item.doc_id] = failed_hashes[item.content_hash]
         if keep:
             items = [c.items[r] for r in keep]
             stacked = np.stack(new_vectors) if new_vectors else None

@@ -1,55 +1,207 @@
-"""Reading input documents: a JSONL file, a directory of .txt/.md files, or Parquet.
+"""Reading documents from a source: a folder tree, or one JSONL, CSV or Parquet file.
 
-Readers yield :class:`~embedpipe.corpus.Document` objects and raise
-:class:`~embedpipe.errors.InputError` naming the file (and line) of the first bad
-record. Validation that needs the whole input (duplicate ids) is in ``validate``.
+In a folder, each ``.txt``/``.md``/``.rst``, ``.html`` and ``.pdf`` file is one document
+whose id is its path relative to the folder; ``.jsonl``, ``.csv`` and ``.parquet`` files
+hold one document per record, with the id and text in ``id_field`` and ``text_field``.
+
+Two ways to read:
+
+* :func:`read_documents` (``embedpipe ingest``) is strict: the first bad record raises
+  an :class:`~embedpipe.errors.InputError` naming the file (and line), before anything
+  is written;
+* :class:`SourceScan` (``embedpipe sync``) is tolerant: a file that cannot be read is
+  reported with its path and reason and the rest goes on. A file counts whole or not
+  at all: the caller drops the documents of every file in ``scan.failed`` (a record
+  file can fail after its first records were yielded) and keeps their indexed versions,
+  so nothing is deleted because a file could not be read, and the next run retries it.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 from embedpipe.corpus import Document
-from embedpipe.errors import InputError
+from embedpipe.errors import InputError, SourceUnavailable
 
-__all__ = ["read_documents"]
+__all__ = ["FileError", "SourceScan", "SourceSpec", "read_documents"]
 
-TEXT_SUFFIXES = (".txt", ".md")
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
+HTML_SUFFIXES = (".html", ".htm")
+PDF_SUFFIXES = (".pdf",)
+RECORD_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".parquet")
+DOCUMENT_SUFFIXES = TEXT_SUFFIXES + HTML_SUFFIXES + PDF_SUFFIXES
+ALL_SUFFIXES = DOCUMENT_SUFFIXES + RECORD_SUFFIXES
 
 
-def read_documents(path: Path) -> Iterator[Document]:
-    """Documents from ``path`` in input order, validated one by one and for duplicate ids."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path} does not exist; pass a .jsonl file, a .parquet file or a directory")
-    if path.is_dir():
-        reader: Iterator[tuple[str, Document]] = _read_directory(path)
-    elif path.suffix.lower() in (".jsonl", ".ndjson"):
-        reader = _read_jsonl(path)
-    elif path.suffix.lower() == ".parquet":
-        reader = _read_parquet(path)
-    else:
-        raise InputError(
-            f"{path}: unsupported input type {path.suffix or '(none)'}; "
-            "use .jsonl, .parquet or a directory of .txt/.md files"
-        )
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where and how to read an index's documents (``[indexes.NAME]``)."""
+
+    path: Path
+    glob: str | None = None
+    id_field: str = "id"
+    text_field: str = "text"
+    metadata_fields: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, path: Path, **fields: Any) -> SourceSpec:
+        meta = fields.pop("metadata_fields", None)
+        return cls(Path(path), metadata_fields=tuple(meta) if meta is not None else None, **fields)
+
+
+@dataclass(frozen=True)
+class FileError:
+    """A file (or one record of it) that could not be read, and why."""
+
+    path: str  # relative to the source folder: what the corpus's ``source`` column holds
+    reason: str
+    id: str | None = None  # the document concerned, when the file was readable
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "id": self.id, "reason": self.reason}
+
+
+# --- strict reading (ingest) ---------------------------------------------------------
+
+
+def read_documents(path: Path, spec: SourceSpec | None = None) -> Iterator[Document]:
+    """Documents from ``path`` in input order; the first bad record raises InputError."""
+    spec = spec or SourceSpec(Path(path))
+    root = Path(path)
+    files = _files(root, spec)
     seen: dict[str, str] = {}
     count = 0
-    for where, doc in reader:
-        if not doc.text.strip():
-            raise InputError(f"{where}: document {doc.id!r} has empty text; remove it or add text")
-        if doc.id in seen:
-            raise InputError(
-                f"{where}: duplicate id {doc.id!r} (first seen at {seen[doc.id]}); ids must be unique"
-            )
-        seen[doc.id] = where
-        count += 1
-        yield doc
+    for file, name in files:
+        for where, doc in _read_file(file, name, spec, single=not root.is_dir()):
+            _check_document(doc, where, seen)
+            count += 1
+            yield doc
     if count == 0:
-        raise InputError(f"{path} holds no documents")
+        raise InputError(f"{root} holds no documents")
+
+
+def _check_document(doc: Document, where: str, seen: dict[str, str]) -> None:
+    if not doc.text.strip():
+        raise InputError(f"{where}: document {doc.id!r} has empty text; remove it or add text")
+    if doc.id in seen:
+        raise InputError(
+            f"{where}: duplicate id {doc.id!r} (first seen at {seen[doc.id]}); ids must be unique"
+        )
+    seen[doc.id] = where
+
+
+def _files(root: Path, spec: SourceSpec) -> list[tuple[Path, str]]:
+    """(file, name relative to the source) of every file to read, in a stable order."""
+    if not root.exists():
+        raise SourceUnavailable(
+            f"{root} does not exist; pass a .jsonl, .csv or .parquet file or a folder"
+            " (a source that vanished may be an unmounted share: nothing was changed)"
+        )
+    if not root.is_dir():
+        if root.suffix.lower() not in RECORD_SUFFIXES + DOCUMENT_SUFFIXES:
+            raise InputError(
+                f"{root}: unsupported input type {root.suffix or '(none)'}; use .jsonl, .csv, "
+                ".parquet or a folder of .txt/.md/.html/.pdf files"
+            )
+        return [(root, root.name)]
+    pattern = spec.glob or "**/*"
+    files = sorted(
+        p for p in root.glob(pattern)
+        if p.is_file() and p.suffix.lower() in ALL_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    return [(p, p.relative_to(root).as_posix()) for p in files]
+
+
+def _read_file(file: Path, name: str, spec: SourceSpec, single: bool) -> Iterator[tuple[str, Document]]:
+    """(where, document) pairs of one file; raises InputError on the first problem."""
+    suffix = file.suffix.lower()
+    source = file.name if single else name
+    if suffix in (".jsonl", ".ndjson"):
+        records: Iterator[tuple[str, dict[str, Any]]] = _jsonl_records(file)
+    elif suffix == ".csv":
+        records = _csv_records(file)
+    elif suffix == ".parquet":
+        records = _parquet_records(file)
+    else:
+        text, meta = _extract(file)
+        yield str(file), Document(name, text, metadata={"path": name, **meta}, source=source)
+        return
+    for where, record in records:
+        yield where, _record_document(record, where, spec, source)
+
+
+def _record_document(record: dict[str, Any], where: str, spec: SourceSpec, source: str) -> Document:
+    for key in (spec.id_field, spec.text_field):
+        if key not in record:
+            raise InputError(
+                f"{where}: missing {key!r}; each record needs {spec.id_field!r} and {spec.text_field!r}"
+            )
+    text = record.pop(spec.text_field)
+    if not isinstance(text, str):
+        raise InputError(f"{where}: {spec.text_field!r} must be a string")
+    doc_id = _coerce_id(record.pop(spec.id_field), where, spec.id_field)
+    if spec.metadata_fields is not None:
+        record = {k: record[k] for k in spec.metadata_fields if k in record}
+    return Document(doc_id, text, metadata={k: _no_nan(v) for k, v in record.items()}, source=source)
+
+
+# --- tolerant reading (sync) --------------------------------------------------------
+
+
+@dataclass
+class SourceScan:
+    """Documents of a source, file by file; unreadable files are reported, not fatal.
+
+    Iterate once. Afterwards ``errors`` lists what was skipped, ``failed`` holds the
+    names of files whose documents must all be dropped (and kept as indexed), and
+    ``kept_ids`` the ids of documents skipped on their own (empty text, a duplicate id).
+    """
+
+    spec: SourceSpec
+    errors: list[FileError] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)
+    kept_ids: set[str] = field(default_factory=set)
+    files: int = 0
+
+    def __iter__(self) -> Iterator[Document]:
+        root = self.spec.path
+        single = not root.is_dir()
+        seen: dict[str, str] = {}
+        for file, name in _files(root, self.spec):
+            self.files += 1
+            try:
+                for where, doc in _read_file(file, name, self.spec, single):
+                    try:
+                        _check_document(doc, where, seen)
+                    except InputError as exc:
+                        self.errors.append(FileError(name, _reason(exc, where), doc.id))
+                        self.kept_ids.add(doc.id)
+                        continue
+                    yield doc
+            except InputError as exc:
+                self.errors.append(FileError(name, _reason(exc, str(file))))
+                self.failed.add(file.name if single else name)
+            except OSError as exc:  # unreadable: permissions, a vanished file, I/O errors
+                self.errors.append(FileError(name, f"cannot read: {exc.strerror or exc}"))
+                self.failed.add(file.name if single else name)
+
+
+def _reason(exc: InputError, where: str) -> str:
+    """The error without the leading path the FileError already carries."""
+    text = str(exc)
+    return text[len(where) + 2:] if text.startswith(where + ": ") else text
+
+
+# --- formats --------------------------------------------------------------------------
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -60,6 +212,103 @@ def _decode(raw: bytes, where: str) -> str:
             f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
             "re-encode the input as UTF-8"
         ) from None
+
+
+def _extract(file: Path) -> tuple[str, dict[str, Any]]:
+    """Text and metadata of a one-document file."""
+    suffix = file.suffix.lower()
+    if suffix in PDF_SUFFIXES:
+        return _pdf_text(file)
+    raw = file.read_bytes()
+    if suffix in HTML_SUFFIXES:
+        return _html_text(raw, str(file))
+    return _decode(raw, str(file)).lstrip("\ufeff"), {}
+
+
+_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?([A-Za-z0-9._-]+)""", re.IGNORECASE)
+
+
+def _html_text(raw: bytes, where: str) -> tuple[str, dict[str, Any]]:
+    try:
+        html = raw.decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError:
+        declared = _CHARSET.search(raw[:4096])
+        if not declared:
+            _decode(raw, where)  # raises the UTF-8 error
+        try:
+            html = raw.decode(declared.group(1).decode("ascii"))  # type: ignore[union-attr]
+        except (LookupError, UnicodeDecodeError):
+            raise InputError(f"{where}: cannot decode as its declared charset "
+                             f"{declared.group(1).decode('ascii')!r}") from None  # type: ignore[union-attr]
+    parser = _TextOfHTML()
+    parser.feed(html)
+    parser.close()
+    meta = {"title": parser.title.strip()} if parser.title.strip() else {}
+    return parser.text(), meta
+
+
+class _TextOfHTML(HTMLParser):
+    """Visible text of an HTML page: no scripts or styles, block elements on new lines."""
+
+    SKIP = {"script", "style", "noscript", "template", "svg", "head"}
+    BLOCK = {"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "h1", "h2",
+             "h3", "h4", "h5", "h6", "pre", "blockquote", "header", "footer", "hr", "dd", "dt"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.title = ""
+        self._skip = 0
+        self._in_title = False
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag in self.SKIP:
+            self._skip += 1
+        self._in_title = self._in_title or tag == "title"
+        if tag in self.BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.SKIP and self._skip:
+            self._skip -= 1
+        if tag == "title":
+            self._in_title = False
+        if tag in self.BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title:
+            self.title += data
+        if not self._skip:
+            self.parts.append(data)
+
+    def text(self) -> str:
+        lines = (" ".join(line.split()) for line in "".join(self.parts).splitlines())
+        return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _pdf_text(file: Path) -> tuple[str, dict[str, Any]]:
+    try:
+        from pypdf import PdfReader
+        from pypdf.errors import PyPdfError
+    except ImportError:  # pragma: no cover - a dependency, but say what to do
+        raise InputError(f"{file}: reading PDF needs pypdf (pip install pypdf)") from None
+    try:
+        reader = PdfReader(file)
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise InputError(f"{file}: the PDF is encrypted; decrypt it or remove it from the source")
+        pages = [page.extract_text() or "" for page in reader.pages]
+        title = (reader.metadata or {}).get("/Title")
+    except (PyPdfError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{file}: not a readable PDF ({type(exc).__name__}: {exc})") from None
+    text = "\n\n".join(p.strip() for p in pages if p.strip())
+    if not text:
+        raise InputError(f"{file}: no extractable text in {len(pages)} pages (a scanned image?); "
+                         "OCR it first")
+    meta: dict[str, Any] = {"pages": len(pages)}
+    if isinstance(title, str) and title.strip():
+        meta["title"] = title.strip()
+    return text, meta
 
 
 def _no_constants(name: str) -> Any:
@@ -76,16 +325,16 @@ def _check_encodable(record: Any, where: str) -> None:
         ) from None
 
 
-def _coerce_id(value: Any, where: str) -> str:
+def _coerce_id(value: Any, where: str, key: str = "id") -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise InputError(f"{where}: 'id' must be a string or an integer, got {type(value).__name__}")
+        raise InputError(f"{where}: {key!r} must be a string or an integer, got {type(value).__name__}")
     doc_id = str(value)
     if not doc_id.strip():
-        raise InputError(f"{where}: 'id' is empty")
+        raise InputError(f"{where}: {key!r} is empty")
     return doc_id
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Document]]:
+def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
             where = f"{path}:{number}"
@@ -102,28 +351,22 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Document]]:
                 raise InputError(f"{where}: {exc}") from None
             _check_encodable(record, where)
             if not isinstance(record, dict):
-                raise InputError(f"{where}: expected a JSON object with 'id' and 'text'")
-            for key in ("id", "text"):
-                if key not in record:
-                    raise InputError(f"{where}: missing {key!r}; each line needs 'id' and 'text'")
-            text = record.pop("text")
-            if not isinstance(text, str):
-                raise InputError(f"{where}: 'text' must be a string")
-            doc_id = _coerce_id(record.pop("id"), where)
-            yield where, Document(doc_id, text, metadata=record, source=str(path.name))
+                raise InputError(f"{where}: expected a JSON object with an id and a text")
+            yield where, record
 
 
-def _read_directory(root: Path) -> Iterator[tuple[str, Document]]:
-    files = sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    if not files:
-        raise InputError(f"{root} has no .txt or .md files")
-    for file in files:
-        rel = file.relative_to(root).as_posix()
-        text = _decode(file.read_bytes(), str(file)).lstrip("\ufeff")
-        yield str(file), Document(rel, text, metadata={"path": rel}, source=rel)
+def _csv_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    text = _decode(path.read_bytes(), str(path)).lstrip("\ufeff")
+    csv.field_size_limit(1 << 30)  # a document's text is one (large) cell
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for record in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in record:  # more cells than the header names
+                raise InputError(f"{where}: {len(record[None])} more cells than the header has")
+            yield where, dict(record)
+    except csv.Error as exc:
+        raise InputError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
 
 
 def _no_nan(value: Any) -> Any:
@@ -131,7 +374,7 @@ def _no_nan(value: Any) -> Any:
     return None if isinstance(value, float) and value != value else value
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[str, Document]]:
+def _parquet_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -139,21 +382,12 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Document]]:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
-    names = pf.schema_arrow.names
-    missing = [c for c in ("id", "text") if c not in names]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; need 'id' and 'text'")
     row = 0
     try:
         for batch in pf.iter_batches(batch_size=4096):
             for record in batch.to_pylist():
                 row += 1
-                where = f"{path} row {row}"
-                text = record.pop("text")
-                if not isinstance(text, str):
-                    raise InputError(f"{where}: 'text' must be a string")
-                doc_id = _coerce_id(record.pop("id"), where)
-                metadata = {k: _no_nan(v) for k, v in record.items()}
-                yield where, Document(doc_id, text, metadata=metadata, source=path.name)
+                yield f"{path} row {row}", record
     except pa.ArrowException as exc:
         raise InputError(f"{path}: cannot read row {row + 1} ({exc})") from None
+

@@ -10,6 +10,7 @@ from embedpipe.corpus import CorpusStore
 from embedpipe.errors import EmbedpipeError
 from embedpipe.index import IndexVersions
 from embedpipe.profiles import Profile, fingerprint, resolve_weights, short
+from embedpipe.sync import last_runs
 
 __all__ = ["deprecation_warning", "index_status", "live_profiles", "profile_status"]
 
@@ -47,6 +48,13 @@ def live_profiles(settings: Settings) -> dict[str, list[str]]:
         return {}
 
 
+def _source(settings: Settings, index: str) -> dict[str, Any] | None:
+    cfg = settings.indexes.get(index)
+    if cfg is None or cfg.source is None:
+        return None
+    return {"path": str(cfg.source), "schedule": cfg.schedule, "chunking": settings.index_chunking(index)}
+
+
 def index_status(settings: Settings, index: str | None = None) -> list[dict[str, Any]]:
     """Every index (or one): alias target, corpus size and each version with its state."""
     from embedpipe.qdrant import connect
@@ -73,6 +81,8 @@ def index_status(settings: Settings, index: str | None = None) -> list[dict[str,
                 "warnings": [warning] if warning else [],
                 "documents": CorpusStore.for_index(settings.data_dir, name).count(),
                 "migration": _migration_state(settings, name, {v.collection for v in found}),
+                "source": _source(settings, name),
+                "runs": last_runs(settings, name),
                 "versions": [
                     {
                         **v.to_dict(),

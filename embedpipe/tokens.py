@@ -55,6 +55,23 @@ class TokenCounter:
         """Token counts of ``texts``, in order (special-token text counts as plain text)."""
         return [len(ids) for ids in self._enc.encode_ordinary_batch(list(texts))]
 
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """Character ``[start, end)`` of each token, leading whitespace left out (so a
+        gap between two spans marks a word boundary, as with other tokenizers)."""
+        ids = self._enc.encode_ordinary(text)
+        decoded, starts = self._enc.decode_with_offsets(ids)
+        if decoded != text:  # cannot happen for valid str; measure words instead
+            import re
+
+            return [m.span() for m in re.finditer(r"\S+", text)]
+        ends = [*starts[1:], len(text)]
+        out = []
+        for start, end in zip(starts, ends):
+            while start < end and text[start].isspace():
+                start += 1
+            out.append((start, end))
+        return out
+
     def split(self, text: str, limit: int) -> list[Piece]:
         """Cut ``text`` into consecutive pieces of at most ``limit`` tokens each.
 

@@ -198,23 +198,34 @@ def _texts(corpus: CorpusStore, ids: set[str]) -> dict[str, str]:
 
 
 def _parity(versions: IndexVersions, new: Version, corpus_ids: set[str]) -> Check:
-    from embedpipe.index import point_id
-
-    expected = {point_id(i) for i in corpus_ids}
-    present = versions.point_ids(new.collection)
-    missing, extra = len(expected - present), len(present - expected)
-    ok = not missing and not extra
-    detail = f"{len(present)} points, {len(expected)} corpus documents"
+    held = versions.holdings(new.collection)
+    missing = sum(1 for i in corpus_ids if i not in held)
+    partial = sum(1 for i in corpus_ids if i in held and held[i].record_hash is None)
+    extra = len(held.keys() - corpus_ids)
+    ok = not (missing or partial or extra)
+    points = sum(len(h.points) for h in held.values())
+    detail = f"{len(held)} documents ({points} points), {len(corpus_ids)} corpus documents"
     if not ok:
-        detail += f" ({missing} missing, {extra} extra)"
-    return Check("count parity", ok, detail, float(len(corpus_ids)), float(len(present)))
+        detail += f" ({missing} missing, {partial} partly written, {extra} extra)"
+    return Check("count parity", ok, detail, float(len(corpus_ids)), float(len(held)))
 
 
 def _vectors(
     versions: IndexVersions, new: Version, embedder: Embedder, sample: list[str],
     texts: dict[str, str], min_cosine: float,
 ) -> Check:
-    stored = versions.stored_vectors(new.collection, sample)
+    from embedpipe.chunking import chunk_id, chunker_for
+
+    # A chunked version is compared on each sampled document's first chunk.
+    chunker = chunker_for(new, embedder)
+    keys = {i: i for i in sample}
+    if chunker is not None:
+        texts = dict(texts)
+        for i in sample:
+            if i in texts:
+                keys[i], texts[i] = chunk_id(i, 0), chunker.split(texts[i])[0].text
+    by_key = versions.stored_vectors(new.collection, list(keys.values()))
+    stored = {i: by_key[k] for i, k in keys.items() if k in by_key}
     ids = [i for i in sample if i in stored and i in texts]
     if not ids:
         return Check("stored = fresh vectors", False, "no stored vector to compare", None, None)
@@ -246,7 +257,8 @@ def _rankings(
     for start in range(0, len(queries), 256):  # batched: one model call per 256 queries
         vectors = embedder.embed_queries(queries[start:start + 256])
         for vector in vectors:
-            hits = versions.search(version.collection, vector, k, with_text=False)
+            hits = versions.search(version.collection, vector, k, with_text=False,
+                                   group_by_doc=version.chunking is not None)
             out.append([h.id for h in hits])
     return out
 

@@ -14,7 +14,6 @@ flow's process (Qdrant local mode allows one process per folder).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from embedpipe.config import Settings, load_settings
 from embedpipe.errors import MigrationError, PrefectUnavailable, ValidationFailed
 from embedpipe.migration import Migration, ProgressFactory, migration_lock
 from embedpipe.validation import ValidationReport
+from flows._artifacts import slug
 
 __all__ = ["check_prefect", "migrate_flow", "run_migration"]
 
@@ -67,7 +67,7 @@ def validate_task(m: Migration, golden: str | None, tolerance: float | None) -> 
     report = m.validate(Path(golden) if golden else None, tolerance)
     create_table_artifact(
         table=report.table(),
-        key=f"validation-{_slug(m.target.collection if m.target else m.index)}",
+        key=f"validation-{slug(m.target.collection if m.target else m.index)}",
         description=(
             f"Validation of {report.new_collection} against {report.old_collection}: "
             f"{'PASSED' if report.checks_passed else 'FAILED'}"
@@ -81,11 +81,6 @@ def validate_task(m: Migration, golden: str | None, tolerance: float | None) -> 
 @_task(name="cutover", task_run_name="cutover")
 def cutover_task(m: Migration, report: ValidationReport) -> None:
     m.cutover(report)
-
-
-def _slug(name: str) -> str:
-    """An artifact key: lowercase letters, digits and single dashes."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 @flow(name="embedpipe-migrate", flow_run_name="migrate-{index}-to-{to}", persist_result=False,

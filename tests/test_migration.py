@@ -134,6 +134,8 @@ def test_documents_ingested_changed_or_deleted_during_backfill_are_in_the_new_ve
         if not fired:  # the first upserted chunk of the backfill, mid-build
             fired.append(ingest(cfg, "kb", extra))
             assert delete(cfg, "kb", [docs[1]["id"]]) == 1
+            # gone from every version at once, the one being built included
+            assert docs[1]["id"] not in _held(cfg, "kb__static__v2")
 
     m = Migration(cfg, "kb", "static")
     m.prepare()
@@ -143,7 +145,8 @@ def test_documents_ingested_changed_or_deleted_during_backfill_are_in_the_new_ve
         m.backfill(ids, progress=during_backfill)
     assert fired and fired[0].added == 1 and fired[0].updated == 1
     caught = m.catch_up()
-    assert (caught.written, caught.deleted) == (2, 1)
+    # the backfill may write the deleted document after the delete; the catch-up drops it
+    assert caught.written == 2 and caught.deleted <= 1
     m.cutover(m.validate())
     held = _held(cfg, "kb__static__v2")
     assert held == _corpus(cfg) and len(held) == 40  # 40 + 1 new - 1 deleted

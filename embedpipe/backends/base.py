@@ -22,6 +22,7 @@ class EmbedBatch:
     truncated: int = 0  # texts cut at the model's input limit (local models)
     failed: dict[int, str] = field(default_factory=dict)  # row -> reason; its vector is junk
     chunked: int = 0  # texts split into pieces whose vectors were averaged (hosted)
+    tokens: int | None = None  # tokens the model processed (None: the backend cannot say cheaply)
 
 
 @runtime_checkable
@@ -51,6 +52,16 @@ class Embedder(Protocol):
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each document by the model's tokenizer (exact for hosted models)."""
+        ...
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The model's input limit in tokens (None: no limit)."""
+        ...
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character ``[start, end)`` of each token of ``text`` (no special tokens, no
+        prompt), by the model's own tokenizer: what chunking measures."""
         ...
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:

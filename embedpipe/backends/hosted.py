@@ -118,6 +118,10 @@ class HostedEmbedder:
         prompt = self.profile.document_prompt
         return self.counter.count([prompt + t for t in texts]) if texts else []
 
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character offsets of the tokens the API would count."""
+        return self.counter.spans(text)
+
     def embed_query(self, text: str) -> np.ndarray:
         return self.embed_queries([text])[0]
 
@@ -146,7 +150,8 @@ class HostedEmbedder:
             _normalize(vectors, ok)
         for row in failed:  # a text with one failed piece has no vector at all
             vectors[row] = 0.0
-        return EmbedBatch(vectors, failed=failed, chunked=_count_chunked(inputs, failed))
+        tokens = sum(item.tokens for item in inputs if item.row not in failed)
+        return EmbedBatch(vectors, failed=failed, chunked=_count_chunked(inputs, failed), tokens=tokens)
 
     def _plan(self, texts: list[str]) -> tuple[list[_Input], dict[int, str]]:
         """Inputs within the per-input limit; over-long texts are split or rejected."""

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -152,7 +153,19 @@ class LocalEmbedder:
             return EmbedBatch(np.zeros((0, self.profile.dims), dtype=np.float32), 0)
         prompt = self.profile.document_prompt
         vectors = self._encode(texts, prompt)
-        return EmbedBatch(vectors, self.count_truncated(texts, prompt))
+        truncated, tokens = self._count(texts, prompt)
+        return EmbedBatch(vectors, truncated, tokens=tokens)
+
+    def _count(self, texts: list[str], prompt: str) -> tuple[int, int | None]:
+        """(texts cut at the limit, tokens the model saw). A transformer's encode costs far
+        more than tokenizing, so its tokens are counted; a static model's (no limit, and
+        tokenizing is most of its work) are not."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        limit = self.max_tokens
+        if limit is None or tokenizer is None:
+            return 0, None
+        lengths = [len(ids) for ids in _token_ids(tokenizer, [prompt + t for t in texts])]
+        return sum(1 for n in lengths if n > limit), sum(min(n, limit) for n in lengths)
 
     def embed_query(self, text: str) -> np.ndarray:
         """Embed one query with the profile's query prompt; a 1-D float32 vector."""
@@ -187,19 +200,17 @@ class LocalEmbedder:
         prompt = self.profile.document_prompt
         return [len(ids) for ids in _token_ids(tokenizer, [prompt + t for t in texts])]
 
-    def count_truncated(self, texts: Sequence[str], prompt: str = "") -> int:
-        """How many texts (with the prompt) exceed the model's token limit."""
-        limit = self.max_tokens
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character offsets of the model tokenizer's tokens (words for a model without one)."""
         tokenizer = getattr(self.model, "tokenizer", None)
-        if limit is None or tokenizer is None:
-            return 0
-        # A token covers at least one UTF-8 byte, so only texts with more bytes than the
-        # limit (less the special tokens) can be cut: tokenize just those.
-        candidates = [prompt + t for t in texts if len((prompt + t).encode("utf-8")) + 2 > limit]
-        if not candidates:
-            return 0
-        ids = _token_ids(tokenizer, candidates)
-        return sum(1 for seq in ids if len(seq) > limit)
+        if tokenizer is None:
+            return [m.span() for m in re.finditer(r"\S+", text)]
+        if hasattr(tokenizer, "encode_batch"):  # a bare `tokenizers.Tokenizer` (static models)
+            return [tuple(o) for o in tokenizer.encode(text, add_special_tokens=False).offsets]
+        with _quiet_transformers():
+            enc = tokenizer(text, add_special_tokens=False, truncation=False,
+                            return_offsets_mapping=True)
+        return [tuple(o) for o in enc["offset_mapping"]]
 
 
 def _token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:

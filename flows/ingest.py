@@ -1,0 +1,111 @@
+"""Syncing an index from its source as a Prefect flow: read the source, apply the
+changes, record the run (a markdown artifact and the run log).
+
+``embedpipe sync`` runs it once (through Prefect when ``PREFECT_API_URL`` names a
+server, else the same steps in-process); ``embedpipe schedule`` serves it as one
+deployment per index with a cron schedule (``flows/schedule.py``). The logic is in
+``embedpipe.sync``; the tasks are its two steps, each a whole batch of work.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+
+from embedpipe.config import load_settings
+from embedpipe.errors import EmbedpipeError
+from embedpipe.ingest import ProgressFactory
+from embedpipe.sync import Staged, SyncReport, apply, read_source, record_failure, record_run
+from flows._artifacts import slug
+
+__all__ = ["artifact_markdown", "run_sync", "sync_flow"]
+
+# Set by run_sync for the CLI's progress bar; tasks run in the flow's process.
+_progress: ProgressFactory | None = None
+
+_task = task(cache_policy=NONE, persist_result=False, retries=0)
+
+
+@_task(name="read-source", task_run_name="read-source-{index}")
+def read_task(settings: Any, index: str) -> Staged:
+    return read_source(settings, index)
+
+
+@_task(name="apply-changes", task_run_name="apply-changes-{index}")
+def apply_task(settings: Any, index: str, staged: Staged, allow_mass_delete: bool, dry_run: bool) -> SyncReport:
+    return apply(settings, index, staged, allow_mass_delete=allow_mass_delete, dry_run=dry_run,
+                 progress=_progress)
+
+
+@flow(name="sync-index", flow_run_name="sync-{index}", persist_result=False, validate_parameters=False)
+def sync_flow(
+    index: str, config: str | None = None, allow_mass_delete: bool = False, dry_run: bool = False
+) -> dict[str, Any]:
+    """Sync ``index`` from the source under ``[indexes.<index>]`` of ``config``; returns the
+    run's summary (added, updated, deleted, unchanged, failed, embedded, tokens, seconds)."""
+    settings = load_settings(config)
+    started = time.perf_counter()
+    try:
+        staged = read_task(settings, index)
+        report = apply_task(settings, index, staged, allow_mass_delete, dry_run)
+    except EmbedpipeError as exc:
+        if not dry_run:
+            record_failure(settings, index, exc, started)
+        raise
+    if not dry_run:
+        record_run(settings, report)
+    create_markdown_artifact(
+        markdown=artifact_markdown(report),
+        key=f"sync-{slug(index)}",
+        description=f"sync of {index}: {report.status}",
+    )
+    return report.to_dict()
+
+
+def artifact_markdown(report: SyncReport) -> str:
+    """The run's summary as a markdown table (what Prefect's UI shows), failures below."""
+    rows = [("source", report.source), ("collection", report.collection or "-"),
+            ("status", report.status + (" (dry run)" if report.dry_run else ""))]
+    rows += [(k, str(getattr(report, k))) for k in (
+        "added", "updated", "deleted", "unchanged", "failed", "embedded", "reused", "tokens")]
+    rows.append(("duration", f"{report.seconds:.2f} s"))
+    lines = [f"# sync of `{report.index}`", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {_cell(v)} |" for k, v in rows]
+    if report.failures:
+        lines += ["", f"## failures ({len(report.failures)})", ""]
+        lines += [f"- `{f.get('path') or f.get('id')}`: {_cell(f['reason'])}" for f in report.failures[:50]]
+    for warning in report.warnings:
+        lines += ["", f"> warning: {_cell(warning)}"]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def run_sync(
+    settings: Any,
+    index: str,
+    allow_mass_delete: bool = False,
+    dry_run: bool = False,
+    progress: ProgressFactory | None = None,
+) -> dict[str, Any]:
+    """Run :func:`sync_flow` in this process (reporting to PREFECT_API_URL's server)."""
+    from flows.migrate import check_prefect
+
+    global _progress
+    check_prefect()
+    _progress = progress
+    try:
+        return sync_flow(
+            index=index,
+            config=str(settings.config_path) if settings.config_path else None,
+            allow_mass_delete=allow_mass_delete,
+            dry_run=dry_run,
+        )
+    finally:
+        _progress = None

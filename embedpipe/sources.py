@@ -251,8 +251,9 @@ class _TextOfHTML(HTMLParser):
     """Visible text of an HTML page: no scripts or styles, block elements on new lines."""
 
     SKIP = {"script", "style", "noscript", "template", "svg", "head"}
-    BLOCK = {"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "h1", "h2",
-             "h3", "h4", "h5", "h6", "pre", "blockquote", "header", "footer", "hr", "dd", "dt"}
+    BLOCK = {"p", "div", "ul", "ol", "table", "section", "article", "h1", "h2", "h3", "h4", "h5",
+             "h6", "pre", "blockquote", "header", "footer", "hr", "main", "nav", "aside", "dl"}
+    LINE = {"br", "li", "tr", "dt", "dd"}
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -266,6 +267,8 @@ class _TextOfHTML(HTMLParser):
             self._skip += 1
         self._in_title = self._in_title or tag == "title"
         if tag in self.BLOCK:
+            self.parts.append("\n\n")
+        elif tag in self.LINE:
             self.parts.append("\n")
 
     def handle_endtag(self, tag: str) -> None:
@@ -274,7 +277,7 @@ class _TextOfHTML(HTMLParser):
         if tag == "title":
             self._in_title = False
         if tag in self.BLOCK:
-            self.parts.append("\n")
+            self.parts.append("\n\n")
 
     def handle_data(self, data: str) -> None:
         if self._in_title:

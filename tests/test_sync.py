@@ -285,3 +285,18 @@ def test_cli_sync_json_summary_exit_codes_and_status(cfg, src: Path, tmp_path: P
     assert json.loads(status.stdout)[0]["source"]["path"] == str(src)
     no_source = cli("sync", "--index", "other")
     assert no_source.returncode == 2 and "has no source" in no_source.stderr
+
+
+def test_one_sync_per_index_at_a_time(cfg, src: Path) -> None:
+    from embedpipe.errors import IndexBusy
+    from embedpipe.ingest import index_lock
+
+    sync(cfg, "docs")
+    before = _corpus(cfg)
+    _write(src, {"mars.txt": "Mars has dust storms."})
+    with index_lock(cfg, "docs"):  # another sync (or ingest, or a cutover) holds the index
+        with pytest.raises(IndexBusy, match="already running on index 'docs'"):
+            sync(cfg, "docs")
+    assert _corpus(cfg) == before
+    assert last_runs(cfg, "docs")[0]["status"] == "error"
+    assert sync(cfg, "docs").added == 1  # once free, the next run does the work

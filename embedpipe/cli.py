@@ -246,21 +246,22 @@ def search(
     index: IndexOpt,
     k: Annotated[int, typer.Option("-k", min=1, max=1000, help="How many results.")] = 10,
     filter: Annotated[list[str], typer.Option("--filter", "-f", help="Metadata KEY=VALUE (repeatable).")] = [],
+    group_by_doc: Annotated[bool, typer.Option("--group-by-doc", help="Chunked index: the best chunk of each document.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Search an index; the query is embedded with the index's own model."""
     from embedpipe.index import Index
 
     idx = Index(index, _settings())
-    hits = idx.search(text, k=k, filter=_parse_filters(filter))
+    hits = idx.search(text, k=k, filter=_parse_filters(filter), group_by_doc=group_by_doc)
     if as_json:
-        _print_json([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits])
+        _print_json([{k: v for k, v in h.to_dict().items() if k != "text"} for h in hits])
         return
     if not hits:
         typer.echo("no results")
     for rank, hit in enumerate(hits, start=1):
         snippet = " ".join((hit.text or "").split())[:100]
-        typer.echo(f"{rank:>3}. {hit.score:.4f}  {hit.id}  {snippet}")
+        typer.echo(f"{rank:>3}. {hit.score:.4f}  {hit.chunk_id or hit.id}  {snippet}")
 
 
 @app.command()

@@ -46,6 +46,7 @@ def _root(
     _state["config"] = config
     _state["verbose"] = verbose
     # Prefect logs every task state at INFO; the CLI prints its own progress and report.
+    _state["prefect_log_level_set"] = "PREFECT_LOGGING_LEVEL" in os.environ
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     # The temporary server's telemetry heartbeat races its own SQLite writes ("database
     # is locked" tracebacks); nothing leaves this machine anyway.
@@ -213,6 +214,9 @@ def schedule(
 
     Needs a Prefect server: run `prefect server start` and set PREFECT_API_URL.
     """
+    if not _state.get("prefect_log_level_set"):
+        # Served runs are child processes: their task states and logs belong on the server.
+        os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
     from flows.schedule import serve_schedules
 
     _quiet_run_logs()

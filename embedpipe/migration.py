@@ -37,14 +37,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from embedpipe.backends import build_embedder
 from embedpipe.catchup import SyncStats, stale_ids, sync_version, write_documents
 from embedpipe.corpus import CorpusStore
 from embedpipe.errors import FingerprintMismatch, MigrationError, NothingToMigrate
-from embedpipe.index import IndexVersions, Version, check_fingerprint, point_id
+from embedpipe.index import IndexVersions, Version, check_fingerprint
 from embedpipe.ingest import index_lock
 from embedpipe.profiles import Profile, fingerprint
 from embedpipe.qdrant import connect

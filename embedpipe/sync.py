@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,9 @@ from embedpipe.ingest import (
 )
 from embedpipe.index import IndexVersions
 from embedpipe.qdrant import connect
-from embedpipe.sources import FileError, SourceScan, SourceSpec
+from embedpipe.sources import SourceScan, SourceSpec
 
-__all__ = ["Staged", "SyncReport", "apply", "last_runs", "read_source", "record_run", "sync"]
+__all__ = ["Staged", "SyncReport", "apply", "last_runs", "read_source", "recorded", "sync"]
 
 @dataclass
 class SyncReport:
@@ -161,10 +162,16 @@ def sync(
     progress: ProgressFactory | None = None,
 ) -> SyncReport:
     """Read, apply and record one sync of ``index`` (the flow runs the same steps as tasks)."""
+    return recorded(settings, index, dry_run, lambda: apply(
+        settings, index, read_source(settings, index), allow_mass_delete=allow_mass_delete,
+        dry_run=dry_run, progress=progress))
+
+
+def recorded(settings: Settings, index: str, dry_run: bool, steps: Callable[[], SyncReport]) -> SyncReport:
+    """Run a sync's ``steps`` and log the run, or why it stopped (a dry run is not logged)."""
     started = time.perf_counter()
     try:
-        report = apply(settings, index, read_source(settings, index),
-                       allow_mass_delete=allow_mass_delete, dry_run=dry_run, progress=progress)
+        report = steps()
     except EmbedpipeError as exc:
         if not dry_run:
             record_failure(settings, index, exc, started)

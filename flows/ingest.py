@@ -9,7 +9,6 @@ deployment per index with a cron schedule (``flows/schedule.py``). The logic is 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import flow, task
@@ -17,9 +16,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from embedpipe.config import load_settings
-from embedpipe.errors import EmbedpipeError
 from embedpipe.ingest import ProgressFactory
-from embedpipe.sync import Staged, SyncReport, apply, read_source, record_failure, record_run
+from embedpipe.sync import Staged, SyncReport, apply, read_source, recorded
 from flows._artifacts import slug
 
 __all__ = ["artifact_markdown", "run_sync", "sync_flow"]
@@ -48,16 +46,8 @@ def sync_flow(
     """Sync ``index`` from the source under ``[indexes.<index>]`` of ``config``; returns the
     run's summary (added, updated, deleted, unchanged, failed, embedded, tokens, seconds)."""
     settings = load_settings(config)
-    started = time.perf_counter()
-    try:
-        staged = read_task(settings, index)
-        report = apply_task(settings, index, staged, allow_mass_delete, dry_run)
-    except EmbedpipeError as exc:
-        if not dry_run:
-            record_failure(settings, index, exc, started)
-        raise
-    if not dry_run:
-        record_run(settings, report)
+    report = recorded(settings, index, dry_run, lambda: apply_task(
+        settings, index, read_task(settings, index), allow_mass_delete, dry_run))
     create_markdown_artifact(
         markdown=artifact_markdown(report),
         key=f"sync-{slug(index)}",

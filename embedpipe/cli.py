@@ -495,7 +495,7 @@ def migrate(
 
         read_golden(golden)  # a bad golden file fails before anything is spent
     if not dry_run:
-        from flows.migrate import check_prefect
+        from flows._prefect import check_prefect
 
         check_prefect()  # an unreachable server fails before the model is even loaded
     try:

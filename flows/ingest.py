@@ -18,7 +18,7 @@ from prefect.cache_policies import NONE
 from embedpipe.config import load_settings
 from embedpipe.ingest import ProgressFactory
 from embedpipe.sync import Staged, SyncReport, apply, read_source, recorded
-from flows._artifacts import slug
+from flows._prefect import check_prefect, slug
 
 __all__ = ["artifact_markdown", "run_sync", "sync_flow"]
 
@@ -85,8 +85,6 @@ def run_sync(
     progress: ProgressFactory | None = None,
 ) -> dict[str, Any]:
     """Run :func:`sync_flow` in this process (reporting to PREFECT_API_URL's server)."""
-    from flows.migrate import check_prefect
-
     global _progress
     check_prefect()
     _progress = progress

@@ -22,10 +22,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
 from embedpipe.config import Settings, load_settings
-from embedpipe.errors import MigrationError, PrefectUnavailable, ValidationFailed
+from embedpipe.errors import MigrationError, ValidationFailed
 from embedpipe.migration import Migration, ProgressFactory, migration_lock
 from embedpipe.validation import ValidationReport
-from flows._artifacts import slug
+from flows._prefect import check_prefect, slug
 
 __all__ = ["check_prefect", "migrate_flow", "run_migration"]
 
@@ -113,24 +113,6 @@ def migrate_flow(
             exc.report = m.report(status, report, plan).to_dict()  # type: ignore[attr-defined]
             raise
         return m.report("live", report, plan).to_dict()
-
-
-def check_prefect() -> None:
-    """Fail with one line, before anything is spent, when ``PREFECT_API_URL`` names a
-    server that does not answer. Unset, Prefect starts a temporary server itself."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if not url:
-        return
-    with get_client(sync_client=True) as client:
-        problem = client.api_healthcheck()
-    if problem is not None:
-        raise PrefectUnavailable(
-            f"cannot reach the Prefect server at {url} ({type(problem).__name__}); start it "
-            "(`prefect server start`) or unset PREFECT_API_URL to run on a temporary local server"
-        )
 
 
 def run_migration(

@@ -32,12 +32,13 @@ from prefect.client.schemas.schedules import CronSchedule
 from pydantic import ValidationError
 
 from embedpipe.config import Settings
-from embedpipe.errors import ConfigError, PrefectUnavailable
+from embedpipe.errors import ConfigError
+from flows._prefect import check_prefect
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
-__all__ = ["deployment_name", "deployments", "require_prefect_server", "serve_schedules", "validate_cron"]
+__all__ = ["deployment_name", "deployments", "serve_schedules", "validate_cron"]
 
 FLOW_NAME = "sync-index"  # the name of flows.ingest.sync_flow
 CRON_HELP = 'five fields, minute hour day-of-month month day-of-week, in UTC; e.g. "0 * * * *" is hourly'
@@ -135,27 +136,6 @@ def deployments(settings: Settings, index: str | None = None, cron: str | None =
     ]
 
 
-def require_prefect_server() -> str:
-    """The API URL of a reachable Prefect server, or a one-line PrefectUnavailable."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if not url:
-        raise PrefectUnavailable(
-            "schedules need a running Prefect server (the temporary one has no scheduler): start one with "
-            "`prefect server start`, then set PREFECT_API_URL=http://127.0.0.1:4200/api"
-        )
-    with get_client(sync_client=True) as client:
-        problem = client.api_healthcheck()
-    if problem is not None:
-        raise PrefectUnavailable(
-            f"cannot reach the Prefect server at {url} ({type(problem).__name__}); start it with "
-            "`prefect server start` or point PREFECT_API_URL at a running one"
-        )
-    return str(url)
-
-
 def serve_schedules(settings: Settings, index: str | None = None, cron: str | None = None) -> None:
     """Serve the sync deployments (see :func:`deployments`) until interrupted.
 
@@ -164,7 +144,7 @@ def serve_schedules(settings: Settings, index: str | None = None, cron: str | No
     resumes them.
     """
     served = deployments(settings, index=index, cron=cron)
-    url = require_prefect_server()
+    url = check_prefect(require_server=True)
     from prefect import serve
 
     for deployment in served:

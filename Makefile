@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # (or a plain `torch` requirement resolved first) pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install dev demo test test-all bench bench-hosted bench-migrate clean
+.PHONY: install dev demo test test-all bench bench-hosted bench-migrate bench-resync clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: install
 	@$(VENV)/bin/embedpipe -c configs/embedpipe.toml search "which planet has a runaway greenhouse effect?" --index demo -k 3
 	@echo; echo '$$ embedpipe search "why must I re-embed when my embedding model is retired?" --index demo -k 3'
 	@$(VENV)/bin/embedpipe -c configs/embedpipe.toml search "why must I re-embed when my embedding model is retired?" --index demo -k 3
+	@echo; echo '$$ embedpipe sync --index notes   # examples/notes, chunked, kept in step with the folder'
+	@$(VENV)/bin/embedpipe -c configs/embedpipe.toml sync --index notes
+	@echo; echo '$$ embedpipe search "why re-embed when a model is retired?" --index notes -k 3 --group-by-doc'
+	@$(VENV)/bin/embedpipe -c configs/embedpipe.toml search "why re-embed when a model is retired?" --index notes -k 3 --group-by-doc
 	@echo; echo '$$ embedpipe status'
 	@$(VENV)/bin/embedpipe -c configs/embedpipe.toml status
 
@@ -47,6 +51,10 @@ bench-hosted: dev
 
 bench-migrate: dev
 	$(PY) bench/migrate_vs_encode.py
+
+bench-resync: dev
+	$(PIP) install -q -e '.[dev,bench]'
+	$(PY) bench/resync_noop.py
 
 clean:
 	rm -rf .embedpipe .pytest_cache

@@ -18,10 +18,12 @@ from embedpipe.errors import (
     FingerprintMismatch,
     IndexNotFound,
     InputError,
+    MassDeleteRefused,
     ModelDeprecated,
     ModelError,
     ProviderError,
     QdrantUnavailable,
+    SourceUnavailable,
     SovereigntyError,
     StoreError,
     UnknownProfile,
@@ -40,10 +42,12 @@ __all__ = [
     "Index",
     "IndexNotFound",
     "InputError",
+    "MassDeleteRefused",
     "ModelDeprecated",
     "ModelError",
     "ProviderError",
     "QdrantUnavailable",
+    "SourceUnavailable",
     "SovereigntyError",
     "StoreError",
     "UnknownProfile",
@@ -51,6 +55,7 @@ __all__ = [
     "__version__",
     "ingest",
     "load_settings",
+    "sync",
 ]
 
 
@@ -59,6 +64,10 @@ def __getattr__(name: str):  # PEP 562: keep `import embedpipe` light
         from embedpipe.ingest import ingest
 
         return ingest
+    if name == "sync":
+        from embedpipe.sync import sync
+
+        return sync
     if name == "load_settings":
         from embedpipe.config import load_settings
 

@@ -300,3 +300,25 @@ def test_one_sync_per_index_at_a_time(cfg, src: Path) -> None:
     assert _corpus(cfg) == before
     assert last_runs(cfg, "docs")[0]["status"] == "error"
     assert sync(cfg, "docs").added == 1  # once free, the next run does the work
+
+
+def test_hosted_profile_chunks_by_its_own_tokenizer(make_settings, openai_server, src: Path) -> None:
+    from conftest import hosted_profile_toml
+    from embedpipe.tokens import TokenCounter
+
+    cfg = make_settings(
+        'default_profile = "hosted"\n' + hosted_profile_toml(openai_server.base_url)
+        + f'\n[indexes.docs]\nsource = "{src}"\nchunk_tokens = 20\nchunk_overlap = 4\n'
+    )
+    report = sync(cfg, "docs")
+    assert (report.added, report.failed) == (4, 0)
+    collection = _versions(cfg).require_live("docs").collection
+    points, _ = connect(cfg).scroll(collection, limit=1000, with_payload=["chunk_id", "text"])
+    counts = TokenCounter().count([p.payload["text"] for p in points])
+    assert len(points) > 8 and max(counts) <= 20  # cl100k tokens, as the API counts them
+    # the tokens reported are exactly the ones the server billed, less the model check's probe
+    from embedpipe.backends.hosted import PROBE_TEXT
+
+    probe = TokenCounter().count([PROBE_TEXT])[0]
+    assert report.tokens + probe == openai_server.counters()["tokens_billed"]
+    assert sync(cfg, "docs").embedded == 0

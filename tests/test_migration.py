@@ -260,7 +260,12 @@ def test_rollback_catches_the_standby_up_then_moves_the_alias_back(cfg, tmp_path
     _run(Migration(cfg, "kb", "static"))
     late = write_jsonl(tmp_path / "late.jsonl", [{"id": "late", "text": "Tides are caused by the Moon."}])
     ingest(cfg, "kb", late)  # lands in the live static version only
-    delete(cfg, "kb", ["astro-venus"])
+    delete(cfg, "kb", ["astro-venus"])  # leaves every version at once, the standby too
+    assert "astro-venus" not in _held(cfg, "kb__local-minilm__v1")
+    # a deletion that reached only the corpus (as an older embedpipe made them): the
+    # standby's catch-up removes it
+    gone = next(i for i in _corpus(cfg) if i != "late")
+    CorpusStore.for_index(cfg.data_dir, "kb").delete([gone])
     result = rollback(cfg, "kb")
     assert result["collection"] == "kb__local-minilm__v1" and result["from_collection"] == "kb__static__v2"
     assert (result["written"], result["deleted"], result["embedded"]) == (1, 1, 1)

@@ -151,6 +151,8 @@ def ingest(
         typer.echo(f"failed: {failure['id']}: {failure['reason']}", err=True)
     if len(report.failures) > 10:
         typer.echo(f"... and {len(report.failures) - 10} more failures (--json lists all)", err=True)
+    for warning in report.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     _exit_if_failures(report)
 
 

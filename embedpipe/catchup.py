@@ -7,7 +7,8 @@ corpus's record hash is skipped, so a re-run after a crash redoes only what is m
 
 A document may be several points (its chunks, when the version chunks). Rewriting a
 document removes the points it no longer has (a text that got shorter has fewer
-chunks); a document the model could not embed keeps none of its new points.
+chunks); a document the model could not embed is not written at all (the pipeline
+writes a document's chunks only once all of them embedded), so it keeps its old points.
 """
 
 from __future__ import annotations
@@ -107,11 +108,10 @@ def write_documents(
 
     done = embed_and_write(items(), embedder, write, store, window=settings.window, progress=progress)
     stats.add(done, written=0)
-    if held:
-        leftovers = [p for h in held.values() for p in h.points if p not in written]
+    if held:  # a failed document was not written at all: its old points stay
+        leftovers = [p for doc, h in held.items() if doc not in done.failures
+                     for p in h.points if p not in written]
         versions.delete_points(version.collection, leftovers)
-    if chunker and done.failures:  # no half-written document: its new chunks go too
-        versions.delete_documents(version.collection, list(done.failures))
     return stats
 
 

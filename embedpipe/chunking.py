@@ -79,17 +79,19 @@ def split(text: str, spans: Sequence[Span], spec: ChunkSpec) -> list[Chunk]:
     count = len(spans)
     if count <= spec.max_tokens:
         return [Chunk(0, 0, len(text), text)]
-    chunks: list[Chunk] = []
+    cuts: list[tuple[int, int]] = []
     start = 0
     while True:
         end = min(start + spec.max_tokens, count)
         if end < count:
             end = _best_cut(text, spans, start, end)
-        lo, hi = spans[start][0], spans[end - 1][1]
-        chunks.append(Chunk(len(chunks), lo, hi, text[lo:hi]))
+        cuts.append((spans[start][0], spans[end - 1][1]))
         if end >= count:
-            return chunks
+            break
         start = _word_start(text, spans, max(end - spec.overlap, start + 1), end)
+    # Runs of whitespace tokens (some tokenizers have them) make no chunk of their own.
+    kept = [(lo, hi) for lo, hi in cuts if text[lo:hi].strip()]
+    return [Chunk(n, lo, hi, text[lo:hi]) for n, (lo, hi) in enumerate(kept)]
 
 
 def _gap(text: str, spans: Sequence[Span], k: int) -> str:
@@ -138,7 +140,20 @@ class Chunker:
             )
 
     def split(self, text: str) -> list[Chunk]:
-        return split(text, self.embedder.token_spans(text), self.spec)
+        """Chunks that each re-tokenize within ``max_tokens``: a cut inside a multi-byte
+        character or before a space can tokenize a little longer on its own, so the
+        window shrinks until every chunk fits."""
+        spans = self.embedder.token_spans(text)
+        spec = self.spec
+        while True:
+            chunks = split(text, spans, spec)
+            if len(chunks) == 1 and len(spans) <= self.spec.max_tokens:
+                return chunks
+            over = max(len(self.embedder.token_spans(c.text)) for c in chunks) - self.spec.max_tokens
+            if over <= 0 or spec.max_tokens <= 8:
+                return chunks
+            size = max(8, spec.max_tokens - max(1, over))
+            spec = ChunkSpec(size, min(spec.overlap, size // 2))
 
     def works(self, row: Mapping[str, Any], store_text: bool) -> list[Work]:
         """One work item per chunk; the payload says which document and where in it."""

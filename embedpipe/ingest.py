@@ -20,6 +20,7 @@ it only once it holds every document.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -31,7 +32,8 @@ import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
 from embedpipe.backends import build_embedder
-from embedpipe.chunking import Chunker, chunker_for, works_for_row
+from embedpipe._files import write_json
+from embedpipe.chunking import Chunker, ChunkSpec, chunker_for, works_for_row
 from embedpipe.config import Settings
 from embedpipe.corpus import CorpusStore, Document, Known, documents_to_batch
 from embedpipe.errors import ConfigError, EmbedpipeError, IndexBusy, InputError
@@ -120,7 +122,7 @@ def ingest(
     With ``dry_run`` the input is validated and diffed and the report says what would be
     added, updated and embedded; no model is loaded and nothing is written.
     """
-    _check_index_name(index)
+    check_index_name(index)
     started = time.perf_counter()
     corpus = CorpusStore.for_index(settings.data_dir, index)
     staged = stage(corpus, read_documents(Path(path)))  # validates everything before any write
@@ -142,7 +144,7 @@ def _compact_unless_migrating(settings: Settings, index: str, corpus: CorpusStor
         pass  # the next ingest compacts
 
 
-def _check_index_name(index: str) -> None:
+def check_index_name(index: str) -> None:
     if not index or "__" in index or not all(c.isalnum() or c in "-_" for c in index):
         raise ConfigError(
             f"invalid index name {index!r}; use letters, digits, '-' and single '_'"
@@ -199,24 +201,37 @@ def _ingest_staged(
     counts, changed = _diff(staged, known)
     existing = _existing_target(versions, index, live, fp)
     building = existing is None or existing.state != "live"
-    if not changed and not building:  # nothing to embed: no model is loaded
+    # Documents an interrupted run may have left half-written (see _Journal).
+    journal = _Journal(settings, index)
+    pending = set() if building else journal.read()
+    if not changed and not building and not pending:  # nothing to embed: no model is loaded
         check_fingerprint(existing, fp, profile.name)  # type: ignore[arg-type]
         return _report(index, existing, profile.name, fp, counts, PipelineStats(), False, started,
                        {}, _chunking_warnings(settings, index, existing))  # type: ignore[arg-type]
     embedder.check()  # a bad model fails here, before any collection or file is made
-    target, created = _target_version(versions, index, live, profile, fp, settings.index_chunking(index))
+    chunking = settings.index_chunking(index)
+    spec = ChunkSpec.from_dict(chunking)
+    if spec is not None and building:
+        Chunker(spec, embedder)  # a chunk size the model cannot take fails before any version exists
+    if existing is not None and building and existing.chunking != chunking:
+        versions.drop(existing)  # a first build never went live: restart it as configured
+        existing = None
+    target, created = _target_version(versions, index, live, profile, fp, chunking)
     check_fingerprint(target, fp, profile.name)
     chunker = chunker_for(target, embedder)
+    warnings = _chunking_warnings(settings, index, target)
+    from_corpus = _repair(versions, index, staged, known, pending, changed, counts, warnings)
     # A version that is not live yet must hold the whole corpus, not just the changes.
     if building:
         staged_ids = _ids(staged)
         todo = len(staged_ids) + len(known.keys() - staged_ids)
     else:
-        todo = len(changed)
+        todo = len(changed) + len(from_corpus)
+        journal.write(changed | from_corpus)
     store = VectorStore(settings.data_dir, fp, profile.dims, profile.name)
     store_text = settings.index_store_text(index)
     # What chunked documents held before, so chunks a rewrite no longer has can go.
-    held = _held_before(versions, target, chunker, building, changed & known.keys())
+    held = _held_before(versions, target, chunker, building, changed | from_corpus)
     written: set[str] = set()
 
     def write(ids: list[str], vectors: Any, payloads: list[dict[str, Any]]) -> None:
@@ -225,7 +240,7 @@ def _ingest_staged(
             written.update(point_id(i) for i in ids)
 
     try:
-        items = _work(staged, changed, building, corpus, store_text, chunker)
+        items = _work(staged, changed, building, corpus, store_text, chunker, from_corpus)
         stats = embed_and_write(
             items, embedder, write, store, window=settings.window,
             # a chunked document is several points: the bar counts points, total unknown
@@ -235,24 +250,26 @@ def _ingest_staged(
         if created and versions.count(target.collection) == 0:
             versions.drop(target)  # nothing reached it: leave no empty version behind
         raise
+    # Chunks rewritten documents no longer have go before the corpus moves on: a crash
+    # in between leaves the journal, and the next run redoes those documents.
+    _drop_leftovers(versions, target, held, written, stats)
     # Documents that failed to embed stay out of the corpus too, so the next run
-    # sees them as new (or changed) and tries again.
+    # sees them as new (or changed) and tries again; their old points are untouched.
     _commit_corpus(corpus, staged, changed - stats.failures.keys())
-    if chunker is not None:
-        _settle_chunks(versions, target, corpus, held, written, stats, known)
     for doc_id in stats.failures.keys() & changed:  # added/updated: what landed
         counts["updated" if doc_id in known else "added"] -= 1
     migration_writes = {} if building else _write_to_migrations(
-        settings, versions, corpus, index, target, sorted(changed - stats.failures.keys()))
+        settings, versions, corpus, index, target, sorted((changed | from_corpus) - stats.failures.keys()))
     if building:
         corpus_ids = set(corpus.known())
         if corpus_ids:
             versions.go_live(index, target, corpus_ids)
         elif created:  # every document failed: leave no empty version behind
             versions.drop(target)
+    journal.clear()
     _compact_unless_migrating(settings, index, corpus)
     return _report(index, target, profile.name, fp, counts, stats, created, started, migration_writes,
-                   _chunking_warnings(settings, index, target))
+                   warnings)
 
 
 def _report(
@@ -280,34 +297,78 @@ def _report(
 
 
 def _held_before(
-    versions: IndexVersions, target: Version, chunker: Chunker | None, building: bool, updated: set[str]
+    versions: IndexVersions, target: Version, chunker: Chunker | None, building: bool, ids: set[str]
 ) -> dict[str, Holding]:
-    if chunker is None:  # one point per document: a rewrite overwrites it
+    """What the documents about to be rewritten hold now (chunked versions only: one point
+    per document is simply overwritten)."""
+    if chunker is None:
         return {}
     if building:  # everything is rewritten: any point not rewritten is a leftover
         return versions.holdings(target.collection)
-    return versions.holdings(target.collection, sorted(updated)) if updated else {}
+    return versions.holdings(target.collection, sorted(ids)) if ids else {}
 
 
-def _settle_chunks(
-    versions: IndexVersions,
-    target: Version,
-    corpus: CorpusStore,
-    held: dict[str, Holding],
-    written: set[str],
+def _drop_leftovers(
+    versions: IndexVersions, target: Version, held: dict[str, Holding], written: set[str],
     stats: PipelineStats,
-    known: dict[str, Known],
 ) -> None:
-    """After a chunked write: drop the chunks rewritten documents no longer have, and
-    every point of a document that failed (some of its chunks may have landed). A
-    failed document that was in the corpus leaves it too, so the next run retries it
-    as new: it is either whole in the index or reported failed, never half."""
+    """After a chunked write: drop the chunks rewritten documents no longer have (a text
+    that got shorter). A document that failed was not written at all and keeps its points."""
     leftovers = [p for doc, h in held.items() if doc not in stats.failures
                  for p in h.points if p not in written]
     versions.delete_points(target.collection, leftovers)
-    if stats.failures:
-        versions.delete_documents(target.collection, sorted(stats.failures))
-        corpus.delete(stats.failures.keys() & known.keys())
+
+
+class _Journal:
+    """The documents a run is writing into the live version, kept until the corpus has
+    them (``<data>/pending/<index>.json``).
+
+    A run killed mid-write can leave a document half-written (some of its chunks new,
+    some old) or written but not in the corpus; the corpus alone cannot tell, since it
+    only moves on after the writes. The next run reads the journal and rewrites those
+    documents, or deletes them from every version when they are gone.
+    """
+
+    def __init__(self, settings: Settings, index: str) -> None:
+        self.path = settings.data_dir / "pending" / f"{index}.json"
+
+    def read(self) -> set[str]:
+        try:
+            return set(json.loads(self.path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return set()
+        except ValueError:  # a torn file cannot exist (atomic writes); treat as empty
+            return set()
+
+    def write(self, ids: set[str]) -> None:
+        write_json(self.path, sorted(ids | self.read()))
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _repair(
+    versions: IndexVersions, index: str, staged: Path, known: dict[str, Known], pending: set[str],
+    changed: set[str], counts: dict[str, int], warnings: list[str],
+) -> set[str]:
+    """Documents an interrupted run left behind: those in the input are rewritten from it
+    (added to ``changed``), those only in the corpus are rewritten from the corpus (the
+    ids returned), and those in neither are deleted from every version."""
+    if not pending:
+        return set()
+    staged_ids = _ids(staged)
+    redo = (pending & staged_ids) - changed
+    changed |= redo
+    counts["unchanged"] -= len(redo & known.keys())
+    counts["updated"] += len(redo & known.keys())
+    counts["added"] += len(redo - known.keys())
+    from_corpus = (pending & known.keys()) - staged_ids
+    orphans = sorted(pending - staged_ids - known.keys())
+    for version in versions.versions(index) if orphans else []:
+        versions.delete_documents(version.collection, orphans)
+    warnings.append(f"an interrupted run left {len(pending)} documents unsettled; rewrote "
+                    f"{len(redo) + len(from_corpus)} and removed {len(orphans)}")
+    return from_corpus
 
 
 def _write_to_migrations(
@@ -496,10 +557,10 @@ def _commit_corpus(corpus: CorpusStore, staged: Path, ids: set[str]) -> None:
 
 def _work(
     staged: Path, changed: set[str], building: bool, corpus: CorpusStore, store_text: bool,
-    chunker: Chunker | None,
+    chunker: Chunker | None, from_corpus: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> Iterator[Work]:
-    """Points to embed: of changed staged rows, and for a version still building, of the
-    rest of the corpus too."""
+    """Points to embed: of changed staged rows, and of the rest of the corpus too for a
+    version still building (else of the ``from_corpus`` ids)."""
     seen: set[str] = set()
     for batch in pq.ParquetFile(staged).iter_batches(batch_size=4096):
         mask = [doc_id in changed or building for doc_id in batch.column("id").to_pylist()]
@@ -509,17 +570,17 @@ def _work(
         for row in rows.to_pylist():
             seen.add(row["id"])
             yield from works_for_row(row, store_text, chunker)
-    if building:
+    if building or from_corpus:
         for batch in corpus.iter_batches():
             for row in batch.to_pylist():
-                if row["id"] not in seen:
+                if row["id"] not in seen and (building or row["id"] in from_corpus):
                     yield from works_for_row(row, store_text, chunker)
 
 
 def delete(settings: Settings, index: str, ids: Iterable[str]) -> int:
     """Remove documents from every version of the index and from the corpus. Returns how
     many the corpus held."""
-    _check_index_name(index)
+    check_index_name(index)
     ids = sorted({str(i) for i in ids})
     if not ids:
         return 0

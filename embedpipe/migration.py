@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedpipe._files import write_json
 from embedpipe.backends import build_embedder
 from embedpipe.catchup import SyncStats, stale_ids, sync_version, write_documents
 from embedpipe.corpus import CorpusStore
@@ -132,14 +131,6 @@ def migrations_dir(settings: Settings, index: str) -> Path:
     folder = settings.data_dir / "migrations" / index
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def write_json(path: Path, data: Any) -> Path:
-    """Write JSON atomically (temporary name, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def _now() -> str:

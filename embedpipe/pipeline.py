@@ -13,7 +13,10 @@ The embedding model is the bottleneck, so everything else hides behind it:
 * an embedder that declares ``concurrency > 1`` (a hosted endpoint) gets that
   many chunks in flight at once; results are still written in order;
 * texts the embedder reports as failed are never written: they are returned in
-  ``PipelineStats.failures`` with their reasons, and the caller leaves them out.
+  ``PipelineStats.failures`` with their reasons, and the caller leaves them out;
+* a document of several points (its chunks) is written whole or not at all: its
+  chunks stay in one window and are written once every one of them embedded, so a
+  failure leaves the points it had before untouched.
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ class Work:
     @property
     def doc_id(self) -> str:
         return self.payload["id"]
+
+    @property
+    def whole(self) -> bool:
+        """Whether this point is its document's only one (else it is one of its chunks)."""
+        return self.payload.get("chunks", 1) == 1
 
     @classmethod
     def from_corpus_row(cls, row: dict[str, Any], store_text: bool) -> Work:
@@ -144,10 +152,11 @@ def embed_and_write(
     try:
         pending: list[Work] = []
         for item in items:
-            pending.append(item)
-            if len(pending) >= window:
+            # a window ends between documents, never between two chunks of one
+            if len(pending) >= window and item.doc_id != pending[-1].doc_id:
                 step.window(pending)
                 pending = []
+            pending.append(item)
         if pending:
             step.window(pending)
     except BaseException:
@@ -191,12 +200,14 @@ class _Step:
         for positions in plan_chunks([len(w.text) for w in window], self.chunk):
             chunks.append(self._prepare([window[i] for i in positions], cached, claimed))
         failed_hashes: dict[str, str] = {}
+        deferred: list[tuple[list[Work], np.ndarray]] = []  # chunks of multi-point documents
         try:
             for c in chunks:  # in parallel when a pool exists, else one by one below
                 if c.todo and self.pool is not None:
                     c.result = self.pool.submit(self._embed, c)
             for c in chunks:
-                self._finish(c, cached, failed_hashes)
+                self._finish(c, cached, failed_hashes, deferred)
+            self._write_whole_documents(deferred)
         except BaseException:
             for c in chunks:
                 if isinstance(c.result, Future):
@@ -221,7 +232,10 @@ class _Step:
     def _embed(self, c: _Chunk) -> Any:
         return self.embedder.embed_documents([c.items[rows[0]].text for rows in c.todo.values()])
 
-    def _finish(self, c: _Chunk, cached: dict[str, np.ndarray], failed_hashes: dict[str, str]) -> None:
+    def _finish(
+        self, c: _Chunk, cached: dict[str, np.ndarray], failed_hashes: dict[str, str],
+        deferred: list[tuple[list[Work], np.ndarray]],
+    ) -> None:
         new_hashes: list[str] = []
         new_vectors: list[np.ndarray] = []
         if c.todo:
@@ -242,31 +256,33 @@ class _Step:
         for h, rows in c.later.items():  # an earlier chunk of this window embedded these
             if h in cached:
                 c.vectors[rows] = cached[h]
-        keep = [row for row, item in enumerate(c.items) if item.content_hash not in failed_hashes]
         for item in c.items:
             if item.content_hash in failed_hashes:
                 self.stats.failures[item.doc_id] = failed_hashes[item.content_hash]
-        if keep:
-            items = [c.items[r] for r in keep]
-            stacked = np.stack(new_vectors) if new_vectors else None
-            self.writer.submit(_job(items, c.vectors[keep], self.write, self.store, new_hashes, stacked))
+        if new_vectors and self.store is not None:
+            # Stored before any point: a crash in between costs nothing, the re-run finds them.
+            self.writer.submit(_store_job(self.store, new_hashes, np.stack(new_vectors)))
+        keep = [row for row, item in enumerate(c.items) if item.content_hash not in failed_hashes]
+        now = [r for r in keep if c.items[r].whole]
+        later = [r for r in keep if not c.items[r].whole]
+        if now:
+            self.writer.submit(_write_job(self.write, [c.items[r] for r in now], c.vectors[now]))
+        if later:
+            deferred.append(([c.items[r] for r in later], c.vectors[later]))
         if self.progress is not None:
             self.progress(len(c.items))
 
+    def _write_whole_documents(self, deferred: list[tuple[list[Work], np.ndarray]]) -> None:
+        """Write the chunks of every document whose chunks all embedded."""
+        for items, vectors in deferred:
+            rows = [r for r, item in enumerate(items) if item.doc_id not in self.stats.failures]
+            if rows:
+                self.writer.submit(_write_job(self.write, [items[r] for r in rows], vectors[rows]))
 
-def _job(
-    items: list[Work],
-    vectors: np.ndarray,
-    write: WriteFn,
-    store: VectorStore | None,
-    new_hashes: list[str],
-    new_vectors: np.ndarray | None,
-) -> Callable[[], None]:
-    def run() -> None:
-        # Vectors are stored before the points: a crash in between costs nothing,
-        # the re-run finds them in the store.
-        if store is not None and new_vectors is not None:
-            store.add(new_hashes, new_vectors)
-        write([w.id for w in items], vectors, [w.payload for w in items])
 
-    return run
+def _store_job(store: VectorStore, hashes: list[str], vectors: np.ndarray) -> Callable[[], None]:
+    return lambda: store.add(hashes, vectors)
+
+
+def _write_job(write: WriteFn, items: list[Work], vectors: np.ndarray) -> Callable[[], None]:
+    return lambda: write([w.id for w in items], vectors, [w.payload for w in items])

@@ -19,8 +19,10 @@ Two ways to read:
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -98,8 +100,15 @@ def _check_document(doc: Document, where: str, seen: dict[str, str]) -> None:
     seen[doc.id] = where
 
 
-def _files(root: Path, spec: SourceSpec) -> list[tuple[Path, str]]:
-    """(file, name relative to the source) of every file to read, in a stable order."""
+def _files(
+    root: Path, spec: SourceSpec, problems: list[FileError] | None = None
+) -> list[tuple[Path, str]]:
+    """(file, name relative to the source) of every file to read, in a stable order.
+
+    What cannot be listed (a folder without read permission, a symbolic link whose
+    target is gone) goes to ``problems`` (named ``dir/`` for a folder), or raises when
+    no list is given: silently leaving it out would look like deleted documents.
+    """
     if not root.exists():
         raise SourceUnavailable(
             f"{root} does not exist; pass a .jsonl, .csv or .parquet file or a folder"
@@ -112,13 +121,43 @@ def _files(root: Path, spec: SourceSpec) -> list[tuple[Path, str]]:
                 ".parquet or a folder of .txt/.md/.html/.pdf files"
             )
         return [(root, root.name)]
-    pattern = spec.glob or "**/*"
-    files = sorted(
-        p for p in root.glob(pattern)
-        if p.is_file() and p.suffix.lower() in ALL_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    return [(p, p.relative_to(root).as_posix()) for p in files]
+    found: list[tuple[Path, str]] = []
+    trouble: list[FileError] = []
+
+    def unreadable(exc: OSError) -> None:
+        where = Path(exc.filename or root)
+        if where == root:
+            raise SourceUnavailable(f"{root} cannot be read ({exc.strerror}); nothing was changed")
+        trouble.append(FileError(where.relative_to(root).as_posix() + "/",
+                                 f"folder cannot be read: {exc.strerror}"))
+
+    for folder, dirs, names in os.walk(root, onerror=unreadable):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            if name.startswith(".") or path.suffix.lower() not in ALL_SUFFIXES:
+                continue
+            if not _matches(rel, spec.glob):
+                continue
+            if path.is_symlink() and not path.exists():
+                trouble.append(FileError(rel, f"broken symbolic link (its target {os.readlink(path)} "
+                                              "is missing)"))
+            elif path.is_file():
+                found.append((path, rel))
+    if trouble and problems is None:
+        raise InputError(f"{root / trouble[0].path}: {trouble[0].reason}")
+    if problems is not None:
+        problems.extend(trouble)
+    return sorted(found, key=lambda pair: pair[1])
+
+
+def _matches(rel: str, pattern: str | None) -> bool:
+    """``glob`` as fnmatch patterns on the relative path (``**/`` also matches the top)."""
+    if not pattern:
+        return True
+    return fnmatch.fnmatchcase(rel, pattern) or (
+        pattern.startswith("**/") and fnmatch.fnmatchcase(rel, pattern[3:]))
 
 
 def _read_file(file: Path, name: str, spec: SourceSpec, single: bool) -> Iterator[tuple[str, Document]]:
@@ -164,6 +203,8 @@ class SourceScan:
     Iterate once. Afterwards ``errors`` lists what was skipped, ``failed`` holds the
     names of files whose documents must all be dropped (and kept as indexed), and
     ``kept_ids`` the ids of documents skipped on their own (empty text, a duplicate id).
+    A name in ``failed`` that ends with ``/`` is a folder that could not be listed: every
+    document from below it is kept.
     """
 
     spec: SourceSpec
@@ -176,7 +217,11 @@ class SourceScan:
         root = self.spec.path
         single = not root.is_dir()
         seen: dict[str, str] = {}
-        for file, name in _files(root, self.spec):
+        problems: list[FileError] = []
+        files = _files(root, self.spec, problems)
+        self.errors.extend(problems)
+        self.failed.update(p.path for p in problems)
+        for file, name in files:
             self.files += 1
             try:
                 for where, doc in _read_file(file, name, self.spec, single):
@@ -192,6 +237,9 @@ class SourceScan:
                 self.failed.add(file.name if single else name)
             except OSError as exc:  # unreadable: permissions, a vanished file, I/O errors
                 self.errors.append(FileError(name, f"cannot read: {exc.strerror or exc}"))
+                self.failed.add(file.name if single else name)
+            except Exception as exc:  # noqa: BLE001 - a parser's own bug must not stop the run
+                self.errors.append(FileError(name, f"cannot read: {type(exc).__name__}: {exc}"))
                 self.failed.add(file.name if single else name)
 
 
@@ -293,7 +341,6 @@ class _TextOfHTML(HTMLParser):
 def _pdf_text(file: Path) -> tuple[str, dict[str, Any]]:
     try:
         from pypdf import PdfReader
-        from pypdf.errors import PyPdfError
     except ImportError:  # pragma: no cover - a dependency, but say what to do
         raise InputError(f"{file}: reading PDF needs pypdf (pip install pypdf)") from None
     try:
@@ -302,7 +349,9 @@ def _pdf_text(file: Path) -> tuple[str, dict[str, Any]]:
             raise InputError(f"{file}: the PDF is encrypted; decrypt it or remove it from the source")
         pages = [page.extract_text() or "" for page in reader.pages]
         title = (reader.metadata or {}).get("/Title")
-    except (PyPdfError, ValueError, KeyError, TypeError) as exc:
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pypdf raises more than PyPdfError on bad files
         raise InputError(f"{file}: not a readable PDF ({type(exc).__name__}: {exc})") from None
     text = "\n\n".join(p.strip() for p in pages if p.strip())
     if not text:

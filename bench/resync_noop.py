@@ -10,7 +10,7 @@ In a temporary folder: 10,000 documents made deterministically from the Cranfiel
 (later copies of an abstract get their sentences shuffled by a seeded RNG, and every text a
 line naming its record), one ``.txt`` per document under ``source/part-NN/``, id = relative
 path; both sides read these files. Both use the same static model (distilled from the
-bundled MiniLM with model2vec by ``migrate_vs_encode.distill_static``, untimed), on the CPU.
+bundled MiniLM with model2vec by ``_common.distill_static``, untimed), on the CPU.
 
 * embedpipe: ``embedpipe.toml`` (``data_dir = "data"``, profile ``static``, index ``bench``
   with ``source = <folder>``), run as ``embedpipe -c CFG sync --index bench --json``.
@@ -204,22 +204,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     load_at_start = list(os.getloadavg())
     cran, empty = common.load_docs(args.cranfield, None)
-    import migrate_vs_encode  # reuse its distill_static (the model the other benches use)
-
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SIDES}
     with tempfile.TemporaryDirectory(prefix="embedpipe-bench-resync-") as tmp:
         work = Path(tmp)
         n = make_corpus(cran, args.limit or N_DOCS, work / "source")
         print(f"wrote {n} documents under {work / 'source'}", flush=True)
         t0 = perf_counter()
-        static_dir = migrate_vs_encode.distill_static(work / "static")
+        static_dir = common.distill_static(work / "static")
         print(f"distilled the static model in {perf_counter() - t0:.1f} s", flush=True)
         for sub in ("ep", "lc"):
             (work / sub).mkdir()
         config = work / "ep" / "embedpipe.toml"
         config.write_text(
-            f'data_dir = "data"\ndefault_profile = "static"\n'
-            + migrate_vs_encode.static_profile_toml(static_dir)
+            'data_dir = "data"\ndefault_profile = "static"\n'
+            + common.static_profile_toml(static_dir)
             + f'\n[indexes.{INDEX}]\nprofile = "static"\nsource = "{work / "source"}"\n',
             encoding="utf-8")
         env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPIPE_")}

@@ -15,37 +15,13 @@ import pytest
 from embedpipe.errors import MassDeleteRefused
 from embedpipe.sync import last_runs
 
-from conftest import static_profile_toml
+from conftest import prefect_records, static_profile_toml
 
 FILES = {
     "venus.txt": "Venus has a runaway greenhouse effect.",
     "mars.md": "# Mars\n\nMars has planet-wide dust storms.",
     "tcp.html": "<html><body><p>TCP retransmits lost segments.</p></body></html>",
 }
-
-
-def _prefect_records(flow_run_name: str) -> tuple[object, list, list]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        FlowRunFilter,
-        FlowRunFilterName,
-        TaskRunFilter,
-        TaskRunFilterFlowRunId,
-    )
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])),
-                                     sort=FlowRunSort.START_TIME_DESC)
-        assert runs, f"no flow run named {flow_run_name}"
-        run = runs[0]
-        tasks = client.read_task_runs(
-            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run.id])))
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
-    return run, tasks, artifacts
 
 
 @pytest.fixture
@@ -70,7 +46,7 @@ def test_sync_flow_records_a_summary_artifact(prefect_api: str, project) -> None
     second = run_sync(settings, "notes")
     assert (second["deleted"], second["unchanged"], second["failed"], second["embedded"]) == (1, 2, 1, 0)
 
-    run, tasks, artifacts = _prefect_records("sync-notes")
+    run, tasks, artifacts = prefect_records("sync-notes")
     assert run.state.is_completed()
     assert sorted(t.name for t in tasks) == ["apply-changes-notes", "read-source-notes"]
     (artifact,) = [a for a in artifacts if a.key == "sync-notes"]
@@ -90,7 +66,7 @@ def test_a_refused_run_fails_the_flow_and_is_logged(prefect_api: str, project) -
         (src / name).unlink()
     with pytest.raises(MassDeleteRefused):
         run_sync(settings, "notes")
-    run, _, _ = _prefect_records("sync-notes")
+    run, _, _ = prefect_records("sync-notes")
     assert run.state.is_failed()
     assert last_runs(settings, "notes")[0]["status"] == "error"
     done = run_sync(settings, "notes", allow_mass_delete=True)
@@ -107,5 +83,5 @@ def test_cli_sync_through_prefect(prefect_api: str, project, capsys, monkeypatch
     main()
     summary = json.loads(capsys.readouterr().out)
     assert summary["added"] == 3 and summary["index"] == "notes"
-    run, _, _ = _prefect_records("sync-notes")
+    run, _, _ = prefect_records("sync-notes")
     assert run.state.is_completed()

@@ -22,7 +22,15 @@ from embedpipe.index import Index, IndexVersions
 from embedpipe.ingest import ingest
 from embedpipe.qdrant import close_all, connect
 
-from conftest import EXAMPLES, LOOPBACK_KEY, hosted_profile_toml, static_profile_toml, write_config, write_jsonl
+from conftest import (
+    EXAMPLES,
+    LOOPBACK_KEY,
+    hosted_profile_toml,
+    prefect_records,
+    static_profile_toml,
+    write_config,
+    write_jsonl,
+)
 
 CORPUS = EXAMPLES / "corpus" / "docs.jsonl"
 
@@ -40,28 +48,6 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *ar
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def _prefect_records(flow_run_name: str) -> tuple[object, list, list]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        FlowRunFilter,
-        FlowRunFilterName,
-        TaskRunFilter,
-        TaskRunFilterFlowRunId,
-    )
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))
-        assert runs, f"no flow run named {flow_run_name}"
-        run = runs[0]
-        tasks = client.read_task_runs(
-            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run.id])))
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
-    return run, tasks, artifacts
 
 
 @pytest.fixture
@@ -88,7 +74,7 @@ def test_flow_runs_as_batched_tasks_with_a_validation_artifact(prefect_api: str,
     assert totals == [40] and sum(advanced) == 40
     assert report["plan"]["to_embed"] == 40 and report["validation"]["passed"]
 
-    run, tasks, artifacts = _prefect_records("migrate-kb-to-static")
+    run, tasks, artifacts = prefect_records("migrate-kb-to-static")
     assert run.state.is_completed()
     names = sorted(t.name for t in tasks)
     assert names == ["backfill-1", "backfill-2", "backfill-3", "catch-up", "cutover", "plan", "prepare",
@@ -148,7 +134,7 @@ def test_cli_prints_the_failed_gate_and_exits_4(prefect_api: str, make_settings,
     assert "FAIL" in out and "self-retrieval@10" in out
     assert "failed validation" in err and "--force" in err and "Traceback" not in err
     assert IndexVersions(connect(settings), settings).live("kb").collection == "kb__local-minilm__v1"
-    run, _, _ = _prefect_records("migrate-kb-to-static-bad")
+    run, _, _ = prefect_records("migrate-kb-to-static-bad")
     assert run.state.is_failed()
     code, out, _ = cli(capsys, monkeypatch, "-c", str(settings.config_path), "status")
     assert "validation_failed" in out and "--abandon" in out

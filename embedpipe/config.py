@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from embedpipe.errors import ConfigError
 from embedpipe.profiles import Profile, get_profile, load_catalogue, merge_profiles
@@ -29,7 +29,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["IndexSettings", "MigrationSettings", "QdrantSettings", "Settings", "find_config", "load_settings"]
+__all__ = ["ChatBackendSettings", "ChatSettings", "IndexSettings", "MigrationSettings", "QdrantSettings", "Settings", "find_config", "load_settings"]
 
 CONFIG_NAME = "embedpipe.toml"
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -93,6 +93,53 @@ class MigrationSettings(BaseModel):
     slice_size: int = Field(default=50_000, gt=0)  # documents per backfill task
 
 
+class ChatBackendSettings(BaseModel):
+    """One chat endpoint speaking the OpenAI protocol (``[chat.backends.NAME]``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    base_url: str | None = None  # None: OpenAI itself
+    # Whether prompts leave your network: hosted backends are refused in sovereign mode
+    # and for sensitive requests. Say false only for a server of your own.
+    hosted: bool = True
+    api_key_env: str = "OPENAI_API_KEY"  # "" for a server that takes no key
+    timeout_s: float = Field(default=30.0, gt=0)  # the whole request (a stream: to its end)
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    first_token_timeout_s: float | None = Field(default=None, gt=0)  # streams; default timeout_s
+    retries: int = Field(default=0, ge=0, le=10)  # on this backend before the next one
+    price_input_per_million: float | None = Field(default=None, ge=0)
+    price_output_per_million: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _own_server_needs_a_url(self) -> ChatBackendSettings:
+        if self.base_url is None and not self.hosted:
+            raise ValueError("hosted = false needs base_url (your own server)")
+        return self
+
+
+class ChatSettings(BaseModel):
+    """``[chat]``: which backends answer chat requests, in which order."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    route: list[str] = []
+    backends: dict[str, ChatBackendSettings] = {}
+    breaker_failures: int = Field(default=3, ge=1)  # consecutive failures that open the breaker
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)  # then one probe is let through
+    stats_window: int = Field(default=500, ge=1)  # requests per backend in the rolling stats
+
+    @model_validator(mode="after")
+    def _route_names_backends(self) -> ChatSettings:
+        unknown = [name for name in self.route if name not in self.backends]
+        if unknown:
+            raise ValueError(f"route names {', '.join(unknown)}, not under [chat.backends] "
+                             f"(known: {', '.join(self.backends) or 'none'})")
+        if len(set(self.route)) != len(self.route):
+            raise ValueError("route lists a backend twice")
+        return self
+
+
 class Settings(BaseModel):
     """Everything embedpipe needs to know, resolved to absolute paths."""
 
@@ -108,6 +155,7 @@ class Settings(BaseModel):
     window: int = Field(default=2048, gt=0, le=1_000_000)
     qdrant: QdrantSettings = QdrantSettings()
     migration: MigrationSettings = MigrationSettings()
+    chat: ChatSettings = ChatSettings()
     profiles: dict[str, Profile]
     indexes: dict[str, IndexSettings] = {}
 
@@ -189,7 +237,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         qdrant["api_key"] = secret
 
 
-_TABLES = ("qdrant", "migration")
+_TABLES = ("qdrant", "migration", "chat")
 _TABLES_OF_TABLES = ("profiles", "indexes")
 
 

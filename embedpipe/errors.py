@@ -23,6 +23,10 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     ├── QdrantUnavailable           the vector database cannot be reached
     ├── IndexBusy                   another ingest or migration holds the index
     ├── PrefectUnavailable          the Prefect server in PREFECT_API_URL cannot be reached
+    ├── GatewayError                a chat request could not be served
+    │   ├── NoBackendAvailable      every allowed backend failed, or policy left none
+    │   ├── ChatRequestRejected     a backend refused the request itself (400): not retried elsewhere
+    │   └── StreamInterrupted       a stream failed after its first token (no fallback then)
     └── MigrationError              a migration, rollback or retire cannot go on
         ├── NothingToMigrate        the index already lives in the target's space
         └── ValidationFailed        the new version failed the validation gate
@@ -34,7 +38,9 @@ __all__ = [
     "ConfigError",
     "DimensionMismatch",
     "EmbedpipeError",
+    "ChatRequestRejected",
     "FingerprintMismatch",
+    "GatewayError",
     "IndexBusy",
     "IndexNotFound",
     "InputError",
@@ -42,6 +48,7 @@ __all__ = [
     "MigrationError",
     "ModelDeprecated",
     "ModelError",
+    "NoBackendAvailable",
     "NothingToMigrate",
     "PrefectUnavailable",
     "ProviderError",
@@ -49,6 +56,7 @@ __all__ = [
     "SourceUnavailable",
     "SovereigntyError",
     "StoreError",
+    "StreamInterrupted",
     "UnknownProfile",
     "ValidationFailed",
     "WeightsNotFound",
@@ -154,6 +162,26 @@ class IndexBusy(EmbedpipeError):
 
 class PrefectUnavailable(EmbedpipeError):
     """The Prefect server named by ``PREFECT_API_URL`` does not answer."""
+
+
+class GatewayError(EmbedpipeError):
+    """A chat request could not be served; the audit log says what each backend did."""
+
+
+class NoBackendAvailable(GatewayError):
+    """Every backend the route and the policy allow failed, or none is allowed."""
+
+    exit_code = 69  # EX_UNAVAILABLE
+
+
+class ChatRequestRejected(GatewayError):
+    """A backend refused the request itself (HTTP 400/413/422); another would too."""
+
+    exit_code = 2
+
+
+class StreamInterrupted(GatewayError):
+    """A stream failed after its first token reached the caller: it is not replayed."""
 
 
 class MigrationError(EmbedpipeError):

@@ -91,6 +91,10 @@ class ServerConfig:
     latency_s: float = 0.0
     # Faults spare the first N POST requests (e.g. a client's probe), then apply.
     faults_after_requests: int = 0
+    # Streams: seconds between the role event and the first content token, and a cut
+    # (the connection closes without finish or [DONE]) after this many events.
+    first_token_delay_s: float = 0.0
+    stream_cut_after: int | None = None
 
     def __post_init__(self) -> None:
         self.model_path = Path(self.model_path)
@@ -101,7 +105,7 @@ class ServerConfig:
         for name in _RATES:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1]")
-        for name in ("retry_after_s", "timeout_delay_s", "latency_s"):
+        for name in ("retry_after_s", "timeout_delay_s", "latency_s", "first_token_delay_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 seconds")
         if self.tpm_limit is not None and self.tpm_limit <= 0:
@@ -405,6 +409,16 @@ def _chat_events(req: _ChatRequest, text: str, finish: str, usage: dict[str, int
     yield "[DONE]"
 
 
+def _paced(events: Iterator[str], cfg: ServerConfig) -> Iterator[str]:
+    """A stream with the configured first-token delay, cut short when configured."""
+    for n, event in enumerate(events):
+        if cfg.stream_cut_after is not None and n >= cfg.stream_cut_after:
+            return
+        if n == 1:
+            time.sleep(cfg.first_token_delay_s)
+        yield event
+
+
 class _Service:
     """Everything behind the HTTP layer: config, faults, token bucket, model, counters."""
 
@@ -592,7 +606,7 @@ class _Service:
         time.sleep(cfg.latency_s)
         self.bump("chat_ok")
         if req.stream:
-            return _Stream(_chat_events(req, text, finish, usage, cid))
+            return _Stream(_paced(_chat_events(req, text, finish, usage, cid), cfg))
         message = {"role": "assistant", "content": text, "refusal": None}
         return _Reply(200, {
             "id": cid, "object": "chat.completion", "created": int(time.time()),

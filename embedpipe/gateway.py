@@ -1,0 +1,532 @@
+"""Chat generation behind one gateway: self-hosted first, hosted as the fallback.
+
+``[chat] route`` lists backends (OpenAI-protocol endpoints: vLLM, TGI, Ollama, OpenAI)
+in the order they are tried. For each request:
+
+* **policy** first: sovereign mode, and a request marked ``sensitive``, leave out every
+  ``hosted`` backend; when none remains the request fails before anything is sent;
+* a backend whose **circuit breaker** is open is skipped; after ``breaker_failures``
+  consecutive failures it opens for ``breaker_cooldown_s``, then lets one probe through
+  (half-open): a success closes it, a failure opens it again;
+* a **timeout, connection error, 429, 5xx** (or a refused key, an unknown model, a
+  malformed body: the backend's fault) moves on to the next backend after the
+  backend's own ``retries``; a **400/413/422** is the request's fault and is raised at
+  once (another backend would refuse it too);
+* a **stream** falls back only before its first token reached the caller; after it, a
+  failure raises ``StreamInterrupted`` (a half-told answer is never replayed).
+
+Every attempt feeds a rolling window per backend (``stats()``: requests, errors, p50/p95
+latency and time to first token, output tokens/s, breaker state), and every request
+appends a line to ``<data>/gateway/audit.jsonl``: who answered, why any fallback
+happened, tokens and cost. Never message content, never keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from embedpipe.errors import (
+    ChatRequestRejected,
+    ConfigError,
+    GatewayError,
+    NoBackendAvailable,
+    StreamInterrupted,
+)
+
+if TYPE_CHECKING:
+    import openai
+
+    from embedpipe.config import ChatBackendSettings, ChatSettings, Settings
+
+__all__ = ["ChatResult", "ChatStream", "Gateway", "summarize"]
+
+Message = Mapping[str, Any]
+
+
+@dataclass
+class ChatResult:
+    """One answered chat request."""
+
+    content: str
+    backend: str
+    model: str
+    latency_s: float
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: float | None = None
+    ttft_s: float | None = None  # streams: time to the first token
+    finish_reason: str | None = None
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)  # backends tried before, and why
+    request_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- the circuit breaker --------------------------------------------------------------
+
+
+class Breaker:
+    """Closed -> open after ``failures`` in a row -> half-open after ``cooldown_s``
+    (one probe) -> closed on success, open again on failure."""
+
+    def __init__(self, failures: int, cooldown_s: float) -> None:
+        self.failures, self.cooldown_s = failures, cooldown_s
+        self.state = "closed"
+        self.consecutive = 0
+        self.opened_at = 0.0
+        self._probing = False
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self.state == "open" and time.monotonic() - self.opened_at >= self.cooldown_s:
+                self.state, self._probing = "half_open", False
+            if self.state == "closed":
+                return True
+            if self.state == "half_open" and not self._probing:
+                self._probing = True  # exactly one request probes
+                return True
+            return False
+
+    def record(self, ok: bool) -> None:
+        with self._lock:
+            self._probing = False
+            if ok:
+                self.state, self.consecutive = "closed", 0
+                return
+            self.consecutive += 1
+            if self.state == "half_open" or self.consecutive >= self.failures:
+                self.state, self.opened_at = "open", time.monotonic()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            left = max(0.0, self.cooldown_s - (time.monotonic() - self.opened_at))
+            return {"state": self.state, "consecutive_failures": self.consecutive,
+                    "retry_in_s": round(left, 3) if self.state == "open" else None}
+
+
+# --- one backend --------------------------------------------------------------------
+
+
+class _Failure(Exception):
+    """An attempt failed; ``fallback`` says whether another backend may be tried."""
+
+    def __init__(self, kind: str, reason: str, fallback: bool = True) -> None:
+        super().__init__(reason)
+        self.kind, self.reason, self.fallback = kind, reason, fallback
+
+
+class ChatBackend:
+    """One OpenAI-protocol chat endpoint, with its timeouts and prices."""
+
+    def __init__(self, name: str, cfg: ChatBackendSettings) -> None:
+        self.name, self.cfg = name, cfg
+        self._client: openai.OpenAI | None = None
+
+    @property
+    def client(self) -> openai.OpenAI:
+        if self._client is None:
+            import httpx
+            import openai
+
+            key = "unused"  # a server that takes no key; the SDK insists on a string
+            if self.cfg.api_key_env:
+                key = os.environ.get(self.cfg.api_key_env, "").strip()
+                if not key:
+                    raise _Failure("no_key", f"no API key in ${self.cfg.api_key_env}")
+            read = self.cfg.first_token_timeout_s or self.cfg.timeout_s
+            self._client = openai.OpenAI(
+                api_key=key, base_url=self.cfg.base_url, max_retries=0,
+                timeout=httpx.Timeout(self.cfg.timeout_s, connect=self.cfg.connect_timeout_s, read=read),
+            )
+        return self._client
+
+    def cost(self, input_tokens: int | None, output_tokens: int | None) -> float | None:
+        pin, pout = self.cfg.price_input_per_million, self.cfg.price_output_per_million
+        if pin is None and pout is None:
+            return 0.0 if not self.cfg.hosted else None
+        return round(((input_tokens or 0) * (pin or 0) + (output_tokens or 0) * (pout or 0)) / 1e6, 8)
+
+    def complete(self, messages: Sequence[Message], params: Mapping[str, Any]) -> Any:
+        try:
+            return self.client.chat.completions.create(
+                model=self.cfg.model, messages=list(messages), **params)
+        except _Failure:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified, never swallowed
+            raise _classify(exc, self.cfg) from None
+
+    def open_stream(self, messages: Sequence[Message], params: Mapping[str, Any]) -> Iterator[Any]:
+        try:
+            return iter(self.client.chat.completions.create(
+                model=self.cfg.model, messages=list(messages), stream=True,
+                stream_options={"include_usage": True}, **params))
+        except _Failure:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _classify(exc, self.cfg) from None
+
+    def next_chunk(self, stream: Iterator[Any]) -> Any:
+        """The next chunk of a stream, None at its end; failures classified."""
+        try:
+            return next(stream, None)
+        except Exception as exc:  # noqa: BLE001
+            raise _classify(exc, self.cfg) from None
+
+
+def _classify(exc: BaseException, cfg: ChatBackendSettings) -> _Failure:
+    """What an SDK error means for routing. The reason is ours, never the server's text
+    (which can quote the request)."""
+    import openai
+
+    if isinstance(exc, openai.APITimeoutError):
+        return _Failure("timeout", f"timed out (timeout_s = {cfg.timeout_s:g})")
+    if isinstance(exc, openai.APIConnectionError):
+        return _Failure("connection", "connection failed")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        if status in (400, 413, 422):
+            return _Failure(f"http_{status}", f"HTTP {status}: the request was refused", fallback=False)
+        why = {401: "API key refused", 403: "API key refused", 404: "model or endpoint not found",
+               429: "rate limited"}.get(status, "server error" if status >= 500 else "refused")
+        return _Failure(f"http_{status}", f"HTTP {status}: {why}")
+    return _Failure("malformed", f"malformed response ({type(exc).__name__})")
+
+
+# --- stats -------------------------------------------------------------------------------
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return round(ordered[k], 4)
+
+
+def summarize(attempts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Requests, errors, p50/p95 latency and TTFT, output tokens/s of some attempts (the
+    in-process window, or lines of the audit log: the same numbers either way)."""
+    attempts = list(attempts)
+    ok = [a for a in attempts if a["outcome"] == "ok"]
+    latencies = [a["latency_s"] for a in ok]
+    ttfts = [a["ttft_s"] for a in ok if a.get("ttft_s") is not None]
+    out_tokens = sum(a.get("output_tokens") or 0 for a in ok)
+    busy = sum(latencies)
+    return {
+        "requests": len(attempts),
+        "errors": len(attempts) - len(ok),
+        "error_rate": round((len(attempts) - len(ok)) / len(attempts), 4) if attempts else 0.0,
+        "p50_latency_s": _percentile(latencies, 0.5),
+        "p95_latency_s": _percentile(latencies, 0.95),
+        "p50_ttft_s": _percentile(ttfts, 0.5),
+        "p95_ttft_s": _percentile(ttfts, 0.95),
+        "output_tokens_per_s": round(out_tokens / busy, 2) if busy else None,
+    }
+
+
+# --- the audit log -----------------------------------------------------------------------
+
+
+class AuditLog:
+    """``<data>/gateway/audit.jsonl``: a line per request, no content, no keys."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "gateway" / "audit.jsonl"
+        self._lock = threading.Lock()
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(line)  # one write per line: concurrent appends do not interleave
+
+    def read(self, last: int | None = None) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        out = []
+        for line in lines[-last:] if last else lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a torn last line from a killed process
+        return out
+
+
+# --- the gateway ----------------------------------------------------------------------------
+
+
+class Gateway:
+    """Routes chat requests over ``[chat] route``; see the module docstring.
+
+    >>> gw = Gateway.from_settings(load_settings())
+    >>> gw.chat([{"role": "user", "content": "Hello"}]).content
+    """
+
+    def __init__(self, chat: ChatSettings, data_dir: Path, sovereign: bool = False) -> None:
+        if not chat.route:
+            raise ConfigError("no chat backends: add [chat] route = [...] and [chat.backends.NAME] "
+                              "tables to embedpipe.toml (see README, Chat)")
+        self.settings = chat
+        self.sovereign = sovereign
+        self.backends = {name: ChatBackend(name, chat.backends[name]) for name in chat.route}
+        self.breakers = {name: Breaker(chat.breaker_failures, chat.breaker_cooldown_s)
+                         for name in chat.route}
+        self._window: dict[str, deque[dict[str, Any]]] = {
+            name: deque(maxlen=chat.stats_window) for name in chat.route}
+        self._lock = threading.Lock()
+        self.audit = AuditLog(data_dir)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Gateway:
+        return cls(settings.chat, settings.data_dir, sovereign=settings.sovereign)
+
+    # -- routing ------------------------------------------------------------------------
+
+    def route(self, sensitive: bool = False) -> list[str]:
+        """The backends this request may use, in order; policy applied."""
+        if not (self.sovereign or sensitive):
+            return list(self.backends)
+        allowed = [n for n, b in self.backends.items() if not b.cfg.hosted]
+        if not allowed:
+            why = "sovereign mode is on" if self.sovereign else "the request is sensitive"
+            raise NoBackendAvailable(
+                f"{why}, so hosted chat backends are excluded, and [chat] route has no "
+                "self-hosted one; add a backend with hosted = false")
+        return allowed
+
+    def chat(self, messages: Sequence[Message], sensitive: bool = False, **params: Any) -> ChatResult:
+        """One completion from the first backend able to give it."""
+        record = self._start("chat", sensitive)
+        tried: list[dict[str, Any]] = []
+        for name in self.route(sensitive):
+            backend = self.backends[name]
+            for _ in range(backend.cfg.retries + 1):
+                if not self.breakers[name].allow():
+                    tried.append({"backend": name, "outcome": "skipped", "kind": "breaker_open",
+                                  "reason": "circuit breaker open"})
+                    break
+                started = time.perf_counter()
+                try:
+                    resp = backend.complete(messages, params)
+                except _Failure as failure:
+                    self._failed(name, failure, started, tried, record)
+                    if not failure.fallback:
+                        raise self._rejected(name, failure, tried, record) from None
+                    continue
+                latency = time.perf_counter() - started
+                usage = resp.usage
+                result = ChatResult(
+                    content=resp.choices[0].message.content or "", backend=name,
+                    model=backend.cfg.model, latency_s=round(latency, 4),
+                    input_tokens=usage.prompt_tokens if usage else None,
+                    output_tokens=usage.completion_tokens if usage else None,
+                    finish_reason=resp.choices[0].finish_reason, fallbacks=tried,
+                    request_id=record["id"])
+                result.cost_usd = backend.cost(result.input_tokens, result.output_tokens)
+                self._succeeded(name, result, tried, record)
+                return result
+        raise self._exhausted(tried, record)
+
+    def stream(self, messages: Sequence[Message], sensitive: bool = False, **params: Any) -> ChatStream:
+        """Text deltas as they arrive; ``.result`` once exhausted. Falls back only before
+        the first token."""
+        return ChatStream(self, messages, sensitive, params)
+
+    # -- bookkeeping --------------------------------------------------------------------
+
+    def _start(self, kind: str, sensitive: bool) -> dict[str, Any]:
+        return {"id": uuid.uuid4().hex[:16], "ts": _now(), "kind": kind, "sensitive": sensitive,
+                "sovereign": self.sovereign}
+
+    def _note(self, name: str, attempt: dict[str, Any]) -> None:
+        with self._lock:
+            self._window[name].append(attempt)
+
+    def _failed(self, name: str, failure: _Failure, started: float, tried: list[dict[str, Any]],
+                record: dict[str, Any]) -> None:
+        attempt = {"backend": name, "outcome": "error", "kind": failure.kind, "reason": failure.reason,
+                   "latency_s": round(time.perf_counter() - started, 4)}
+        tried.append(attempt)
+        self._note(name, attempt)
+        # A refused request is not the backend's fault: it answered, so it counts as alive.
+        self.breakers[name].record(ok=not failure.fallback)
+
+    def _succeeded(self, name: str, result: ChatResult, tried: list[dict[str, Any]],
+                   record: dict[str, Any]) -> None:
+        self.breakers[name].record(ok=True)
+        attempt = {"backend": name, "outcome": "ok", "latency_s": result.latency_s,
+                   "ttft_s": result.ttft_s, "output_tokens": result.output_tokens}
+        self._note(name, attempt)
+        self.audit.append({**record, "outcome": "ok", "served_by": name, "model": result.model,
+                           "latency_s": result.latency_s, "ttft_s": result.ttft_s,
+                           "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
+                           "cost_usd": result.cost_usd, "attempts": [*tried, attempt]})
+
+    def _rejected(self, name: str, failure: _Failure, tried: list[dict[str, Any]],
+                  record: dict[str, Any]) -> ChatRequestRejected:
+        self.audit.append({**record, "outcome": "rejected", "served_by": None, "attempts": tried})
+        return ChatRequestRejected(
+            f"backend {name!r} refused the request ({failure.reason}); fix the request "
+            "(another backend would refuse it too)")
+
+    def _exhausted(self, tried: list[dict[str, Any]], record: dict[str, Any]) -> GatewayError:
+        self.audit.append({**record, "outcome": "failed", "served_by": None, "attempts": tried})
+        summary = "; ".join(f"{a['backend']}: {a['reason']}" for a in tried) or "no backend tried"
+        return NoBackendAvailable(f"no chat backend answered ({summary}); see "
+                                  "`embedpipe gateway stats`")
+
+    def stats(self) -> dict[str, Any]:
+        """Per backend: the rolling window's numbers and the breaker's state."""
+        with self._lock:
+            windows = {name: list(w) for name, w in self._window.items()}
+        return {name: {**summarize(windows[name]), "hosted": self.backends[name].cfg.hosted,
+                       "breaker": self.breakers[name].snapshot()} for name in self.backends}
+
+
+class ChatStream:
+    """A streamed reply: iterate for text deltas; ``result`` is set once it ends."""
+
+    def __init__(self, gateway: Gateway, messages: Sequence[Message], sensitive: bool,
+                 params: Mapping[str, Any]) -> None:
+        self.result: ChatResult | None = None
+        self._events = self._run(gateway, messages, sensitive, params)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._events
+
+    def text(self) -> str:
+        """Consume the whole stream; the reply's text."""
+        return "".join(self)
+
+    def _run(self, gw: Gateway, messages: Sequence[Message], sensitive: bool,
+             params: Mapping[str, Any]) -> Iterator[str]:
+        record = gw._start("stream", sensitive)
+        tried: list[dict[str, Any]] = []
+        for name in gw.route(sensitive):
+            backend = gw.backends[name]
+            for _ in range(backend.cfg.retries + 1):
+                if not gw.breakers[name].allow():
+                    tried.append({"backend": name, "outcome": "skipped", "kind": "breaker_open",
+                                  "reason": "circuit breaker open"})
+                    break
+                started = time.perf_counter()
+                try:
+                    stream, first = _first_token(backend, messages, params, started)
+                except _Failure as failure:
+                    gw._failed(name, failure, started, tried, record)
+                    if not failure.fallback:
+                        raise gw._rejected(name, failure, tried, record) from None
+                    continue
+                ttft = time.perf_counter() - started
+                yield from self._rest(gw, name, backend, stream, first, started, ttft, tried, record)
+                return
+        raise gw._exhausted(tried, record)
+
+    def _rest(self, gw: Gateway, name: str, backend: ChatBackend, stream: Iterator[Any],
+              first: _Head, started: float, ttft: float, tried: list[dict[str, Any]],
+              record: dict[str, Any]) -> Iterator[str]:
+        """After the first token: no fallback, a failure interrupts the stream."""
+        parts = [first.text]
+        usage, finish = first.usage, first.finish
+        if first.text:
+            yield first.text
+        try:
+            while finish is None or usage is None:
+                if time.perf_counter() - started > backend.cfg.timeout_s:
+                    raise _Failure("timeout", f"stream exceeded timeout_s = {backend.cfg.timeout_s:g}")
+                chunk = backend.next_chunk(stream)
+                if chunk is None:
+                    if finish is None:
+                        raise _Failure("cut", "the stream ended before its finish")
+                    break
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    finish = choice.finish_reason or finish
+                    if choice.delta.content:
+                        parts.append(choice.delta.content)
+                        yield choice.delta.content
+        except _Failure as failure:
+            gw._failed(name, failure, started, tried, record)
+            gw.audit.append({**record, "outcome": "interrupted", "served_by": name,
+                             "ttft_s": round(ttft, 4), "attempts": tried})
+            raise StreamInterrupted(
+                f"backend {name!r} failed after the first token ({failure.reason}); the partial "
+                "answer was not replayed elsewhere") from None
+        result = ChatResult(
+            content="".join(parts), backend=name, model=backend.cfg.model,
+            latency_s=round(time.perf_counter() - started, 4), ttft_s=round(ttft, 4),
+            input_tokens=usage.prompt_tokens if usage else None,
+            output_tokens=usage.completion_tokens if usage else None,
+            finish_reason=finish, fallbacks=tried, request_id=record["id"])
+        result.cost_usd = backend.cost(result.input_tokens, result.output_tokens)
+        gw._succeeded(name, result, tried, record)
+        self.result = result
+
+
+@dataclass
+class _Head:
+    """What a stream delivered up to and including its first token."""
+
+    text: str
+    finish: str | None
+    usage: Any
+
+
+def _first_token(backend: ChatBackend, messages: Sequence[Message], params: Mapping[str, Any],
+                 started: float) -> tuple[Iterator[Any], _Head]:
+    """Open a stream and read it up to its first content token (or its end)."""
+    stream = backend.open_stream(messages, params)
+    finish, usage = None, None
+    while True:
+        if time.perf_counter() - started > (backend.cfg.first_token_timeout_s or backend.cfg.timeout_s):
+            raise _Failure("timeout", "no first token in time")
+        chunk = backend.next_chunk(stream)
+        if chunk is None:
+            if finish is None:
+                raise _Failure("cut", "the stream ended before any token")
+            return stream, _Head("", finish, usage)
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            if choice.delta.content:
+                return stream, _Head(choice.delta.content, finish, usage)
+        if finish is not None and usage is not None:
+            return stream, _Head("", finish, usage)
+
+
+def log_stats(data_dir: Path, window: int = 500, breaker_failures: int = 3) -> dict[str, Any]:
+    """``stats()`` from the audit log, for a process that served nothing itself (the CLI)."""
+    by_backend: dict[str, list[dict[str, Any]]] = {}
+    for record in AuditLog(data_dir).read():
+        for attempt in record.get("attempts", []):
+            if attempt.get("outcome") in ("ok", "error"):
+                by_backend.setdefault(attempt["backend"], []).append(attempt)
+    out = {}
+    for name, attempts in by_backend.items():
+        recent = attempts[-window:]
+        tail = 0
+        for a in reversed(recent):
+            if a["outcome"] == "ok":
+                break
+            tail += 1
+        out[name] = {**summarize(recent), "consecutive_failures": tail,
+                     "breaker": "open" if tail >= breaker_failures else "closed"}
+    return out
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")

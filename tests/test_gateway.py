@@ -1,0 +1,143 @@
+"""The chat gateway against two real OpenAI-protocol servers on 127.0.0.1: one plays
+the self-hosted model ("local"), the other the hosted API ("hosted")."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from embedpipe.errors import ChatRequestRejected, NoBackendAvailable, StreamInterrupted
+from embedpipe.gateway import Gateway, log_stats
+
+from conftest import LOOPBACK_KEY
+
+HELLO = [{"role": "user", "content": "Say hello"}]
+
+
+@pytest.fixture
+def servers(static_model_dir, monkeypatch):
+    from embedpipe.testing.openai_server import LoopbackOpenAI, ServerConfig
+
+    monkeypatch.setenv("OPENAI_API_KEY", LOOPBACK_KEY)
+    local = LoopbackOpenAI(ServerConfig(model_path=static_model_dir, api_key=None,
+                                        chat_models=("llama-local",), retry_after_s=0.01))
+    hosted = LoopbackOpenAI(ServerConfig(model_path=static_model_dir, api_key=LOOPBACK_KEY,
+                                         chat_models=("gpt-hosted",), retry_after_s=0.01))
+    with local, hosted:
+        yield local, hosted
+
+
+def _config(local, hosted, local_extra: str = "", top: str = "") -> str:
+    return (
+        top + '[chat]\nroute = ["local", "hosted"]\nbreaker_failures = 2\nbreaker_cooldown_s = 0.5\n'
+        f'[chat.backends.local]\nbase_url = "{local.base_url}"\nmodel = "llama-local"\n'
+        f'hosted = false\napi_key_env = ""\ntimeout_s = 0.5\nconnect_timeout_s = 0.5\n{local_extra}'
+        f'[chat.backends.hosted]\nbase_url = "{hosted.base_url}"\nmodel = "gpt-hosted"\n'
+        'timeout_s = 5\nprice_input_per_million = 0.15\nprice_output_per_million = 0.60\n'
+    )
+
+
+@pytest.fixture
+def gateway(make_settings, servers):
+    local, hosted = servers
+    return Gateway.from_settings(make_settings(_config(local, hosted))), local, hosted
+
+
+def test_the_local_backend_answers_first(gateway) -> None:
+    gw, local, hosted = gateway
+    result = gw.chat(HELLO)
+    assert (result.backend, result.content) == ("local", "loopback reply to: Say hello")
+    assert result.output_tokens > 0 and result.input_tokens > 0 and result.cost_usd == 0.0
+    assert local.counters()["chat_ok"] == 1 and hosted.counters()["chat_requests"] == 0
+
+
+def test_a_slow_primary_falls_back_within_its_timeout(gateway) -> None:
+    gw, local, hosted = gateway
+    local.config.latency_s = 3.0  # far beyond timeout_s = 0.5
+    started = time.perf_counter()
+    result = gw.chat(HELLO)
+    elapsed = time.perf_counter() - started
+    assert result.backend == "hosted" and elapsed < 0.5 + 1.0  # the timeout plus a margin
+    assert result.fallbacks[0]["backend"] == "local" and result.fallbacks[0]["kind"] == "timeout"
+    assert result.cost_usd == pytest.approx(
+        (result.input_tokens * 0.15 + result.output_tokens * 0.60) / 1e6)
+
+
+def test_the_breaker_opens_then_a_probe_closes_it(gateway) -> None:
+    gw, local, hosted = gateway
+    local.config.rate_500 = 1.0  # the primary is down
+    for _ in range(2):
+        assert gw.chat(HELLO).backend == "hosted"
+    assert gw.stats()["local"]["breaker"]["state"] == "open"
+    before = local.counters()["chat_requests"]
+    assert gw.chat(HELLO).backend == "hosted"
+    assert local.counters()["chat_requests"] == before  # skipped while open
+    assert gw.chat(HELLO).fallbacks[0]["kind"] == "breaker_open"
+    local.config.rate_500 = 0.0  # it recovers
+    time.sleep(0.6)  # the cooldown
+    assert gw.chat(HELLO).backend == "local"  # the probe went through and closed it
+    assert gw.stats()["local"]["breaker"]["state"] == "closed"
+
+
+def test_a_refused_request_is_not_sent_elsewhere(gateway) -> None:
+    gw, local, hosted = gateway
+    with pytest.raises(ChatRequestRejected, match="refused the request"):
+        gw.chat([{"role": "user", "content": "x"}], max_tokens=-5)
+    assert hosted.counters()["chat_requests"] == 0
+
+
+def test_stream_falls_back_before_the_first_token_only(gateway) -> None:
+    gw, local, hosted = gateway
+    local.config.stream_cut_after = 1  # dies before its first token
+    stream = gw.stream(HELLO)
+    assert stream.text() == "loopback reply to: Say hello"
+    assert stream.result.backend == "hosted" and stream.result.ttft_s is not None
+    assert stream.result.fallbacks[0]["kind"] == "cut"
+
+    local.config.stream_cut_after = 3  # dies after two tokens reached the caller
+    received = []
+    with pytest.raises(StreamInterrupted, match="after the first token"):
+        for piece in gw.stream(HELLO):
+            received.append(piece)
+    assert received and "".join(received) != "loopback reply to: Say hello"
+    assert hosted.counters()["chat_requests"] == 1  # the interrupted stream was not replayed
+
+
+def test_sovereign_and_sensitive_requests_never_reach_the_hosted_server(make_settings, servers) -> None:
+    local, hosted = servers
+    local.config.rate_500 = 1.0
+    sensitive = Gateway.from_settings(make_settings(_config(local, hosted)))
+    with pytest.raises(NoBackendAvailable, match="local: HTTP 500"):
+        sensitive.chat(HELLO, sensitive=True)
+    sovereign = Gateway.from_settings(make_settings(_config(local, hosted, top="sovereign = true\n")))
+    with pytest.raises(NoBackendAvailable):
+        sovereign.chat(HELLO)
+    with pytest.raises(NoBackendAvailable):
+        sovereign.stream(HELLO).text()
+    assert hosted.counters()["chat_requests"] == 0
+    only_hosted = make_settings('sovereign = true\n[chat]\nroute = ["hosted"]\n[chat.backends.hosted]\n'
+                                f'base_url = "{hosted.base_url}"\nmodel = "gpt-hosted"\n')
+    with pytest.raises(NoBackendAvailable, match="sovereign mode is on.*hosted = false"):
+        Gateway.from_settings(only_hosted).chat(HELLO)
+    assert hosted.counters()["chat_requests"] == 0
+
+
+def test_stats_and_audit_log_match_the_servers(gateway, tmp_path) -> None:
+    gw, local, hosted = gateway
+    for n in range(6):
+        local.config.rate_500 = 1.0 if n % 3 == 0 else 0.0
+        gw.chat(HELLO)
+    list(gw.stream(HELLO))
+    stats = gw.stats()
+    assert stats["local"]["requests"] == local.counters()["chat_requests"] == 7
+    assert stats["local"]["errors"] == local.counters()["by_status"].get(500, 0) == 2
+    assert stats["hosted"]["requests"] == hosted.counters()["chat_requests"] == 2
+    assert stats["local"]["p50_latency_s"] > 0 and stats["local"]["p50_ttft_s"] is not None
+    records = gw.audit.read()
+    assert len(records) == 7 and all(r["outcome"] == "ok" for r in records)
+    assert [r["served_by"] for r in records].count("hosted") == 2
+    text = gw.audit.path.read_text()
+    assert "Say hello" not in text and LOOPBACK_KEY not in text  # no content, no key
+    from_log = log_stats(gw.audit.path.parent.parent)
+    assert {k: from_log["local"][k] for k in ("requests", "errors")} == {"requests": 7, "errors": 2}

@@ -605,6 +605,93 @@ def retire(
                + (f"; kept {', '.join(result['kept'])}" if result["kept"] else ""))
 
 
+gateway_app = typer.Typer(help="The chat gateway: routing, breakers, latency.", no_args_is_help=True)
+app.add_typer(gateway_app, name="gateway")
+
+
+def _gateway() -> Any:
+    from embedpipe.gateway import Gateway
+
+    return Gateway.from_settings(_settings())
+
+
+@app.command()
+def chat(
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they arrive.")] = False,
+    system: Annotated[Optional[str], typer.Option("--system", help="A system message.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Cap the reply.")] = None,
+    sensitive: Annotated[bool, typer.Option("--sensitive", help="Never send this to a hosted backend.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask the chat gateway: self-hosted backends first, hosted ones as fallback."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}]
+    params = {"max_tokens": max_tokens} if max_tokens else {}
+    gw = _gateway()
+    if stream:
+        reply = gw.stream(messages, sensitive=sensitive, **params)
+        for piece in reply:
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        result = reply.result
+        if not as_json:
+            sys.stdout.write("\n")
+    else:
+        result = gw.chat(messages, sensitive=sensitive, **params)
+        if not as_json:
+            typer.echo(result.content)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    ttft = f", first token {result.ttft_s * 1000:.0f} ms" if result.ttft_s is not None else ""
+    fell = f" after {', '.join(f['backend'] + ' ' + f['kind'] for f in result.fallbacks)}" if result.fallbacks else ""
+    typer.echo(f"[{result.backend} ({result.model}) in {result.latency_s:.2f}s{ttft}{fell}]", err=True)
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    index: IndexOpt,
+    k: Annotated[int, typer.Option("-k", min=1, max=50, help="Documents to ground the answer on.")] = 5,
+    sensitive: Annotated[bool, typer.Option("--sensitive", help="Never send this to a hosted backend.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer from an index: retrieve with its own model, answer through the gateway, cite ids."""
+    from embedpipe.index import Index
+
+    result = Index(index, _settings()).answer(question, k=k, sensitive=sensitive)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    typer.echo(result.text)
+    typer.echo(f"\ncited: {', '.join(result.citations) or '(none)'}; retrieved: "
+               f"{', '.join(s['id'] for s in result.sources)}  [{result.backend}, {result.latency_s:.2f}s]")
+
+
+@gateway_app.command("stats")
+def gateway_stats(as_json: JsonOpt = False) -> None:
+    """Per backend, from the audit log: requests, errors, p50/p95 latency, TTFT, tokens/s."""
+    from embedpipe.gateway import log_stats
+
+    settings = _settings()
+    data = log_stats(settings.data_dir, settings.chat.stats_window, settings.chat.breaker_failures)
+    if as_json:
+        _print_json(data)
+        return
+    if not data:
+        typer.echo("no chat requests recorded yet")
+        return
+    typer.echo(f"{'backend':<14} {'requests':>8} {'errors':>7} {'p50 s':>7} {'p95 s':>7} "
+               f"{'ttft p50':>8} {'tok/s':>7}  breaker")
+    for name, st in data.items():
+        cells = [st["p50_latency_s"], st["p95_latency_s"], st["p50_ttft_s"], st["output_tokens_per_s"]]
+        shown = [f"{c:>7.3f}" if c is not None else f"{'-':>7}" for c in cells]
+        typer.echo(f"{name:<14} {st['requests']:>8} {st['errors']:>7} {shown[0]} {shown[1]} "
+                   f"{shown[2]:>8} {shown[3]}  {st['breaker']}")
+
+
 def main() -> None:
     """Entry point: run the app, turning embedpipe errors into one line and an exit code."""
     try:

@@ -566,6 +566,13 @@ class Index:
         vector = embedder.embed_query(text)
         return self.versions.search(version.collection, vector, k, filter, group_by_doc=group_by_doc)
 
+    def answer(self, question: str, k: int = 5, sensitive: bool = False, **params: Any) -> Any:
+        """A grounded answer from the ``k`` best documents through the chat gateway
+        (``[chat]`` in embedpipe.toml), citing their ids; see ``embedpipe.rag``."""
+        from embedpipe.rag import answer
+
+        return answer(self, question, k=k, sensitive=sensitive, **params)
+
 
 def check_fingerprint(version: Version, fingerprint: str, profile: str) -> None:
     """Refuse to mix embedding spaces: the embedder must match the collection's record."""

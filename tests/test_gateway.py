@@ -206,3 +206,43 @@ def test_ask_answers_with_citations_of_retrieved_documents(
     data = json.loads(out)
     assert code == 0 and data["citations"] and set(data["citations"]) <= {s["id"] for s in data["sources"]}
     assert data["backend"] == "local" and data["answer"]
+
+
+def test_embedding_replicas_fail_over_within_one_space(make_settings, servers, tmp_path) -> None:
+    from conftest import write_jsonl
+    from embedpipe.index import Index, IndexVersions
+    from embedpipe.ingest import ingest
+    from embedpipe.profiles import fingerprint
+    from embedpipe.qdrant import connect
+
+    local, hosted = servers  # both serve the same static model: two replicas of one space
+    body = (
+        'default_profile = "tei"\n[profiles.tei]\nprovider = "openai"\nmodel = "text-embedding-3-small"\n'
+        f'base_url = "{local.base_url}"\napi_key_env = ""\nself_hosted = true\ndims = 256\n'
+        f'replicas = [{{ base_url = "{hosted.base_url}", api_key_env = "OPENAI_API_KEY" }}]\n'
+        '[profiles.tei.limits]\ntimeout_s = 0.5\nbreaker_failures = 2\nbreaker_cooldown_s = 60\n'
+        'backoff_base_s = 0.01\nmax_inputs = 4\nconcurrency = 1\n'
+    )
+    settings = make_settings(body)
+    alone = settings.profile("tei").model_copy(update={"replicas": []})
+    assert fingerprint(settings.profile("tei")) == fingerprint(alone)  # endpoints are not the space
+    local.config.faults_after_requests = 1  # the probe passes, then the primary is down
+    local.config.rate_500 = 1.0
+    docs = [{"id": f"d{i}", "text": f"Document {i} about wing number {i} and its lift."} for i in range(40)]
+    report = ingest(settings, "kb", write_jsonl(tmp_path / "d.jsonl", docs))
+    assert (report.added, report.failed) == (40, 0)
+    assert local.counters()["by_status"].get(500) == 2  # then its breaker opened: skipped
+    assert hosted.counters()["embedding_ok"] >= 10
+    versions = IndexVersions(connect(settings), settings)
+    assert versions.count(versions.require_live("kb").collection) == 40
+    assert Index("kb", settings).search(docs[7]["text"], k=1)[0].id == "d7"
+
+
+def test_a_replica_of_another_model_is_rejected_at_load(make_settings) -> None:
+    from embedpipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model would put another embedding space .*fingerprint"):
+        make_settings('[profiles.tei]\nprovider = "openai"\nmodel = "bge"\nbase_url = "http://a/v1"\n'
+                      'dims = 384\nreplicas = [{ base_url = "http://b/v1", model = "e5" }]\n')
+    with pytest.raises(ConfigError, match="replicas are endpoints of an OpenAI-protocol model"):
+        make_settings('[profiles.local-minilm]\nreplicas = [{ base_url = "http://b/v1" }]\n')

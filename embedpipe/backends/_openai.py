@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Attempt",
     "MalformedResponse",
+    "ReplicasDown",
     "RequestFailed",
     "call_with_retries",
     "check_sovereignty",
@@ -91,16 +92,23 @@ def api_key(profile: Profile, env: Mapping[str, str] | None = None) -> str:
     return key
 
 
-def make_client(profile: Profile) -> openai.OpenAI:
-    """An SDK client for the profile's endpoint with the SDK's own retries off."""
+def make_client(profile: Profile, base_url: str | None = None, key_env: str | None = None) -> openai.OpenAI:
+    """An SDK client for the profile's endpoint (or one of its replicas) with the SDK's
+    own retries off."""
     import openai
 
+    if key_env is not None:
+        profile = profile.model_copy(update={"api_key_env": key_env})
     return openai.OpenAI(
         api_key=api_key(profile),
-        base_url=profile.base_url,
+        base_url=base_url or profile.base_url,
         max_retries=0,
         timeout=profile.limits.timeout_s,
     )
+
+
+class ReplicasDown(Exception):
+    """Every endpoint of a profile failed this round or has its breaker open (retried)."""
 
 
 def limiter_for(profile: Profile) -> RateLimiter:
@@ -190,6 +198,8 @@ def call_with_retries(
             last = _classify_status(profile, exc)
         except _malformed_types() as exc:
             last = f"malformed response ({type(exc).__name__})"
+        except ReplicasDown as exc:
+            last = str(exc)
         if n < retries:
             delay = backoff_delay(n, limits.backoff_base_s, limits.backoff_max_s, hint)
             log.debug("%s: %s; retry %d in %.2fs", profile.name, last, n + 1, delay)

@@ -31,6 +31,7 @@ import numpy as np
 from embedpipe.backends._openai import (
     Attempt,
     MalformedResponse,
+    ReplicasDown,
     RequestFailed,
     call_with_retries,
     check_sovereignty,
@@ -39,6 +40,7 @@ from embedpipe.backends._openai import (
     make_client,
 )
 from embedpipe.backends.base import EmbedBatch
+from embedpipe.backends.breaker import Breaker
 from embedpipe.errors import DimensionMismatch, ModelError, ProviderError
 from embedpipe.profiles import Profile, fingerprint
 from embedpipe.tokens import TokenCounter
@@ -61,8 +63,15 @@ class _Input:
     tokens: int
 
 
+@dataclass(frozen=True)
+class _Endpoint:
+    url: str
+    client: openai.OpenAI
+    breaker: Breaker
+
+
 class HostedEmbedder:
-    """Embeddings over the OpenAI protocol for one profile."""
+    """Embeddings over the OpenAI protocol for one profile (and its replicas)."""
 
     def __init__(
         self, profile: Profile, ledger: UsageLedger | None = None, sovereign: bool = False
@@ -74,6 +83,14 @@ class HostedEmbedder:
         self.ledger = ledger
         self.limiter = limiter_for(profile)
         self.client: openai.OpenAI = make_client(profile)  # fails now on a missing key
+        # Replicas serve the same model: a request moves to the next one when an endpoint
+        # fails, and an endpoint that keeps failing is skipped for a while (its breaker).
+        limits = profile.limits
+        self.endpoints = [
+            _Endpoint(url, client, Breaker(limits.breaker_failures, limits.breaker_cooldown_s))
+            for url, client in [(endpoint(profile), self.client)] + [
+                (r.base_url, make_client(profile, r.base_url, r.api_key_env)) for r in profile.replicas]
+        ]
         self.counter = TokenCounter(profile.tokenizer)
         self._format = "base64"
         self._format_lock = threading.Lock()
@@ -222,12 +239,35 @@ class HostedEmbedder:
         return vectors
 
     def _send(self, texts: list[str]) -> tuple[np.ndarray, int | None]:
+        """One request, to the first endpoint able to answer it (the profile's own, then
+        its replicas); without replicas, straight to the one endpoint."""
+        if len(self.endpoints) == 1:
+            return self._send_to(self.client, texts)
+        import openai
+
+        failed = []
+        for ep in self.endpoints:
+            if not ep.breaker.allow():
+                failed.append(f"{ep.url}: circuit breaker open")
+                continue
+            try:
+                out = self._send_to(ep.client, texts)
+            except (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
+                    openai.InternalServerError, MalformedResponse) as exc:
+                ep.breaker.record(ok=False)
+                failed.append(f"{ep.url}: {type(exc).__name__}")
+                continue
+            ep.breaker.record(ok=True)
+            return out
+        raise ReplicasDown("every endpoint failed (" + "; ".join(failed) + ")")
+
+    def _send_to(self, client: openai.OpenAI, texts: list[str]) -> tuple[np.ndarray, int | None]:
         fmt = self._format
         params: dict[str, Any] = {"model": self.profile.model, "input": texts, "encoding_format": fmt}
         if self.profile.dimensions:
             params["dimensions"] = self.profile.dimensions
         try:
-            raw = self.client.embeddings.with_raw_response.create(**params)
+            raw = client.embeddings.with_raw_response.create(**params)
         except _bad_request() as exc:
             if fmt != "base64" or "encoding_format" not in str(exc):
                 raise

@@ -246,3 +246,14 @@ def test_a_replica_of_another_model_is_rejected_at_load(make_settings) -> None:
                       'dims = 384\nreplicas = [{ base_url = "http://b/v1", model = "e5" }]\n')
     with pytest.raises(ConfigError, match="replicas are endpoints of an OpenAI-protocol model"):
         make_settings('[profiles.local-minilm]\nreplicas = [{ base_url = "http://b/v1" }]\n')
+
+
+def test_429_and_a_dead_port_move_to_the_next_backend(make_settings, servers) -> None:
+    local, hosted = servers
+    local.config.rate_429 = 1.0
+    gw = Gateway.from_settings(make_settings(_config(local, hosted)))
+    assert gw.chat(HELLO).fallbacks[0]["kind"] == "http_429"
+    dead = _config(local, hosted).replace(local.base_url, "http://127.0.0.1:9/v1")
+    result = Gateway.from_settings(make_settings(dead)).chat(HELLO)
+    assert result.backend == "hosted" and result.fallbacks[0]["kind"] == "connection"
+    assert [r["attempts"][0]["kind"] for r in gw.audit.read()][-1] == "connection"

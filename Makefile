@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # (or a plain `torch` requirement resolved first) pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install dev demo test test-all bench bench-hosted bench-migrate bench-resync clean
+.PHONY: install dev demo test test-all bench bench-hosted bench-migrate bench-resync bench-gateway clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,9 @@ bench-migrate: dev
 bench-resync: dev
 	$(PIP) install -q -e '.[dev,bench]'
 	$(PY) bench/resync_noop.py
+
+bench-gateway: dev
+	$(PY) bench/gateway_overhead.py
 
 clean:
 	rm -rf .embedpipe .pytest_cache

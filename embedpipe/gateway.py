@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,14 +202,21 @@ class AuditLog:
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / "gateway" / "audit.jsonl"
-        self._lock = threading.Lock()
+        self._made = False
 
     def append(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
-        with self._lock:
+        """One ``write`` of one line to a file opened O_APPEND: lines of concurrent writers,
+        threads or processes, never interleave. It is on every request's path, so the
+        folder is made once and no file object is built."""
+        line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        if not self._made:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(line)  # one write per line: concurrent appends do not interleave
+            self._made = True
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def read(self, last: int | None = None) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -270,6 +277,25 @@ class Gateway:
         """One completion from the first backend able to give it."""
         record = self._start("chat", sensitive)
         tried: list[dict[str, Any]] = []
+        name, backend, started, resp = self._first_answer(
+            sensitive, record, tried, lambda b, _: b.complete(messages, params))
+        usage = resp.usage
+        result = ChatResult(
+            content=resp.choices[0].message.content or "", backend=name, model=backend.cfg.model,
+            latency_s=round(time.perf_counter() - started, 4),
+            input_tokens=usage.prompt_tokens if usage else None,
+            output_tokens=usage.completion_tokens if usage else None,
+            finish_reason=resp.choices[0].finish_reason, fallbacks=tried, request_id=record["id"])
+        result.cost_usd = backend.cost(result.input_tokens, result.output_tokens)
+        self._succeeded(name, result, tried, record)
+        return result
+
+    def _first_answer(
+        self, sensitive: bool, record: dict[str, Any], tried: list[dict[str, Any]],
+        call: Callable[[ChatBackend, float], Any],
+    ) -> tuple[str, ChatBackend, float, Any]:
+        """The routing loop: ``call(backend, started)`` over the allowed route, skipping
+        open breakers and retrying each backend ``retries`` times, until one answers."""
         for name in self.route(sensitive):
             backend = self.backends[name]
             for _ in range(backend.cfg.retries + 1):
@@ -279,24 +305,11 @@ class Gateway:
                     break
                 started = time.perf_counter()
                 try:
-                    resp = backend.complete(messages, params)
+                    return name, backend, started, call(backend, started)
                 except _Failure as failure:
                     self._failed(name, failure, started, tried, record)
                     if not failure.fallback:
                         raise self._rejected(name, failure, tried, record) from None
-                    continue
-                latency = time.perf_counter() - started
-                usage = resp.usage
-                result = ChatResult(
-                    content=resp.choices[0].message.content or "", backend=name,
-                    model=backend.cfg.model, latency_s=round(latency, 4),
-                    input_tokens=usage.prompt_tokens if usage else None,
-                    output_tokens=usage.completion_tokens if usage else None,
-                    finish_reason=resp.choices[0].finish_reason, fallbacks=tried,
-                    request_id=record["id"])
-                result.cost_usd = backend.cost(result.input_tokens, result.output_tokens)
-                self._succeeded(name, result, tried, record)
-                return result
         raise self._exhausted(tried, record)
 
     def stream(self, messages: Sequence[Message], sensitive: bool = False, **params: Any) -> ChatStream:
@@ -374,25 +387,10 @@ class ChatStream:
              params: Mapping[str, Any]) -> Iterator[str]:
         record = gw._start("stream", sensitive)
         tried: list[dict[str, Any]] = []
-        for name in gw.route(sensitive):
-            backend = gw.backends[name]
-            for _ in range(backend.cfg.retries + 1):
-                if not gw.breakers[name].allow():
-                    tried.append({"backend": name, "outcome": "skipped", "kind": "breaker_open",
-                                  "reason": "circuit breaker open"})
-                    break
-                started = time.perf_counter()
-                try:
-                    stream, first = _first_token(backend, messages, params, started)
-                except _Failure as failure:
-                    gw._failed(name, failure, started, tried, record)
-                    if not failure.fallback:
-                        raise gw._rejected(name, failure, tried, record) from None
-                    continue
-                ttft = time.perf_counter() - started
-                yield from self._rest(gw, name, backend, stream, first, started, ttft, tried, record)
-                return
-        raise gw._exhausted(tried, record)
+        name, backend, started, (stream, first) = gw._first_answer(
+            sensitive, record, tried, lambda b, t0: _first_token(b, messages, params, t0))
+        ttft = time.perf_counter() - started
+        yield from self._rest(gw, name, backend, stream, first, started, ttft, tried, record)
 
     def _rest(self, gw: Gateway, name: str, backend: ChatBackend, stream: Iterator[Any],
               first: _Head, started: float, ttft: float, tried: list[dict[str, Any]],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,3 +165,18 @@ def prefect_records(flow_run_name: str) -> tuple[object, list, list]:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
     return run, tasks, artifacts
+
+
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
+    """Run `embedpipe ARGS` in this process; returns (exit code, stdout, stderr)."""
+    from embedpipe.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["embedpipe", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -10,7 +10,7 @@ import pytest
 from embedpipe.errors import ChatRequestRejected, NoBackendAvailable, StreamInterrupted
 from embedpipe.gateway import Gateway, log_stats
 
-from conftest import LOOPBACK_KEY
+from conftest import LOOPBACK_KEY, cli
 
 HELLO = [{"role": "user", "content": "Say hello"}]
 
@@ -143,40 +143,24 @@ def test_stats_and_audit_log_match_the_servers(gateway, tmp_path) -> None:
     assert {k: from_log["local"][k] for k in ("requests", "errors")} == {"requests": 7, "errors": 2}
 
 
-def _cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    import sys
-
-    from embedpipe.cli import main
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["embedpipe", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_chat_stream_and_stats(make_settings, servers, capsys, monkeypatch) -> None:
     import json
 
     local, hosted = servers
     cfg = str(make_settings(_config(local, hosted)).config_path)
-    code, out, _ = _cli(capsys, monkeypatch, "-c", cfg, "chat", "Say hello", "--json")
+    code, out, _ = cli(capsys, monkeypatch, "-c", cfg, "chat", "Say hello", "--json")
     reply = json.loads(out)
     assert code == 0 and reply["backend"] == "local" and reply["content"].endswith("Say hello")
     assert reply["latency_s"] > 0
     local.config.latency_s = 3.0
-    code, out, err = _cli(capsys, monkeypatch, "-c", cfg, "chat", "Say hello", "--stream")
+    code, out, err = cli(capsys, monkeypatch, "-c", cfg, "chat", "Say hello", "--stream")
     assert code == 0 and out == "loopback reply to: Say hello\n"
     assert "[hosted (gpt-hosted)" in err and "local timeout" in err
-    code, out, _ = _cli(capsys, monkeypatch, "-c", cfg, "gateway", "stats", "--json")
+    code, out, _ = cli(capsys, monkeypatch, "-c", cfg, "gateway", "stats", "--json")
     stats = json.loads(out)
     assert stats["local"]["requests"] == 2 and stats["local"]["errors"] == 1
     assert stats["hosted"]["requests"] == 1 and stats["hosted"]["p50_ttft_s"] is not None
-    code, _, err = _cli(capsys, monkeypatch, "-c", cfg, "chat", "Say hello", "--sensitive")
+    code, _, err = cli(capsys, monkeypatch, "-c", cfg, "chat", "Say hello", "--sensitive")
     assert code == 69 and err.startswith("error: no chat backend answered (local: timed out")
     assert hosted.counters()["chat_requests"] == 1
 
@@ -201,7 +185,7 @@ def test_ask_answers_with_citations_of_retrieved_documents(
     # the loopback model echoes the start of its prompt: the first source, cited as [id]
     assert answer.citations == [retrieved[0]]
     close_all()
-    code, out, _ = _cli(capsys, monkeypatch, "-c", str(settings.config_path), "ask",
+    code, out, _ = cli(capsys, monkeypatch, "-c", str(settings.config_path), "ask",
                         "Which planet has a runaway greenhouse effect?", "--index", "kb", "--json")
     data = json.loads(out)
     assert code == 0 and data["citations"] and set(data["citations"]) <= {s["id"] for s in data["sources"]}

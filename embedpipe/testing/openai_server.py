@@ -631,6 +631,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's connection pool expects
     timeout = 30  # an idle keep-alive socket is released after this long
+    # Headers and body go out in two sends; without TCP_NODELAY, Nagle holds the body for
+    # the client's delayed ACK (~40 ms) on about half the replies. Real servers set it too.
+    disable_nagle_algorithm = True
     server: _HTTPServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002

@@ -24,6 +24,7 @@ from embedpipe.qdrant import close_all, connect
 
 from conftest import (
     EXAMPLES,
+    cli,
     LOOPBACK_KEY,
     hosted_profile_toml,
     prefect_records,
@@ -33,21 +34,6 @@ from conftest import (
 )
 
 CORPUS = EXAMPLES / "corpus" / "docs.jsonl"
-
-
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
-    """Run `embedpipe ARGS` in this process; returns (exit code, stdout, stderr)."""
-    from embedpipe.cli import main
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["embedpipe", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

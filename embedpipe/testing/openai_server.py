@@ -657,9 +657,11 @@ class _Handler(BaseHTTPRequestHandler):
         except _ApiError as err:
             reply = _Reply(err.status, err.body, err.headers)
         except _DropConnection as drop:
+            # Counted when decided, not after the hold: a held connection outliving its
+            # test must not land in the next test's counters.
+            service.bump("by_status", key="timeout")
             time.sleep(drop.delay)
             self.close_connection = True
-            service.bump("by_status", key="timeout")
             return
         except _Malformed:
             reply = _Reply(200, b'{"object": "list", "data": [')

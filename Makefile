@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # (or a plain `torch` requirement resolved first) pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install dev demo test test-all bench bench-hosted bench-migrate bench-resync bench-gateway clean
+.PHONY: install dev demo test test-all bench bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-extra clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,8 +43,21 @@ test: dev
 test-all: dev
 	$(PY) -m pytest -m ''
 
-bench: dev
+# Every benchmark, one after the other (about 40 minutes on 2 cores); each prints a table
+# and writes JSON with the machine info under bench/results/.
+bench: bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway
+
+bench-extra: dev
+	$(PIP) install -q -e '.[dev,bench]'
+
+bench-build: dev
 	$(PY) bench/ingest_vs_encode.py
+
+bench-peers: bench-extra
+	$(PY) bench/build_vs_peers.py
+
+bench-memory: bench-extra
+	$(PY) bench/memory_flat.py
 
 bench-hosted: dev
 	$(PY) bench/hosted_tpm.py
@@ -52,8 +65,7 @@ bench-hosted: dev
 bench-migrate: dev
 	$(PY) bench/migrate_vs_encode.py
 
-bench-resync: dev
-	$(PIP) install -q -e '.[dev,bench]'
+bench-resync: bench-extra
 	$(PY) bench/resync_noop.py
 
 bench-gateway: dev

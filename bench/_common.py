@@ -20,7 +20,11 @@ import io
 import json
 import os
 import platform
+import resource
+import shlex
+import subprocess
 import sys
+from time import perf_counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,6 +203,27 @@ def machine_info(packages: tuple[str, ...]) -> dict[str, Any]:
         "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "versions": versions,
     }
+
+
+def spawn(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``cmd`` as a new process: its wall clock (spawn to exit), CPU seconds and the JSON
+    object it prints on stdout (``report``; None, with ``error`` kept, if it failed)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    wall = perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run: dict[str, Any] = {"process_wall_s": wall, "returncode": proc.returncode,
+                           "process_cpu_s": (after.ru_utime - before.ru_utime)
+                           + (after.ru_stime - before.ru_stime)}
+    try:
+        run["report"] = json.loads(proc.stdout) if proc.returncode == 0 else None
+    except json.JSONDecodeError:
+        run["report"] = None
+    if run["report"] is None:
+        run["error"] = {"command": shlex.join(cmd), "stdout_tail": proc.stdout[-2000:],
+                        "stderr_tail": proc.stderr[-4000:]}
+    return run
 
 
 def write_result(path: Path, result: dict[str, Any], packages: tuple[str, ...]) -> None:

@@ -43,10 +43,8 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -274,26 +272,6 @@ def build_round(r: int, work: Path, jsonl: Path, models: dict[str, Any],
 # --------------------------------------------------------------------------- fresh-process runs
 
 
-def spawn(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Run ``cmd`` as a new process: wall clock, CPU seconds and the JSON it prints."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    wall = perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    run: dict[str, Any] = {"process_wall_s": wall, "returncode": proc.returncode,
-                           "process_cpu_s": (after.ru_utime - before.ru_utime)
-                           + (after.ru_stime - before.ru_stime)}
-    try:  # embedpipe prints its report indented, the peer jobs on one line
-        run["report"] = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        run["report"] = None
-    if proc.returncode != 0 or run["report"] is None:
-        run["error"] = {"command": shlex.join(cmd), "stdout_tail": proc.stdout[-2000:],
-                        "stderr_tail": proc.stderr[-4000:]}
-    return run
-
-
 def job_command(side: str, state: Path, jsonl: Path) -> list[str]:
     if side == "embedpipe":  # the real scheduled command, on the data dir the build wrote
         return [str(Path(sys.executable).parent / "embedpipe"), "ingest", str(jsonl),
@@ -315,7 +293,7 @@ def rerun_round(r: int, work: Path, files: dict[str, Path]) -> dict[str, Any]:
         order = PIPELINES[r % 3:] + PIPELINES[:r % 3]
         for side in order:
             state = work / f"round{r}" / side
-            run = spawn(job_command(side, state, files[kind]), work, job_env(work, state))
+            run = common.spawn(job_command(side, state, files[kind]), work, job_env(work, state))
             rep = run.get("report") or {}
             run["embedded"] = rep.get("embedded")
             run["in_process_s"] = rep.get("seconds")

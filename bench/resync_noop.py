@@ -40,10 +40,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -137,26 +135,6 @@ def langchain_job(work: Path, source: Path, model_dir: Path) -> dict[str, Any]:
             "seconds": phases["index_s"]}
 
 
-def spawn(side: str, cmd: list[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Run ``cmd`` as a new process; wall clock, CPU seconds and the JSON it prints last."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    wall = perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    run: dict[str, Any] = {"side": side, "process_wall_s": wall, "returncode": proc.returncode,
-                           "process_cpu_s": (after.ru_utime - before.ru_utime)
-                           + (after.ru_stime - before.ru_stime)}
-    try:  # both print one JSON object on stdout and nothing else
-        run["report"] = json.loads(proc.stdout) if proc.returncode == 0 else None
-    except json.JSONDecodeError:
-        run["report"] = None
-    if run["report"] is None:
-        run["error"] = {"command": shlex.join(cmd), "stdout_tail": proc.stdout[-2000:],
-                        "stderr_tail": proc.stderr[-4000:]}
-    return run
-
-
 def embedded(run: dict[str, Any]) -> Any:
     rep = run.get("report") or {}
     return rep.get("embedded") if run["side"] == "embedpipe" else \
@@ -233,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds + 1):  # round 0 is the initial build
             order = SIDES if r % 2 == 0 else SIDES[::-1]
             for side in order:
-                run = spawn(side, *cmds[side], env)
+                run = {"side": side, **common.spawn(*cmds[side], env)}
                 run["round"] = r
                 runs[side].append(run)
                 label = "initial build" if r == 0 else f"no-op round {r}"

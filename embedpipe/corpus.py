@@ -112,26 +112,41 @@ class CorpusStore:
         segments = self.folder.segments()
         newest: dict[str, tuple[int, int]] = {}
         for s, path in enumerate(segments):
-            ids = self.folder.read_columns(path, ["id"]).column("id").to_pylist()
-            for r, doc_id in enumerate(ids):
-                newest[doc_id] = (s, r)
+            r = 0
+            for batch in self.folder.iter_batches(path, ["id"]):
+                for doc_id in batch.column("id").to_pylist():
+                    newest[doc_id] = (s, r)
+                    r += 1
         return segments, newest
 
     def known(self) -> dict[str, Known]:
         """id -> hashes for every live document. Reads three small columns only."""
         out: dict[str, Known] = {}
         for path in self.folder.segments():
-            table = self.folder.read_columns(path, ["id", "content_hash", "record_hash", "deleted"])
-            for doc_id, ch, rh, deleted in zip(
-                table.column("id").to_pylist(),
-                table.column("content_hash").to_pylist(),
-                table.column("record_hash").to_pylist(),
-                table.column("deleted").to_pylist(),
-            ):
-                if deleted:
-                    out.pop(doc_id, None)
-                else:
-                    out[doc_id] = Known(ch, rh)
+            for batch in self.folder.iter_batches(path, ["id", "content_hash", "record_hash", "deleted"]):
+                for doc_id, ch, rh, deleted in zip(
+                    batch.column("id").to_pylist(),
+                    batch.column("content_hash").to_pylist(),
+                    batch.column("record_hash").to_pylist(),
+                    batch.column("deleted").to_pylist(),
+                ):
+                    if deleted:
+                        out.pop(doc_id, None)
+                    else:
+                        out[doc_id] = Known(ch, rh)
+        return out
+
+    def ids(self) -> set[str]:
+        """The id of every live document (lighter than ``known()`` when hashes are not needed)."""
+        out: set[str] = set()
+        for path in self.folder.segments():
+            for batch in self.folder.iter_batches(path, ["id", "deleted"]):
+                for doc_id, deleted in zip(batch.column("id").to_pylist(),
+                                           batch.column("deleted").to_pylist()):
+                    if deleted:
+                        out.discard(doc_id)
+                    else:
+                        out.add(doc_id)
         return out
 
     def count(self) -> int:

@@ -307,7 +307,10 @@ class IndexVersions:
                     key="id", match=models.MatchAny(any=ids[i:i + 1000]))])
                 for i in range(0, len(ids), 1000)
             ]
-        seen: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        # Each point is cut down to what a holding needs as soon as its page arrives: a
+        # version's payloads (texts, metadata) are far larger than this and the whole
+        # collection is listed at cutover.
+        seen: dict[str, Any] = {}
         for flt in filters:
             offset = None
             while True:
@@ -317,10 +320,13 @@ class IndexVersions:
                 )
                 for p in points:
                     payload = p.payload or {}
-                    seen.setdefault(str(payload.get("id")), []).append((str(p.id), payload))
+                    seen.setdefault(str(payload.get("id")), []).append(_summary(str(p.id), payload))
+                del points
                 if offset is None:
                     break
-        return {doc: _holding(points) for doc, points in seen.items()}
+        for doc in seen:  # in place, so the summaries go as the holdings are made
+            seen[doc] = _holding(seen[doc])
+        return seen
 
     def contents(self, collection: str) -> dict[str, str | None]:
         """document id -> record hash of every document a version holds (None: half-written)."""
@@ -396,29 +402,33 @@ class IndexVersions:
         return [Hit.from_point(p) for p in points]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Holding:
     """A document's points in one version."""
 
     record_hash: str | None  # None when its points disagree (a rewrite was interrupted)
-    points: frozenset[str]
+    points: tuple[str, ...]
 
 
-def _holding(points: list[tuple[str, dict[str, Any]]]) -> Holding:
-    from embedpipe.corpus import record_hash
+def _summary(point: str, payload: dict[str, Any]) -> tuple[str, str, int, int]:
+    """(point id, record hash, chunk, chunks) of one point's payload."""
+    rh = payload.get("record_hash")
+    if rh is None:  # points written before record_hash joined the payload
+        from embedpipe.corpus import record_hash
 
-    hashes = set()
-    for _, payload in points:
-        rh = payload.get("record_hash")
-        if rh is None:  # points written before record_hash joined the payload
-            meta = json.dumps(payload.get("metadata") or {}, sort_keys=True,
-                              ensure_ascii=False, default=str)
-            rh = record_hash(str(payload.get("content_hash")), meta)
-        hashes.add(rh)
-    counts = {payload.get("chunks", 1) for _, payload in points}
-    chunks = sorted(payload.get("chunk", 0) for _, payload in points)
+        meta = json.dumps(payload.get("metadata") or {}, sort_keys=True,
+                          ensure_ascii=False, default=str)
+        rh = record_hash(str(payload.get("content_hash")), meta)
+    return point, rh, payload.get("chunk", 0), payload.get("chunks", 1)
+
+
+def _holding(points: list[tuple[str, str, int, int]]) -> Holding:
+    """Whole (one record hash, chunks 0..n-1 of n) or half-written (record hash None)."""
+    hashes = {rh for _, rh, _, _ in points}
+    counts = {n for _, _, _, n in points}
+    chunks = sorted(c for _, _, c, _ in points)
     whole = len(hashes) == 1 and len(counts) == 1 and chunks == list(range(counts.pop()))
-    return Holding(hashes.pop() if whole else None, frozenset(p for p, _ in points))
+    return Holding(hashes.pop() if whole else None, tuple(p for p, _, _, _ in points))
 
 
 def _first_line(content: Any) -> str:

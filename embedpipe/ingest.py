@@ -33,6 +33,7 @@ from filelock import FileLock, Timeout
 
 from embedpipe.backends import build_embedder
 from embedpipe._files import write_json
+from embedpipe._segments import read_batches
 from embedpipe.chunking import Chunker, ChunkSpec, chunker_for, works_for_row
 from embedpipe.config import Settings
 from embedpipe.corpus import CorpusStore, Document, Known, documents_to_batch
@@ -222,9 +223,9 @@ def _ingest_staged(
     warnings = _chunking_warnings(settings, index, target)
     from_corpus = _repair(versions, index, staged, known, pending, changed, counts, warnings)
     # A version that is not live yet must hold the whole corpus, not just the changes.
-    if building:
-        staged_ids = _ids(staged)
-        todo = len(staged_ids) + len(known.keys() - staged_ids)
+    staged_ids = _ids(staged) if building else None
+    if staged_ids is not None:
+        todo = len(staged_ids) + sum(1 for i in known if i not in staged_ids)
     else:
         todo = len(changed) + len(from_corpus)
         journal.write(changed | from_corpus)
@@ -240,7 +241,7 @@ def _ingest_staged(
             written.update(point_id(i) for i in ids)
 
     try:
-        items = _work(staged, changed, building, corpus, store_text, chunker, from_corpus)
+        items = _work(staged, changed, staged_ids, corpus, store_text, chunker, from_corpus)
         stats = embed_and_write(
             items, embedder, write, store, window=settings.window,
             # a chunked document is several points: the bar counts points, total unknown
@@ -261,7 +262,7 @@ def _ingest_staged(
     migration_writes = {} if building else _write_to_migrations(
         settings, versions, corpus, index, target, sorted((changed | from_corpus) - stats.failures.keys()))
     if building:
-        corpus_ids = set(corpus.known())
+        corpus_ids = corpus.ids()
         if corpus_ids:
             versions.go_live(index, target, corpus_ids)
         elif created:  # every document failed: leave no empty version behind
@@ -501,7 +502,7 @@ def _estimate(
     counter = TokenCounter(profile.tokenizer)
     prompt = profile.document_prompt
     tokens = 0
-    sources = [pq.ParquetFile(staged).iter_batches(batch_size=4096, columns=["text", "content_hash"])]
+    sources = [read_batches(staged, ["text", "content_hash"])]
     if building:
         sources.append(corpus.iter_batches(columns=["text", "content_hash"]))
     for source in sources:
@@ -518,23 +519,24 @@ def _estimate(
 
 
 def _ids(staged: Path) -> set[str]:
-    return set(pq.read_table(staged, columns=["id"]).column("id").to_pylist())
+    return {i for batch in read_batches(staged, ["id"]) for i in batch.column("id").to_pylist()}
 
 
 def _diff(staged: Path, known: dict[str, Known]) -> tuple[dict[str, int], set[str]]:
-    table = pq.read_table(staged, columns=["id", "record_hash"])
-    counts = {"documents": table.num_rows, "added": 0, "updated": 0, "unchanged": 0}
+    counts = {"documents": 0, "added": 0, "updated": 0, "unchanged": 0}
     changed: set[str] = set()
-    for doc_id, rh in zip(table.column("id").to_pylist(), table.column("record_hash").to_pylist()):
-        before = known.get(doc_id)
-        if before is None:
-            counts["added"] += 1
-        elif before.record_hash != rh:
-            counts["updated"] += 1
-        else:
-            counts["unchanged"] += 1
-            continue
-        changed.add(doc_id)
+    for batch in read_batches(staged, ["id", "record_hash"]):
+        counts["documents"] += batch.num_rows
+        for doc_id, rh in zip(batch.column("id").to_pylist(), batch.column("record_hash").to_pylist()):
+            before = known.get(doc_id)
+            if before is None:
+                counts["added"] += 1
+            elif before.record_hash != rh:
+                counts["updated"] += 1
+            else:
+                counts["unchanged"] += 1
+                continue
+            changed.add(doc_id)
     return counts, changed
 
 
@@ -544,7 +546,7 @@ def _commit_corpus(corpus: CorpusStore, staged: Path, ids: set[str]) -> None:
         return
     segment = corpus.writer()
     try:
-        for batch in pq.ParquetFile(staged).iter_batches(batch_size=4096):
+        for batch in read_batches(staged):
             rows = batch.filter([i in ids for i in batch.column("id").to_pylist()])
             if rows.num_rows:
                 segment.write(rows)
@@ -556,24 +558,22 @@ def _commit_corpus(corpus: CorpusStore, staged: Path, ids: set[str]) -> None:
 
 
 def _work(
-    staged: Path, changed: set[str], building: bool, corpus: CorpusStore, store_text: bool,
-    chunker: Chunker | None, from_corpus: set[str] = frozenset(),  # type: ignore[assignment]
+    staged: Path, changed: set[str], staged_ids: set[str] | None, corpus: CorpusStore,
+    store_text: bool, chunker: Chunker | None, from_corpus: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> Iterator[Work]:
-    """Points to embed: of changed staged rows, and of the rest of the corpus too for a
-    version still building (else of the ``from_corpus`` ids)."""
-    seen: set[str] = set()
-    for batch in pq.ParquetFile(staged).iter_batches(batch_size=4096):
-        mask = [doc_id in changed or building for doc_id in batch.column("id").to_pylist()]
-        rows = batch.filter(mask)
-        if not rows.num_rows:
-            continue
+    """Points to embed: of changed staged rows, and for a version still building (given
+    every staged id) of the whole corpus too, else of the ``from_corpus`` ids."""
+    building = staged_ids is not None
+    for batch in read_batches(staged):
+        rows = batch if building else batch.filter(
+            [doc_id in changed for doc_id in batch.column("id").to_pylist()])
         for row in rows.to_pylist():
-            seen.add(row["id"])
             yield from works_for_row(row, store_text, chunker)
     if building or from_corpus:
+        done = staged_ids if building else changed  # the staged rows just yielded
         for batch in corpus.iter_batches():
             for row in batch.to_pylist():
-                if row["id"] not in seen and (building or row["id"] in from_corpus):
+                if row["id"] not in done and (building or row["id"] in from_corpus):
                     yield from works_for_row(row, store_text, chunker)
 
 

@@ -554,7 +554,7 @@ class Migration:
                     f"{self.profile.name!r} (first: {first[0]}: {first[1]}); the alias was not "
                     "moved. The report lists them all; fix them or the profile and re-run"
                 )
-            self.versions.go_live(self.index, target, set(self.corpus.known()))
+            self.versions.go_live(self.index, target, self.corpus.ids())
         self.save_state("live")
         return stats
 
@@ -637,7 +637,7 @@ def rollback(
                     f"{len(stats.failures)} documents could not be embedded for "
                     f"{standby.collection}; the alias was not moved"
                 )
-            versions.go_live(index, standby, set(corpus.known()))
+            versions.go_live(index, standby, corpus.ids())
         warning = deprecation_warning(profile, index)
         return {
             "index": index,

@@ -33,14 +33,15 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from embedpipe._segments import read_batches
 from embedpipe.config import Settings
 from embedpipe.corpus import CorpusStore
 from embedpipe.errors import ConfigError, EmbedpipeError, MassDeleteRefused
 from embedpipe.ingest import (
     ProgressFactory,
     check_index_name,
+    _ids,
     _ingest_staged,
     delete_locked,
     index_lock,
@@ -190,7 +191,7 @@ def _gone(
     known = corpus.known()
     present: set[str] = set()
     if staged.path is not None:
-        present = set(pq.read_table(staged.path, columns=["id"]).column("id").to_pylist())
+        present = _ids(staged.path)
     kept = staged.scan.kept_ids | _ids_from(corpus, staged.scan.failed)
     gone = known.keys() - present - kept
     limit = settings.index_settings(index).max_delete_fraction
@@ -228,7 +229,7 @@ def _drop_sources(corpus: CorpusStore, staged: Path, sources: set[str]) -> Path 
     wanted = pa.array(sorted(sources), pa.string())
     writer = corpus.writer()
     try:
-        for batch in pq.ParquetFile(staged).iter_batches(batch_size=4096):
+        for batch in read_batches(staged):
             rows = batch.filter(pc.invert(pc.is_in(batch.column("source"), value_set=wanted)))
             if rows.num_rows:
                 writer.write(rows)

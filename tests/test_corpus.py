@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from embedpipe.corpus import CorpusStore, Document, content_hash, documents_to_batch
@@ -30,9 +31,10 @@ def test_newest_row_per_id_wins_and_deletions_hide(tmp_path: Path) -> None:
     assert store.known()["a"].content_hash == content_hash("one, revised")
     store.delete(["b"])
     assert _all(store) == {"a": "one, revised"}
-    assert store.count() == 1
+    assert store.count() == 1 and store.ids() == {"a"}
     _commit(store, [Document("b", "back")])
     assert _all(store) == {"a": "one, revised", "b": "back"}
+    assert store.ids() == set(store.known()) == {"a", "b"}
 
 
 def test_streaming_reads_come_in_bounded_batches(tmp_path: Path) -> None:
@@ -40,6 +42,20 @@ def test_streaming_reads_come_in_bounded_batches(tmp_path: Path) -> None:
     _commit(store, [Document(str(i), f"text {i}") for i in range(1000)])
     sizes = [b.num_rows for b in store.iter_batches(batch_size=100)]
     assert max(sizes) <= 100 and sum(sizes) == 1000
+
+
+def test_a_segment_of_many_row_groups_reads_whole_and_in_order(tmp_path: Path) -> None:
+    # Segments are read one row group at a time; every group must come back, in order.
+    store = CorpusStore(tmp_path / "c")
+    writer = store.writer()
+    for part in range(3):
+        writer.write(documents_to_batch([Document(f"{part}-{i}", f"t {i}") for i in range(250)]))
+    with store.folder.lock:
+        path = writer.commit()
+    assert pq.ParquetFile(path).num_row_groups == 3
+    ids = [r["id"] for b in store.iter_batches(batch_size=100) for r in b.to_pylist()]
+    assert ids == [f"{part}-{i}" for part in range(3) for i in range(250)]
+    assert store.ids() == set(ids) and len(store.known()) == 750
 
 
 def test_compaction_keeps_exactly_the_live_rows(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""IndexVersions against a Qdrant server that misbehaves: errors come out as QdrantUnavailable."""
+"""IndexVersions: the cutover check on Qdrant local mode, and a misbehaving Qdrant server
+whose errors come out as QdrantUnavailable."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
-from embedpipe.errors import QdrantUnavailable
-from embedpipe.index import IndexVersions
+from embedpipe.corpus import Document, record_hash
+from embedpipe.errors import EmbedpipeError, QdrantUnavailable
+from embedpipe.index import IndexVersions, point_id
 from embedpipe.qdrant import connect
 
 
@@ -48,3 +51,35 @@ def test_http_errors_from_qdrant_are_one_line_errors(make_settings, broken_qdran
     versions = IndexVersions(connect(settings), settings)
     with pytest.raises(QdrantUnavailable, match="HTTP 503 while listing aliases: .*overloaded"):
         versions.live("kb")
+
+
+def _payload(doc: str, chunk: int = 0, chunks: int = 1) -> dict:
+    return {"id": doc, "record_hash": f"rh-{doc}", "content_hash": f"ch-{doc}", "chunk": chunk,
+            "chunks": chunks}
+
+
+def test_cutover_drops_strays_and_refuses_a_version_missing_documents(settings) -> None:
+    versions = IndexVersions(connect(settings), settings)
+    profile = settings.profile("local-minilm")
+    version = versions.create_version("kb", profile, "fp")
+    legacy = Document("old", "text", metadata={"lang": "en"})  # written before record_hash
+    payloads = [
+        _payload("a"),
+        {"id": "old", "content_hash": "ch-old", "metadata": {"lang": "en"}},
+        _payload("half", chunk=0, chunks=2),  # its chunk 1 never landed
+        _payload("stray"),  # deleted from the corpus while the version was building
+    ]
+    ids = [p["id"] for p in payloads]
+    versions.upsert(version.collection, ids, np.ones((4, profile.dims), np.float32), payloads)
+
+    with pytest.raises(EmbedpipeError, match="lacks 2 of the corpus's 4 documents; the alias was not moved"):
+        versions.go_live("kb", version, {"a", "old", "half", "missing"})
+    assert "kb" not in versions.aliases()
+    assert versions.point_ids(version.collection) == {point_id(i) for i in ("a", "old", "half")}
+
+    held = versions.holdings(version.collection)
+    assert held["old"].record_hash == record_hash("ch-old", legacy.metadata_json)
+    assert held["half"].record_hash is None and held["half"].points == (point_id("half"),)
+    versions.go_live("kb", version, {"a", "old"})  # "half" was deleted meanwhile
+    assert versions.aliases()["kb"] == version.collection
+    assert versions.point_ids(version.collection) == {point_id("a"), point_id("old")}

@@ -43,7 +43,7 @@ test: dev
 test-all: dev
 	$(PY) -m pytest -m ''
 
-# Every benchmark, one after the other (about 40 minutes on 2 cores); each prints a table
+# Every benchmark, one after the other (about an hour on 2 cores); each prints a table
 # and writes JSON with the machine info under bench/results/.
 bench: bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway
 
@@ -54,7 +54,7 @@ bench-build: dev
 	$(PY) bench/ingest_vs_encode.py
 
 bench-peers: bench-extra
-	$(PY) bench/build_vs_peers.py
+	$(PY) bench/build_vs_peers.py --rounds 3
 
 bench-memory: bench-extra
 	$(PY) bench/memory_flat.py

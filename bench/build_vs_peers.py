@@ -33,7 +33,7 @@ machine is shared and noisy, so figures are reported side by side, not checked.
 Run from the repository root::
 
     make bench-peers
-    .venv/bin/python bench/build_vs_peers.py [--rounds 2] [--limit N]
+    .venv/bin/python bench/build_vs_peers.py [--rounds 3] [--limit N]
 
 Results go to ``bench/results/build_vs_peers.json`` (``--output``). Without the Cranfield
 collection it prints why and exits 0 (skipped); it exits 1 if any run failed.

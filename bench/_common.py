@@ -90,6 +90,19 @@ def write_jsonl(docs: list[Doc], path: Path) -> Path:
 # --------------------------------------------------------------------------- command line
 
 
+def start(
+    argv: list[str] | None, doc: str, default_output: Path
+) -> tuple[argparse.Namespace, str] | None:
+    """A Cranfield script's arguments and its command line (for the results file); None,
+    after saying why, when the collection is missing: the script then exits 0, skipped."""
+    args = parse_args(argv, doc, default_output)
+    missing = missing_cranfield(args.cranfield)
+    if missing:
+        print(f"skipped: {missing}", file=sys.stderr)
+        return None
+    return args, shlex.join([sys.executable, *sys.argv])
+
+
 def parse_args(argv: list[str] | None, doc: str, default_output: Path) -> argparse.Namespace:
     """``--rounds``, ``--limit``, ``--cranfield`` and ``--output``; the description is the
     first paragraph of ``doc`` (the script's docstring)."""

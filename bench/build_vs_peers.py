@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -468,12 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--job"]:
         print(json.dumps(peer_job(argv[1], Path(argv[2]), Path(argv[3]))))
         return 0
-    args = common.parse_args(argv, __doc__, DEFAULT_OUTPUT)
-    command = shlex.join([sys.executable, *sys.argv])
-    missing = common.missing_cranfield(args.cranfield)
-    if missing:
-        print(f"skipped: {missing}", file=sys.stderr)
+    started = common.start(argv, __doc__, DEFAULT_OUTPUT)
+    if started is None:
         return 0
+    args, command = started
     from embedpipe.evaluation import read_cranfield
 
     docs, empty = common.load_docs(args.cranfield, args.limit)

@@ -26,7 +26,6 @@ Results go to ``bench/results/ingest_vs_encode.json`` (``--output`` to change).
 from __future__ import annotations
 
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -161,11 +160,10 @@ def print_table(rounds: list[dict[str, Any]], summary: dict[str, Any], n_docs: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = common.parse_args(argv, __doc__, DEFAULT_OUTPUT)
-    command = shlex.join([sys.executable, *sys.argv])
-    missing = common.missing_cranfield(args.cranfield)
-    if missing:
-        sys.exit(f"error: {missing}")
+    started = common.start(argv, __doc__, DEFAULT_OUTPUT)
+    if started is None:
+        return 0
+    args, command = started
     docs, empty = common.load_docs(args.cranfield, args.limit)
     texts = [d.text for d in docs]
 

@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -563,12 +562,10 @@ def set_environment(workdir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = common.parse_args(argv, __doc__, DEFAULT_OUTPUT)
-    command = shlex.join([sys.executable, *sys.argv])
-    missing = common.missing_cranfield(args.cranfield)
-    if missing:
-        print(f"skipped: {missing}", file=sys.stderr)
+    started = common.start(argv, __doc__, DEFAULT_OUTPUT)
+    if started is None:
         return 0
+    args, command = started
     docs, empty = common.load_docs(args.cranfield, args.limit)
     texts = [d.text for d in docs]
 

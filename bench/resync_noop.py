@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shlex
 import statistics
 import sys
 import tempfile
@@ -174,12 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--langchain-job"]:
         print(json.dumps(langchain_job(*(Path(a) for a in argv[1:4]))))
         return 0
-    args = common.parse_args(argv, __doc__, DEFAULT_OUTPUT)
-    command = shlex.join([sys.executable, *sys.argv])
-    missing = common.missing_cranfield(args.cranfield)
-    if missing:
-        print(f"skipped: {missing}", file=sys.stderr)
+    started = common.start(argv, __doc__, DEFAULT_OUTPUT)
+    if started is None:
         return 0
+    args, command = started
     load_at_start = list(os.getloadavg())
     cran, empty = common.load_docs(args.cranfield, None)
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SIDES}

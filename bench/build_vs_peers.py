@@ -26,7 +26,8 @@ Every side counts the texts its model embedded. After the rounds, query latency 
 query + search top 10) for the 225 Cranfield queries, each side in turn per query, twice.
 
 Reported: per-round docs/s of each build and medians with the ratio to raw encode; the
-ratio of embedpipe to the faster peer; no-op and incremental seconds (process wall, and
+ratio of embedpipe to the faster peer, and both ratios paired within each round (their
+median varies less on a noisy machine); no-op and incremental seconds (process wall, and
 in-process) with embeddings computed; query p50/p95 in ms. Nothing is asserted: the
 machine is shared and noisy, so figures are reported side by side, not checked.
 
@@ -407,8 +408,25 @@ def summarise(rounds: list[dict[str, Any]], n_changed: int) -> dict[str, Any]:
         "ratio_to_raw_encode": {m: (v / base if v and base else None) for m, v in builds.items()},
         "embedpipe_to_faster_peer": (builds["embedpipe"] / max(peers)
                                      if builds["embedpipe"] and peers else None),
+        "paired": paired_ratios(rounds),
         "reruns": reruns,
     }
+
+
+def paired_ratios(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same two ratios taken within each round, then their median: a slow or fast
+    stretch of the shared machine moves both sides of a round together, so these vary
+    less from round to round than the ratio of the medians."""
+    to_raw, to_peer = [], []
+    for r in rounds:
+        speed = {m: r["build"][m]["docs_per_s"] for m in BUILDS}
+        peers = [speed[p] for p in ("langchain", "llamaindex") if speed[p]]
+        if speed["embedpipe"] and speed["raw encode"]:
+            to_raw.append(speed["embedpipe"] / speed["raw encode"])
+        if speed["embedpipe"] and peers:
+            to_peer.append(speed["embedpipe"] / max(peers))
+    return {"embedpipe_to_raw_encode": {"per_round": to_raw, "median": median_of(to_raw)},
+            "embedpipe_to_faster_peer": {"per_round": to_peer, "median": median_of(to_peer)}}
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -428,6 +446,12 @@ def print_report(rounds: list[dict[str, Any]], summary: dict[str, Any], n_docs: 
               f"{fmt(ratio, '>6.2f')}x  {cells}")
     print(f"embedpipe / faster peer: {fmt(summary['embedpipe_to_faster_peer'], '.2f')}x "
           "(goal >= 1.25); embedpipe / raw encode goal >= 0.95")
+    paired = summary["paired"]
+    for key, label in (("embedpipe_to_raw_encode", "raw encode"),
+                       ("embedpipe_to_faster_peer", "faster peer")):
+        cells = ", ".join(f"{v:.3f}" for v in paired[key]["per_round"])
+        print(f"paired within each round, embedpipe / {label}: median "
+              f"{fmt(paired[key]['median'], '.3f')} (rounds: {cells})")
     for kind in ("no-op", "incremental"):
         print(f"\n{kind} re-run in a fresh process (seconds, lower is better; median)")
         head = f"{'side':<11} {'process wall':>12} {'in-process':>10}  embedded per round"

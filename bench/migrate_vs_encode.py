@@ -8,8 +8,9 @@ What it measures, on the Cranfield texts, in one process, side by side:
                          ``local-minilm`` profile's weights); only the encode call is timed.
 * ``migration``       -- what ``embedpipe migrate --to local-minilm`` does: the plan
                          (``embedpipe.migration.plan_migration``: token count and the
-                         throughput probe, as the CLI runs it before the flow), then the
-                         real Prefect flow (``flows.migrate.run_migration`` with that plan):
+                         throughput probe, as the CLI runs it before the flow, and the
+                         probe's vectors kept for the build, as the CLI keeps them once
+                         the user says yes), then the real Prefect flow (``flows.migrate.run_migration`` with that plan):
                          prepare, backfill, catch-up, validation, cutover. ``plan``,
                          ``flow`` and their sum are timed separately. The ratio reported
                          is (plan + flow) / raw encode; the goal is <= 1.10.
@@ -284,6 +285,7 @@ def time_migration(settings: Any, clock: StepClock, force: bool = False) -> dict
     with Contention() as busy:
         t0 = perf_counter()
         plan = plan_migration(settings, INDEX, TARGET)
+        plan.keep_probe(settings)  # as the CLI does once the user says yes
         t1 = perf_counter()
         report = run_migration(settings, INDEX, TARGET, force=force, plan=plan.to_dict())
         t2 = perf_counter()

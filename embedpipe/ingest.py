@@ -471,7 +471,7 @@ def _dry_run(
     if building:  # the rest of the corpus goes into a version that is not live yet
         hashes.update({i: k.content_hash for i, k in known.items() if i not in hashes})
     store = VectorStore.existing(settings.data_dir, fp, profile.dims)
-    stored = {h for h in set(hashes.values()) if store is not None and h in store}
+    stored = store.present(hashes.values()) if store is not None else set()
     tokens, usd = _estimate(profile, set(hashes.values()) - stored, staged, corpus, building)
     return IngestReport(
         index=index,

@@ -332,7 +332,7 @@ class Migration:
         already = sum(1 for i, k in known.items() if held.get(i) == k.record_hash)
         store = self.store(create=False)
         hashes = {k.content_hash for k in known.values()}
-        stored = {h for h in hashes if store is not None and h in store}
+        stored = store.present(hashes) if store is not None else set()
         todo = hashes - stored
         texts, text_bytes, meta_bytes = self._texts_of(todo)
         tokens, over = self._count_tokens(texts) if probe else (None, 0)

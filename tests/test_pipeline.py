@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from embedpipe.backends.base import EmbedBatch
+from embedpipe.corpus import content_hash
 from embedpipe.pipeline import Work, embed_and_write, plan_chunks
 from embedpipe.profiles import Profile
 from embedpipe.vectors import VectorStore
@@ -34,7 +35,7 @@ class CountingEmbedder:
 
 
 def _work(texts: list[str]) -> list[Work]:
-    return [Work(f"d{i}", t, f"h-{t}", {"id": f"d{i}"}) for i, t in enumerate(texts)]
+    return [Work(f"d{i}", t, content_hash(t), {"id": f"d{i}"}) for i, t in enumerate(texts)]
 
 
 @pytest.mark.parametrize(

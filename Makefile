@@ -51,10 +51,10 @@ bench-extra: dev
 	$(PIP) install -q -e '.[dev,bench]'
 
 bench-build: dev
-	$(PY) bench/ingest_vs_encode.py
+	$(PY) bench/ingest_vs_encode.py --rounds 3
 
 bench-peers: bench-extra
-	$(PY) bench/build_vs_peers.py --rounds 3
+	$(PY) bench/build_vs_peers.py --rounds 4
 
 bench-memory: bench-extra
 	$(PY) bench/memory_flat.py
@@ -63,7 +63,7 @@ bench-hosted: dev
 	$(PY) bench/hosted_tpm.py
 
 bench-migrate: dev
-	$(PY) bench/migrate_vs_encode.py
+	$(PY) bench/migrate_vs_encode.py --rounds 3
 
 bench-resync: bench-extra
 	$(PY) bench/resync_noop.py --rounds 3

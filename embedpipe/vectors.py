@@ -73,12 +73,11 @@ class VectorStore:
 
     def _hash_index(self) -> _HashIndex:
         if self._index is None:
-            index = _HashIndex()
+            parts = []
             for s, path in enumerate(self.folder.segments()):
                 col = self.folder.read_columns(path, ["content_hash"]).column("content_hash")
-                index.extend(col.to_pylist(), s)
-            index.merge()
-            self._index = index
+                parts.append((_digests(col.to_pylist()), s))
+            self._index = _HashIndex(parts)
         return self._index
 
     def __contains__(self, content_hash: str) -> bool:
@@ -138,22 +137,21 @@ class _HashIndex:
 
     A dict of 64-character hex strings costs about 250 bytes an entry, 2.5 GB for ten
     million vectors, and it is held for the whole build. Here the 32-byte digests sit
-    sorted in one array beside their locations; hashes added since the last merge wait in
-    a short list and are merged in once it grows (amortised: the threshold grows with the
-    index). Lookups are vectorised: one ``searchsorted`` per window, not one per hash.
+    sorted in one array beside their locations. Hashes added since the last merge wait in
+    a bounded dict and are merged in by insertion (one pass over the arrays, no re-sort).
+    Lookups are vectorised: one ``searchsorted`` per window, not one per hash.
     """
 
-    _MIN_PENDING = 65_536
+    MERGE_AT = 65_536  # pending hashes (a dict of ~16 MB) that trigger a merge
 
-    def __init__(self) -> None:
-        self._keys = np.empty(0, dtype="S32")
-        self._segments = np.empty(0, dtype=np.int32)
-        self._rows = np.empty(0, dtype=np.int32)
-        self._pending: list[tuple[np.ndarray, int]] = []  # (digests, segment), not yet merged
+    def __init__(self, parts: Sequence[tuple[np.ndarray, int]] = ()) -> None:
+        """``parts``: (digests, segment) of whole segments, oldest first."""
+        self._keys, self._segments, self._rows = _sorted_newest(parts)
+        self._pending: list[tuple[np.ndarray, int]] = []
         self._recent: dict[str, tuple[int, int]] = {}  # the pending hashes, for lookups
 
     def __len__(self) -> int:
-        return len(self._keys) + len(self._recent)
+        return len(self._keys) + len(self._recent)  # add() only extends with hashes not held
 
     def extend(self, hashes: Sequence[str], segment: int) -> None:
         """Record ``hashes`` as rows 0.. of ``segment`` (a hash seen again: the newest wins)."""
@@ -161,36 +159,54 @@ class _HashIndex:
             return
         self._pending.append((_digests(hashes), segment))
         self._recent.update((h, (segment, r)) for r, h in enumerate(hashes))
-        if len(self._recent) >= max(self._MIN_PENDING, len(self._keys) // 4):
+        if len(self._recent) >= self.MERGE_AT:
             self.merge()
 
     def merge(self) -> None:
         """Fold the pending hashes into the sorted arrays."""
         if not self._pending:
             return
-        keys = np.concatenate([self._keys, *(d for d, _ in self._pending)])
-        segments = np.concatenate(
-            [self._segments, *(np.full(len(d), s, np.int32) for d, s in self._pending)])
-        rows = np.concatenate([self._rows, *(np.arange(len(d), dtype=np.int32) for d, _ in self._pending)])
-        # Stable sort, then keep the last of equal keys: a later segment holds the newer row.
-        order = np.argsort(keys, kind="stable")
-        keys, segments, rows = keys[order], segments[order], rows[order]
-        last = np.append(keys[1:] != keys[:-1], True)
-        self._keys, self._segments, self._rows = keys[last], segments[last], rows[last]
+        new_keys, new_segments, new_rows = _sorted_newest(self._pending)
+        keys, segments, rows = self._keys, self._segments, self._rows
+        if len(keys):
+            at = np.minimum(np.searchsorted(keys, new_keys), len(keys) - 1)
+            stale = at[keys[at] == new_keys]  # rows a newer segment replaces
+            keys, segments, rows = (np.delete(a, stale) for a in (keys, segments, rows))
+        at = np.searchsorted(keys, new_keys)
+        self._keys = np.insert(keys, at, new_keys)
+        self._segments = np.insert(segments, at, new_segments)
+        self._rows = np.insert(rows, at, new_rows)
         self._pending, self._recent = [], {}
 
     def locate(self, hashes: list[str]) -> dict[str, tuple[int, int]]:
         """(segment, row) of each of ``hashes`` that is stored."""
-        found: dict[str, tuple[int, int]] = {}
-        probe = _digests(hashes)  # checked even when empty: a bad hash never gets written
-        if len(self._keys) and hashes:
-            at = np.minimum(np.searchsorted(self._keys, probe), len(self._keys) - 1)
-            for i in np.flatnonzero(self._keys[at] == probe):
-                found[hashes[i]] = (int(self._segments[at[i]]), int(self._rows[at[i]]))
+        found = self._locate_sorted(hashes)
         for h in hashes:
             if h in self._recent:
                 found[h] = self._recent[h]
         return found
+
+    def _locate_sorted(self, hashes: list[str]) -> dict[str, tuple[int, int]]:
+        probe = _digests(hashes)  # checked even when empty: a bad hash never gets written
+        found: dict[str, tuple[int, int]] = {}
+        if len(self._keys) and hashes:
+            at = np.minimum(np.searchsorted(self._keys, probe), len(self._keys) - 1)
+            for i in np.flatnonzero(self._keys[at] == probe):
+                found[hashes[i]] = (int(self._segments[at[i]]), int(self._rows[at[i]]))
+        return found
+
+
+def _sorted_newest(parts: Sequence[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(digests, segments, rows) sorted by digest, one entry per digest: its last, newest."""
+    if not parts:
+        return np.empty(0, "S32"), np.empty(0, np.int32), np.empty(0, np.int32)
+    keys = np.concatenate([d for d, _ in parts])
+    segments = np.concatenate([np.full(len(d), s, np.int32) for d, s in parts])
+    rows = np.concatenate([np.arange(len(d), dtype=np.int32) for d, _ in parts])
+    order = np.argsort(keys, kind="stable")  # equal digests keep their order: oldest first
+    keys, segments, rows = keys[order], segments[order], rows[order]
+    last = np.append(keys[1:] != keys[:-1], True)
+    return keys[last], segments[last], rows[last]
 
 
 def _digests(hashes: Sequence[str]) -> np.ndarray:

@@ -32,7 +32,7 @@ def test_round_trip_and_one_row_per_hash(tmp_path: Path) -> None:
 def test_lookups_agree_before_and_after_the_index_merges(tmp_path: Path, monkeypatch) -> None:
     """Hashes added since the last merge (the recent list) and merged ones (the sorted
     arrays) are found alike, across many segments, in a fresh store and a reopened one."""
-    monkeypatch.setattr(vectors._HashIndex, "_MIN_PENDING", 3)  # merge every few adds
+    monkeypatch.setattr(vectors._HashIndex, "MERGE_AT", 3)  # merge every few adds
     store = VectorStore(tmp_path, "f" * 64, 2)
     texts = [f"text {i}" for i in range(40)]
     hashes = [content_hash(t) for t in texts]

@@ -135,7 +135,7 @@ class VectorStore:
 class _HashIndex:
     """Content hash -> (segment, row) of every stored vector, in about 40 bytes an entry.
 
-    A dict of 64-character hex strings costs about 250 bytes an entry, 2.5 GB for ten
+    A dict of 64-character hex strings costs about 220 bytes an entry, 2.2 GB for ten
     million vectors, and it is held for the whole build. Here the 32-byte digests sit
     sorted in one array beside their locations. Hashes added since the last merge wait in
     a bounded dict and are merged in by insertion (one pass over the arrays, no re-sort).

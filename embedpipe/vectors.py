@@ -76,7 +76,11 @@ class VectorStore:
             parts = []
             for s, path in enumerate(self.folder.segments()):
                 col = self.folder.read_columns(path, ["content_hash"]).column("content_hash")
-                parts.append((_digests(col.to_pylist()), s))
+                try:
+                    parts.append((_digests(col.to_pylist()), s))
+                except StoreError as exc:
+                    raise StoreError(f"{path}: {exc}; move that file out of {self.folder.root} "
+                                     "and re-ingest (its vectors are embedded again)") from None
             self._index = _HashIndex(parts)
         return self._index
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from embedpipe import vectors
@@ -66,6 +67,17 @@ def test_a_key_that_is_not_a_content_hash_is_refused_before_writing(tmp_path: Pa
     with pytest.raises(StoreError, match="not hexadecimal"):
         store.add(["z" * 64], np.ones((1, 2), np.float32))
     assert len(VectorStore(tmp_path, "f" * 64, 2)) == 0 and store.folder.segments() == []
+
+
+def test_a_segment_with_a_foreign_key_is_named_when_the_index_loads(tmp_path: Path) -> None:
+    store = VectorStore(tmp_path, "f" * 64, 2)
+    store.add([H1], np.ones((1, 2), np.float32))
+    table = pa.table({"content_hash": ["not-a-hash"],
+                      "vector": pa.FixedSizeListArray.from_arrays(pa.array([1.0, 2.0], pa.float32()), 2)},
+                     schema=store.folder.schema)
+    bad = store.folder.write(table)
+    with pytest.raises(StoreError, match=f"{bad.name}.*not a SHA-256 content hash.*move that file"):
+        VectorStore(tmp_path, "f" * 64, 2).lookup([H1])
 
 
 def test_spaces_do_not_mix(tmp_path: Path) -> None:

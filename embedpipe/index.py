@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from embedpipe.errors import FingerprintMismatch, IndexNotFound, InputError, QdrantUnavailable
+from embedpipe.qdrant import prefer_wal
 
 if TYPE_CHECKING:
     import numpy as np
@@ -193,6 +194,7 @@ class IndexVersions:
             write_consistency_factor=q.write_consistency_factor,
             metadata={MANIFEST_KEY: manifest},
         )
+        prefer_wal(self.settings, name)
         return _manifest(name, {MANIFEST_KEY: manifest})  # type: ignore[return-value]
 
     def drop(self, version: Version) -> None:

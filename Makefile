@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # (or a plain `torch` requirement resolved first) pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install dev demo test test-all bench bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-extra clean
+.PHONY: install dev demo test test-all bench bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-query bench-extra clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,7 +45,7 @@ test-all: dev
 
 # Every benchmark, one after the other (about an hour on 2 cores: see README, Performance); each prints a table
 # and writes JSON with the machine info under bench/results/.
-bench: bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal
+bench: bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-query
 
 bench-extra: dev
 	$(PIP) install -q -e '.[dev,bench]'
@@ -73,6 +73,9 @@ bench-gateway: dev
 
 bench-journal: dev
 	$(PY) bench/qdrant_journal.py --rounds 6
+
+bench-query: dev
+	$(PY) bench/query_overhead.py --passes 3
 
 clean:
 	rm -rf .embedpipe .pytest_cache

@@ -84,12 +84,12 @@ def prefer_wal(settings: Settings, collection: str | None = None) -> None:
 
     Qdrant local mode commits every point on its own. In SQLite's default rollback
     journal each commit creates, syncs and deletes a journal file; with a write-ahead
-    log it appends to one file and syncs that, just as durable (``synchronous`` stays
-    FULL), and it costs the writer thread, which shares the cores with the model, about
-    a third of the wall time and under half the CPU (``bench/qdrant_journal.py``). The mode is
-    stored in the file, so setting it once is enough,
-    and Qdrant's own open connection follows it from its next write. Best effort: a
-    file laid out otherwise, or busy, is left as it is.
+    log it appends to one file and syncs that: just as durable (``synchronous`` stays
+    FULL), and about a third of the wall time and under half the CPU of the writer
+    thread, which shares the cores with the model (``bench/qdrant_journal.py``). The
+    mode is stored in the file, so setting it once is enough, and Qdrant's own open
+    connection follows it from its next write. Best effort: a file laid out otherwise,
+    or busy, is left as it is.
     """
     if settings.qdrant.url:
         return

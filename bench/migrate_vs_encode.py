@@ -10,7 +10,7 @@ What it measures, on the Cranfield texts, in one process, side by side:
                          (``embedpipe.migration.plan_migration``: token count and the
                          throughput probe, as the CLI runs it before the flow, and the
                          probe's vectors kept for the build, as the CLI keeps them once
-                         the user says yes), then the real Prefect flow (``flows.migrate.run_migration`` with that plan):
+                         the user says yes), then the real Prefect flow (``embedpipe.flows.migrate.run_migration`` with that plan):
                          prepare, backfill, catch-up, validation, cutover. ``plan``,
                          ``flow`` and their sum are timed separately. The ratio reported
                          is (plan + flow) / raw encode; the goal is <= 1.10.
@@ -279,7 +279,7 @@ def time_raw_encode(model: Any, texts: list[str], batch_size: int) -> dict[str, 
 def time_migration(settings: Any, clock: StepClock, force: bool = False) -> dict[str, Any]:
     """Plan (as the CLI does), then the Prefect flow with that plan; each timed."""
     from embedpipe.migration import plan_migration
-    from flows.migrate import run_migration
+    from embedpipe.flows.migrate import run_migration
 
     clock.reset()
     with Contention() as busy:
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
             from embedpipe.config import load_settings
             from embedpipe.qdrant import close_all
 
-            import flows.migrate  # noqa: F401 - imports prefect (timed as setup)
+            import embedpipe.flows.migrate  # noqa: F401 - imports prefect (timed as setup)
             from prefect.testing.utilities import prefect_test_harness
 
             setup["imports_s"] = perf_counter() - t0

@@ -170,7 +170,7 @@ def sync(
     show = not as_json and not dry_run and sys.stderr.isatty()
     with _progress(show, f"syncing {index}") as progress:
         if prefect if prefect is not None else bool(os.environ.get("PREFECT_API_URL")):
-            from flows.ingest import run_sync
+            from embedpipe.flows.ingest import run_sync
 
             _quiet_run_logs()
             report = run_sync(settings, index, allow_mass_delete=allow_mass_delete,
@@ -219,7 +219,7 @@ def schedule(
     if not _state.get("prefect_log_level_set"):
         # Served runs are child processes: their task states and logs belong on the server.
         os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
-    from flows.schedule import serve_schedules
+    from embedpipe.flows.schedule import serve_schedules
 
     _quiet_run_logs()
     serve_schedules(_settings(), index=index, cron=cron)
@@ -497,7 +497,7 @@ def migrate(
 
         read_golden(golden)  # a bad golden file fails before anything is spent
     if not dry_run:
-        from flows._prefect import check_prefect
+        from embedpipe.flows._prefect import check_prefect
 
         check_prefect()  # an unreachable server fails before the model is even loaded
     try:
@@ -518,7 +518,7 @@ def migrate(
         return
     _confirm(yes, f"Migrate index {name!r} to {to!r}?")
     plan.keep_probe(settings)  # the probe's vectors are not embedded twice
-    from flows.migrate import run_migration
+    from embedpipe.flows.migrate import run_migration
 
     _quiet_run_logs()
     show = not as_json and sys.stderr.isatty()

@@ -1,7 +1,7 @@
 """Re-index migrations as plain functions: plan, build, catch up, validate, cut over,
 roll back, retire.
 
-``flows/migrate.py`` strings these steps into a Prefect flow; tests call them directly.
+``embedpipe/flows/migrate.py`` strings these steps into a Prefect flow; tests call them directly.
 The order is what keeps the invariants (DESIGN.md):
 
 1. **plan** counts documents and tokens, probes the target's throughput and finds the

@@ -1,6 +1,6 @@
 """Keeping an index in sync with its source: what changed is embedded, what is gone goes.
 
-``embedpipe sync`` and the scheduled Prefect flow (``flows/ingest.py``) run these steps:
+``embedpipe sync`` and the scheduled Prefect flow (``embedpipe/flows/ingest.py``) run these steps:
 
 1. **read** the source named under ``[indexes.NAME]`` into a staged segment
    (:func:`read_source`). A file that cannot be read is reported with its reason and

@@ -36,7 +36,7 @@ def project(make_settings, static_model_dir: Path, tmp_path: Path):
 
 
 def test_sync_flow_records_a_summary_artifact(prefect_api: str, project) -> None:
-    from flows.ingest import run_sync
+    from embedpipe.flows.ingest import run_sync
 
     settings, src = project
     first = run_sync(settings, "notes")
@@ -58,7 +58,7 @@ def test_sync_flow_records_a_summary_artifact(prefect_api: str, project) -> None
 
 
 def test_a_refused_run_fails_the_flow_and_is_logged(prefect_api: str, project) -> None:
-    from flows.ingest import run_sync
+    from embedpipe.flows.ingest import run_sync
 
     settings, src = project
     run_sync(settings, "notes")

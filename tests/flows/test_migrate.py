@@ -45,7 +45,7 @@ def local_index(make_settings, static_model_dir: Path):
 
 
 def test_flow_runs_as_batched_tasks_with_a_validation_artifact(prefect_api: str, local_index) -> None:
-    from flows.migrate import run_migration
+    from embedpipe.flows.migrate import run_migration
 
     totals: list[int] = []
     advanced: list[int] = []

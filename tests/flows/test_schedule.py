@@ -311,7 +311,7 @@ SOURCED = '[indexes.docs]\nsource = "src"\n'
 def test_deployments_cover_every_scheduled_index(make_settings) -> None:
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 
-    from flows.schedule import deployments
+    from embedpipe.flows.schedule import deployments
 
     settings = make_settings(
         '[indexes.docs]\nsource = "src"\nschedule = "*/15 * * * *"\n'
@@ -327,7 +327,7 @@ def test_deployments_cover_every_scheduled_index(make_settings) -> None:
     assert kb.tags == ["embedpipe", "index:kb"] and "kb" in (kb.description or "")
     assert kb.concurrency_limit == 1
     assert kb.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
-    assert kb.entrypoint == "flows.ingest.sync_flow"  # importable from any working directory
+    assert kb.entrypoint == "embedpipe.flows.ingest.sync_flow"  # importable from any working directory
 
     (adhoc,) = deployments(settings, index="adhoc", cron="30 2 * * *")
     assert adhoc.name == "sync-adhoc" and [s.schedule.cron for s in adhoc.schedules] == ["30 2 * * *"]
@@ -353,7 +353,7 @@ def test_deployments_cover_every_scheduled_index(make_settings) -> None:
          "no-source", "unknown-index", "cron-needs-index"],
 )
 def test_bad_schedules_are_one_line_config_errors(make_settings, body, index, cron, message) -> None:
-    from flows.schedule import deployments
+    from embedpipe.flows.schedule import deployments
 
     with pytest.raises(ConfigError) as caught:
         deployments(make_settings(body), index=index, cron=cron)
@@ -363,7 +363,7 @@ def test_bad_schedules_are_one_line_config_errors(make_settings, body, index, cr
 
 @pytest.mark.timeout(60)
 def test_a_lone_sourced_index_takes_cron_without_index(make_settings) -> None:
-    from flows.schedule import deployments
+    from embedpipe.flows.schedule import deployments
 
     (only,) = deployments(make_settings(SOURCED), cron="0 * * * *")
     assert only.name == "sync-docs"
@@ -379,7 +379,7 @@ def test_a_lone_sourced_index_takes_cron_without_index(make_settings) -> None:
 def test_schedules_need_a_reachable_prefect_server(make_settings, url, message) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.schedule import serve_schedules
+    from embedpipe.flows.schedule import serve_schedules
 
     settings = make_settings(SOURCED + 'schedule = "0 * * * *"\n')
     overrides = temporary_settings({PREFECT_API_URL: url}) if url else temporary_settings(

@@ -2,7 +2,7 @@
 
 Each index with ``schedule = "CRON"`` (and a ``source``) under ``[indexes.NAME]`` in
 embedpipe.toml becomes the deployment ``sync-index/sync-NAME``: the ``sync-index`` flow
-(:func:`flows.ingest.sync_flow`) with ``index`` and ``config`` fixed, run on that cron
+(:func:`embedpipe.embedpipe.flows.ingest.sync_flow`) with ``index`` and ``config`` fixed, run on that cron
 (five fields, UTC). ``embedpipe schedule`` serves them all and blocks; each run is a
 fresh process that re-reads the config, so a changed source or profile is picked up by
 the next run, while a changed schedule needs a restart of the command.
@@ -33,14 +33,14 @@ from pydantic import ValidationError
 
 from embedpipe.config import Settings
 from embedpipe.errors import ConfigError
-from flows._prefect import check_prefect
+from embedpipe.flows._prefect import check_prefect
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
 __all__ = ["deployment_name", "deployments", "serve_schedules", "validate_cron"]
 
-FLOW_NAME = "sync-index"  # the name of flows.ingest.sync_flow
+FLOW_NAME = "sync-index"  # the name of embedpipe.flows.ingest.sync_flow
 CRON_HELP = 'five fields, minute hour day-of-month month day-of-week, in UTC; e.g. "0 * * * *" is hourly'
 
 
@@ -113,7 +113,7 @@ def deployments(settings: Settings, index: str | None = None, cron: str | None =
     planned = _scheduled(settings, index, cron)
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.ingest import sync_flow
+    from embedpipe.flows.ingest import sync_flow
 
     config = str(settings.config_path) if settings.config_path else None
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)

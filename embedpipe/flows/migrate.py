@@ -25,7 +25,7 @@ from embedpipe.config import Settings, load_settings
 from embedpipe.errors import MigrationError, ValidationFailed
 from embedpipe.migration import Migration, ProgressFactory, migration_lock
 from embedpipe.validation import ValidationReport
-from flows._prefect import check_prefect, slug
+from embedpipe.flows._prefect import check_prefect, slug
 
 __all__ = ["check_prefect", "migrate_flow", "run_migration"]
 

@@ -3,7 +3,7 @@ changes, record the run (a markdown artifact and the run log).
 
 ``embedpipe sync`` runs it once (through Prefect when ``PREFECT_API_URL`` names a
 server, else the same steps in-process); ``embedpipe schedule`` serves it as one
-deployment per index with a cron schedule (``flows/schedule.py``). The logic is in
+deployment per index with a cron schedule (``embedpipe/flows/schedule.py``). The logic is in
 ``embedpipe.sync``; the tasks are its two steps, each a whole batch of work.
 """
 
@@ -18,7 +18,7 @@ from prefect.cache_policies import NONE
 from embedpipe.config import load_settings
 from embedpipe.ingest import ProgressFactory, check_index_name
 from embedpipe.sync import Staged, SyncReport, apply, read_source, recorded
-from flows._prefect import check_prefect, slug
+from embedpipe.flows._prefect import check_prefect, slug
 
 __all__ = ["artifact_markdown", "run_sync", "sync_flow"]
 

@@ -38,10 +38,20 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 IndexOpt = Annotated[str, typer.Option("--index", "-i", help="Index name (the alias applications query).")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from embedpipe import __version__
+
+        typer.echo(f"embedpipe {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     config: ConfigOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
     _state["config"] = config
     _state["verbose"] = verbose
@@ -692,8 +702,23 @@ def gateway_stats(as_json: JsonOpt = False) -> None:
                    f"{shown[2]:>8} {shown[3]}  {st['breaker']}")
 
 
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """Click's usage errors, whichever click this typer speaks: typer 0.29 vendors its own
+    (``typer._click``), whose classes derive from ``typer.TyperException``, not from
+    ``click``'s; older typers raise ``click``'s own."""
+    classes: list[type[BaseException]] = [typer.TyperException] if hasattr(typer, "TyperException") else []
+    try:
+        import click
+
+        classes.append(click.exceptions.ClickException)
+    except ImportError:  # pragma: no cover - typer 0.29 does not need click
+        pass
+    return tuple(classes)
+
+
 def main() -> None:
-    """Entry point: run the app, turning embedpipe errors into one line and an exit code."""
+    """Entry point: run the app, turning embedpipe errors into one line and an exit code,
+    and usage mistakes into click's usage message and exit 2."""
     try:
         # Without standalone mode click returns typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)
@@ -703,17 +728,13 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise SystemExit(130) from None
-    except Exception as exc:  # click usage errors in standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Exit):
-            raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Abort):
-            raise SystemExit(1) from None
-        raise
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(1) from None
+    except _usage_errors() as exc:
+        exc.show()  # type: ignore[attr-defined]  # usage line, the error, "did you mean"
+        raise SystemExit(exc.exit_code) from None  # type: ignore[attr-defined]
     if isinstance(code, int) and code:
         raise SystemExit(code)
 

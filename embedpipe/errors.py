@@ -8,7 +8,7 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     EmbedpipeError
     ├── ConfigError                 bad or missing configuration
     │   ├── UnknownProfile          a profile name that is not in the catalogue
-    │   └── SovereigntyError        sovereign mode refuses a hosted profile
+    │   └── SovereigntyError        sovereign mode or a sensitive request refuses a hosted profile
     ├── ModelError                  a model cannot be used
     │   ├── WeightsNotFound         local weights missing (says where it looked)
     │   ├── DimensionMismatch       model output width differs from the profile
@@ -88,7 +88,8 @@ class UnknownProfile(ConfigError):
 
 
 class SovereigntyError(ConfigError):
-    """Sovereign mode is on and a profile would send text to a hosted API."""
+    """Sovereign mode is on, or the request is sensitive, and a profile would send text
+    to a hosted API; nothing was sent."""
 
 
 class ModelError(EmbedpipeError):

@@ -566,15 +566,20 @@ class Index:
         k: int = 10,
         filter: Mapping[str, Any] | Any | None = None,
         group_by_doc: bool = False,
+        sensitive: bool = False,
     ) -> list[Hit]:
         """The ``k`` nearest points to ``text``; ``filter`` matches metadata fields.
 
         In a chunked index a hit is a chunk (``Hit.chunk_id``); ``group_by_doc`` returns
-        the best chunk of each of the ``k`` nearest documents instead.
+        the best chunk of each of the ``k`` nearest documents instead. A ``sensitive``
+        query is refused, before anything is sent, when the index's model is hosted:
+        embedding it would send its text to that API.
         """
         if not text or not text.strip():
             raise InputError("the query is empty; pass some text to search for")
         version, embedder = self._pin()
+        if sensitive:
+            check_private(embedder.profile, "the request is sensitive")
         vector = embedder.embed_query(text)
         return self.versions.search(version.collection, vector, k, filter, group_by_doc=group_by_doc)
 
@@ -584,6 +589,19 @@ class Index:
         from embedpipe.rag import answer
 
         return answer(self, question, k=k, sensitive=sensitive, **params)
+
+
+def check_private(profile: Profile, why: str) -> None:
+    """Refuse to embed with a hosted profile when the text must stay on your network."""
+    if profile.is_hosted:
+        from embedpipe.errors import SovereigntyError
+
+        where = profile.base_url or "https://api.openai.com/v1"
+        raise SovereigntyError(
+            f"{why}, but the index's model {profile.name!r} is hosted: embedding the text would "
+            f"send it to {where}; nothing was sent. Migrate the index to a local or self-hosted "
+            "profile (`embedpipe migrate --to PROFILE`) or drop the sensitive flag"
+        )
 
 
 def check_fingerprint(version: Version, fingerprint: str, profile: str) -> None:

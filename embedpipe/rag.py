@@ -1,7 +1,8 @@
 """Grounded answers: retrieve with the index's own model, answer through the gateway.
 
 The question is embedded by the embedder pinned to the index's live version (the one
-fingerprint that can search it); the passages found go to the chat gateway as numbered
+fingerprint that can search it); a ``sensitive`` question is refused before anything is
+sent when that model is hosted, as it is refused by hosted chat backends; the passages found go to the chat gateway as numbered
 sources named by document id, with the instruction to cite them as ``[id]``. The answer
 keeps the ids it cites that really were retrieved: a citation of anything else is
 dropped, not trusted.
@@ -76,7 +77,8 @@ def answer(index: Index, question: str, k: int = 5, gateway: Gateway | None = No
 
     gateway = gateway or Gateway.from_settings(index.settings)
     gateway.route(sensitive)  # a policy that leaves no backend fails before the search
-    hits = index.search(question, k=k, group_by_doc=True)
+    # A sensitive question leaves the network neither to a chat API nor to an embedding API.
+    hits = index.search(question, k=k, group_by_doc=True, sensitive=sensitive)
     passages = _passages(index, hits)
     result: ChatResult = gateway.chat(build_messages(question, passages), sensitive=sensitive, **params)
     return Answer(

@@ -73,6 +73,12 @@ class IndexSettings(BaseModel):
     # A sync that would delete more than this fraction of the index stops and asks for
     # --allow-mass-delete (a source that came back empty is likely a failed mount).
     max_delete_fraction: float = Field(default=0.5, ge=0, le=1)
+    # A folder source reads only what resolves under its own (resolved) root: symbolic
+    # links leading outside it are skipped and reported, unless this is true.
+    follow_symlinks: bool = False
+    # An invalid record (empty text, a malformed line, non-finite metadata): "fail"
+    # refuses its whole file; "skip" reports it (file, line, reason) and reads the rest.
+    on_invalid: Literal["fail", "skip"] = "fail"
 
 
 class MigrationSettings(BaseModel):

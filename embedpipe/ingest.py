@@ -41,7 +41,7 @@ from embedpipe.errors import ConfigError, EmbedpipeError, IndexBusy, InputError
 from embedpipe.index import Holding, IndexVersions, Version, check_fingerprint, point_id
 from embedpipe.pipeline import PipelineStats, Work, embed_and_write
 from embedpipe.qdrant import connect
-from embedpipe.sources import read_documents
+from embedpipe.sources import FileError, SourceSpec, read_documents
 from embedpipe.vectors import VectorStore
 
 __all__ = ["IngestReport", "delete", "index_lock", "ingest"]
@@ -71,7 +71,9 @@ class IngestReport:
     chunked: int = 0  # long texts embedded in pieces and averaged (hosted models)
     tokens: int | None = None  # dry run, hosted profiles: exact tokens that would be sent
     estimated_usd: float | None = None  # dry run: those tokens at the profile's price
-    failures: list[dict[str, str]] = field(default_factory=list)  # {"id", "reason"}
+    failures: list[dict[str, Any]] = field(default_factory=list)  # {"id", "reason"}
+    # Symbolic links left out by rule (follow_symlinks): {"path", "reason"}; not failures.
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     # Documents also written into a version a running migration builds: collection -> count.
     migration_writes: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -126,14 +128,19 @@ def ingest(
     check_index_name(index)
     started = time.perf_counter()
     corpus = CorpusStore.for_index(settings.data_dir, index)
-    staged = stage(corpus, read_documents(Path(path)))  # validates everything before any write
+    spec = SourceSpec(Path(path), follow_symlinks=settings.index_settings(index).follow_symlinks)
+    skipped: list[FileError] = []
+    staged = stage(corpus, read_documents(Path(path), spec, skipped))  # validates before any write
     if staged is None:  # read_documents already refuses an empty input; belt and braces
         raise InputError(f"{path} holds no documents")
     try:
         with index_lock(settings, index):
-            return _ingest_staged(settings, index, corpus, staged, profile, progress, started, dry_run)
+            report = _ingest_staged(settings, index, corpus, staged, profile, progress, started, dry_run)
     finally:
         staged.unlink(missing_ok=True)
+    report.skipped = [{"path": e.path, "reason": e.reason} for e in skipped]
+    report.warnings += [f"skipped {e.path}: {e.reason}" for e in skipped]
+    return report
 
 
 def _compact_unless_migrating(settings: Settings, index: str, corpus: CorpusStore) -> None:

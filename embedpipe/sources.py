@@ -52,6 +52,7 @@ class SourceSpec:
     id_field: str = "id"
     text_field: str = "text"
     metadata_fields: tuple[str, ...] | None = None
+    follow_symlinks: bool = False  # read links that lead out of a folder source
 
     @classmethod
     def of(cls, path: Path, **fields: Any) -> SourceSpec:
@@ -74,11 +75,14 @@ class FileError:
 # --- strict reading (ingest) ---------------------------------------------------------
 
 
-def read_documents(path: Path, spec: SourceSpec | None = None) -> Iterator[Document]:
-    """Documents from ``path`` in input order; the first bad record raises InputError."""
+def read_documents(
+    path: Path, spec: SourceSpec | None = None, skipped: list[FileError] | None = None
+) -> Iterator[Document]:
+    """Documents from ``path`` in input order; the first bad record raises InputError.
+    Symbolic links left out by rule are appended to ``skipped``."""
     spec = spec or SourceSpec(Path(path))
     root = Path(path)
-    files = _files(root, spec)
+    files = _files(root, spec, skipped=skipped)
     seen: dict[str, str] = {}
     count = 0
     for file, name in files:
@@ -101,13 +105,15 @@ def _check_document(doc: Document, where: str, seen: dict[str, str]) -> None:
 
 
 def _files(
-    root: Path, spec: SourceSpec, problems: list[FileError] | None = None
+    root: Path, spec: SourceSpec, problems: list[FileError] | None = None,
+    skipped: list[FileError] | None = None,
 ) -> list[tuple[Path, str]]:
     """(file, name relative to the source) of every file to read, in a stable order.
 
     What cannot be listed (a folder without read permission, a symbolic link whose
     target is gone) goes to ``problems`` (named ``dir/`` for a folder), or raises when
     no list is given: silently leaving it out would look like deleted documents.
+    Symbolic links left out by rule (see :class:`_Walk`) go to ``skipped``.
     """
     if not root.exists():
         raise SourceUnavailable(
@@ -121,35 +127,95 @@ def _files(
                 ".parquet or a folder of .txt/.md/.html/.pdf files"
             )
         return [(root, root.name)]
-    found: list[tuple[Path, str]] = []
-    trouble: list[FileError] = []
-
-    def unreadable(exc: OSError) -> None:
-        where = Path(exc.filename or root)
-        if where == root:
-            raise SourceUnavailable(f"{root} cannot be read ({exc.strerror}); nothing was changed")
-        trouble.append(FileError(where.relative_to(root).as_posix() + "/",
-                                 f"folder cannot be read: {exc.strerror}"))
-
-    for folder, dirs, names in os.walk(root, onerror=unreadable):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in names:
-            path = Path(folder) / name
-            rel = path.relative_to(root).as_posix()
-            if name.startswith(".") or path.suffix.lower() not in ALL_SUFFIXES:
-                continue
-            if not _matches(rel, spec.glob):
-                continue
-            if path.is_symlink() and not path.exists():
-                trouble.append(FileError(rel, f"broken symbolic link (its target {os.readlink(path)} "
-                                              "is missing)"))
-            elif path.is_file():
-                found.append((path, rel))
-    if trouble and problems is None:
-        raise InputError(f"{root / trouble[0].path}: {trouble[0].reason}")
+    walk = _Walk(root, spec)
+    walk.folder(root, "")
+    if walk.trouble and problems is None:
+        raise InputError(f"{root / walk.trouble[0].path}: {walk.trouble[0].reason}")
     if problems is not None:
-        problems.extend(trouble)
-    return sorted(found, key=lambda pair: pair[1])
+        problems.extend(walk.trouble)
+    if skipped is not None:
+        skipped.extend(walk.skipped)
+    return sorted(walk.found, key=lambda pair: pair[1])
+
+
+class _Walk:
+    """The files of a folder source, every symbolic link resolved first.
+
+    Without ``follow_symlinks`` only what resolves under the (resolved) source root is
+    read: a link that leads out of it would put text from elsewhere on the machine into
+    the corpus, the payloads and perhaps a hosted request. A link to a folder inside the
+    source is not descended (its files are read at their own paths, once); with
+    ``follow_symlinks`` links leading out are read too, each real folder once (no loops).
+    Links left out are listed in ``skipped`` with the reason: reported, never taken for
+    deleted documents.
+    """
+
+    def __init__(self, root: Path, spec: SourceSpec) -> None:
+        self.root, self.spec = root, spec
+        self.real = root.resolve()
+        self.visited: set[Path] = set()
+        self.found: list[tuple[Path, str]] = []
+        self.trouble: list[FileError] = []
+        self.skipped: list[FileError] = []
+
+    def folder(self, path: Path, rel: str) -> None:
+        self.visited.add(path.resolve())
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            if not rel:
+                raise SourceUnavailable(f"{self.root} cannot be read ({exc.strerror}); "
+                                        "nothing was changed") from None
+            self.trouble.append(FileError(rel, f"folder cannot be read: {exc.strerror}"))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            name = rel + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                self.folder(Path(entry.path), name + "/")
+            elif entry.is_symlink() and entry.is_dir():
+                self.linked_folder(Path(entry.path), name + "/")
+            else:
+                self.file(Path(entry.path), name)
+
+    def linked_folder(self, path: Path, rel: str) -> None:
+        target = path.resolve()
+        if target.is_relative_to(self.real):
+            self._skip(rel, f"symbolic link to {target}, a folder inside the source (read there)")
+        elif not self.spec.follow_symlinks:
+            self._skip(rel, f"symbolic link to {target}, a folder outside the source; {_FOLLOW}")
+        elif target in self.visited:
+            self._skip(rel, f"symbolic link to {target}, a folder already read")
+        else:
+            self.folder(path, rel)
+
+    def file(self, path: Path, rel: str) -> None:
+        if path.suffix.lower() not in ALL_SUFFIXES or not _matches(rel, self.spec.glob):
+            return
+        if not path.is_symlink():
+            if path.is_file():  # not a fifo or a device
+                self.found.append((path, rel))
+            return
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):  # a loop of links
+            self.trouble.append(FileError(rel, "symbolic link loop"))
+            return
+        if not self.spec.follow_symlinks and not target.is_relative_to(self.real):
+            self._skip(rel, f"symbolic link to {target}, outside the source; {_FOLLOW}")
+        elif not target.exists():
+            self.trouble.append(FileError(
+                rel, f"broken symbolic link (its target {os.readlink(path)} is missing)"))
+        elif target.is_file():
+            self.found.append((path, rel))
+
+    def _skip(self, rel: str, reason: str) -> None:
+        self.skipped.append(FileError(rel, reason))
+
+
+_FOLLOW = "set follow_symlinks = true in the index's settings to read it"
 
 
 def _matches(rel: str, pattern: str | None) -> bool:
@@ -204,11 +270,13 @@ class SourceScan:
     names of files whose documents must all be dropped (and kept as indexed), and
     ``kept_ids`` the ids of documents skipped on their own (empty text, a duplicate id).
     A name in ``failed`` that ends with ``/`` is a folder that could not be listed: every
-    document from below it is kept.
+    document from below it is kept. ``skipped`` lists the symbolic links left out by
+    rule (see ``follow_symlinks``); what the corpus holds from them is kept too.
     """
 
     spec: SourceSpec
     errors: list[FileError] = field(default_factory=list)
+    skipped: list[FileError] = field(default_factory=list)
     failed: set[str] = field(default_factory=set)
     kept_ids: set[str] = field(default_factory=set)
     files: int = 0
@@ -218,7 +286,7 @@ class SourceScan:
         single = not root.is_dir()
         seen: dict[str, str] = {}
         problems: list[FileError] = []
-        files = _files(root, self.spec, problems)
+        files = _files(root, self.spec, problems, self.skipped)
         self.errors.extend(problems)
         self.failed.update(p.path for p in problems)
         for file, name in files:

@@ -77,6 +77,8 @@ class SyncReport:
     truncated: int = 0
     dry_run: bool = False
     failures: list[dict[str, Any]] = field(default_factory=list)  # {"path"?, "id"?, "reason"}
+    # Symbolic links left out by rule (follow_symlinks): {"path", "reason"}; not failures.
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     migration_writes: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
@@ -104,7 +106,8 @@ def source_spec(settings: Settings, index: str) -> SourceSpec:
             f"in {where}, or ingest files with `embedpipe ingest PATH --index {index}`"
         )
     return SourceSpec.of(cfg.source, glob=cfg.glob, id_field=cfg.id_field,
-                         text_field=cfg.text_field, metadata_fields=cfg.metadata_fields)
+                         text_field=cfg.text_field, metadata_fields=cfg.metadata_fields,
+                         follow_symlinks=cfg.follow_symlinks)
 
 
 def read_source(settings: Settings, index: str) -> Staged:
@@ -148,6 +151,8 @@ def apply(
             staged.path.unlink(missing_ok=True)
     report.failures += [e.to_dict() for e in staged.scan.errors]
     report.failed += len(staged.scan.errors)
+    report.skipped = [{"path": e.path, "reason": e.reason} for e in staged.scan.skipped]
+    report.warnings += [f"skipped {e.path}: {e.reason}" for e in staged.scan.skipped]
     if staged.path is None and not staged.scan.errors:
         report.warnings.append(f"{spec.path} holds no documents")
     report.status = "partial" if report.failed else "ok"
@@ -192,7 +197,9 @@ def _gone(
     present: set[str] = set()
     if staged.path is not None:
         present = _ids(staged.path)
-    kept = staged.scan.kept_ids | _ids_from(corpus, staged.scan.failed)
+    # Never a deletion: files that failed to read, links skipped by rule.
+    kept = staged.scan.kept_ids | _ids_from(
+        corpus, staged.scan.failed | {e.path for e in staged.scan.skipped})
     gone = known.keys() - present - kept
     limit = settings.index_settings(index).max_delete_fraction
     if known and len(gone) > limit * len(known):

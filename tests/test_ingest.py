@@ -20,7 +20,7 @@ from embedpipe.index import Index, IndexVersions
 from embedpipe.ingest import ingest
 from embedpipe.qdrant import connect
 
-from conftest import EXAMPLES, write_config, write_jsonl
+from conftest import EXAMPLES, static_profile_toml, write_config, write_jsonl
 
 DOCS = [
     {"id": "bread", "text": "Sourdough bread rises thanks to wild yeast and lactic acid bacteria.", "topic": "food"},
@@ -311,3 +311,24 @@ def test_filters_on_numbers_booleans_and_lists(settings, tmp_path) -> None:
     assert [h.id for h in idx.search("anything", k=4, filter={"score": 1.5})] == ["venus"]
     assert {h.id for h in idx.search("anything", k=4, filter={"even": True})} == {"bread", "tcp"}
     assert {h.id for h in idx.search("anything", k=4, filter={"rank": [0, 3]})} == {"bread", "piano"}
+
+
+@pytest.fixture
+def static(make_settings, static_model_dir: Path):
+    """Settings whose default profile is the fast static model."""
+    return make_settings('default_profile = "static"\n' + static_profile_toml(static_model_dir))
+
+
+def test_ingest_of_a_folder_skips_and_reports_links_out_of_it(static, tmp_path: Path) -> None:
+    folder, private = tmp_path / "notes", tmp_path / "private"
+    folder.mkdir()
+    private.mkdir()
+    (folder / "own.md").write_text("A note that belongs to the folder.", encoding="utf-8")
+    (private / "key.txt").write_text("ssh private key material", encoding="utf-8")
+    (folder / "key.txt").symlink_to(private / "key.txt")
+    report = ingest(static, "kb", folder)
+    assert report.added == 1 and report.failed == 0
+    assert [s["path"] for s in report.skipped] == ["key.txt"]
+    assert report.warnings == [f"skipped key.txt: symbolic link to {private / 'key.txt'}, outside "
+                               "the source; set follow_symlinks = true in the index's settings to read it"]
+    assert set(CorpusStore.for_index(static.data_dir, "kb").known()) == {"own.md"}

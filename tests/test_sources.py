@@ -128,3 +128,48 @@ def test_missing_and_unsupported_sources(tmp_path: Path) -> None:
     odd.write_bytes(b"PK")
     with pytest.raises(InputError, match="unsupported input type .docx"):
         list(read_documents(odd))
+
+
+def _linked_tree(tmp_path: Path) -> Path:
+    """``src`` with its own files, links that stay inside it and links that lead out."""
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (src / "own.txt").write_text("inside the source", encoding="utf-8")
+    (outside / "secret.txt").write_text("private text outside the source", encoding="utf-8")
+    (outside / "more.md").write_text("another outside file", encoding="utf-8")
+    (outside / "self").symlink_to(outside, target_is_directory=True)  # a loop once followed
+    (src / "leak.txt").symlink_to(outside / "secret.txt")
+    (src / "up.md").symlink_to(Path("..") / "outside" / "more.md")  # relative, still outside
+    (src / "mirror").symlink_to(outside, target_is_directory=True)
+    (src / "sub" / "alias.txt").symlink_to(src / "own.txt")  # resolves inside: read
+    (src / "loop").symlink_to(src, target_is_directory=True)  # inside: read at its own path
+    return src
+
+
+def test_links_out_of_the_source_are_skipped_and_reported(tmp_path: Path) -> None:
+    src = _linked_tree(tmp_path)
+    scan = SourceScan(SourceSpec(src))
+    assert {d.id: d.text for d in scan} == {"own.txt": "inside the source",
+                                            "sub/alias.txt": "inside the source"}
+    skipped = {e.path: e.reason for e in scan.skipped}
+    assert set(skipped) == {"leak.txt", "up.md", "mirror/", "loop/"}
+    assert str(tmp_path / "outside" / "secret.txt") in skipped["leak.txt"]
+    assert "outside the source" in skipped["mirror/"] and "follow_symlinks = true" in skipped["leak.txt"]
+    assert "inside the source" in skipped["loop/"]
+    assert scan.errors == [] and scan.failed == set()  # skipped by rule: not a failure
+    seen: list = []
+    assert {d.id for d in read_documents(src, SourceSpec(src), skipped=seen)} == {"own.txt", "sub/alias.txt"}
+    assert {e.path for e in seen} == set(skipped)
+    (tmp_path / "srclink").symlink_to(src, target_is_directory=True)  # the root itself a link
+    assert {d.id for d in read_documents(tmp_path / "srclink")} == {"own.txt", "sub/alias.txt"}
+
+
+def test_follow_symlinks_reads_links_out_of_the_source_once(tmp_path: Path) -> None:
+    src = _linked_tree(tmp_path)
+    scan = SourceScan(SourceSpec(src, follow_symlinks=True))
+    assert {d.id for d in scan} == {"own.txt", "sub/alias.txt", "leak.txt", "up.md",
+                                    "mirror/secret.txt", "mirror/more.md"}
+    assert {e.path: e.reason.split(";")[0] for e in scan.skipped} == {
+        "loop/": f"symbolic link to {src}, a folder inside the source (read there)",
+        "mirror/self/": f"symbolic link to {tmp_path / 'outside'}, a folder already read"}

@@ -400,7 +400,42 @@ def test_a_chunk_size_the_model_cannot_take_creates_nothing(make_settings, src: 
     assert _versions(cfg).require_live("docs").chunking == {"max_tokens": 200, "overlap": 32}
 
 
-def test_unlistable_folders_and_broken_links_are_kept_not_deleted(cfg, src: Path, tmp_path: Path) -> None:
+def _linking(make_settings, static_model_dir: Path, src: Path, follow: bool):
+    close_all()  # a fresh Settings object opens the Qdrant folder again
+    return make_settings(
+        'default_profile = "static"\n' + static_profile_toml(static_model_dir)
+        + f'\n[indexes.docs]\nsource = "{src}"\nfollow_symlinks = {str(follow).lower()}\n')
+
+
+def test_links_out_of_the_source_are_skipped_reported_and_never_a_deletion(
+    make_settings, static_model_dir: Path, src: Path, tmp_path: Path,
+) -> None:
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "secret.txt").write_text("The vault code is 7-4-1-9.", encoding="utf-8")
+    (src / "leak.txt").symlink_to(private / "secret.txt")
+    (src / "shared").symlink_to(private, target_is_directory=True)
+    cfg = _linking(make_settings, static_model_dir, src, follow=False)
+    report = sync(cfg, "docs")
+    assert report.status == "ok" and report.failed == 0 and report.added == len(FILES)
+    assert {s["path"] for s in report.skipped} == {"leak.txt", "shared/"}
+    assert any(w.startswith("skipped leak.txt: symbolic link to ") for w in report.warnings)
+    points, _ = connect(cfg).scroll(report.collection, limit=100, with_payload=True)
+    assert not any("vault" in json.dumps(p.payload) for p in points)
+    assert "leak.txt" not in _corpus(cfg)
+
+    followed = sync(_linking(make_settings, static_model_dir, src, follow=True), "docs")
+    assert (followed.added, followed.skipped) == (2, [])  # leak.txt and shared/secret.txt
+    cfg = _linking(make_settings, static_model_dir, src, follow=False)
+    again = sync(cfg, "docs")  # the links are skipped again: what they gave stays indexed
+    assert again.deleted == 0 and {"leak.txt", "shared/secret.txt"} <= _corpus(cfg).keys()
+    assert {"leak.txt", "shared/secret.txt"} <= _whole(cfg, again.collection).keys()
+
+
+def test_unlistable_folders_and_broken_links_are_kept_not_deleted(
+    make_settings, static_model_dir: Path, src: Path, tmp_path: Path,
+) -> None:
+    cfg = _linking(make_settings, static_model_dir, src, follow=True)
     share = tmp_path / "share"
     share.mkdir()
     (share / "remote.txt").write_text("A file that lives on another share.", encoding="utf-8")

@@ -326,13 +326,19 @@ def status(
 
 
 @app.command()
-def models(as_json: JsonOpt = False) -> None:
+def models(
+    verify: Annotated[bool, typer.Option("--verify", help="Hash every local profile's weights again (ignore the cache) and check the live indexes' fingerprints; exit 2 on a mismatch.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Model profiles: provider, dims, fingerprint, usable here, deprecation."""
     from embedpipe.status import profile_status
 
-    data = profile_status(_settings())
+    data = profile_status(_settings(), verify=verify)
+    mismatched = any(p.get("mismatched_indexes") for p in data)
     if as_json:
         _print_json(data)
+        if mismatched:
+            raise typer.Exit(2)
         return
     typer.echo(f"{'profile':<18} {'provider':<22} {'dims':>5}  {'fingerprint':<12}  {'usable':<6}  status")
     for p in data:
@@ -348,6 +354,8 @@ def models(as_json: JsonOpt = False) -> None:
     for p in data:
         for warning in p["warnings"]:
             typer.echo(f"warning: {warning}", err=True)
+    if mismatched:
+        raise typer.Exit(2)
 
 
 @app.command()

@@ -312,20 +312,26 @@ def _hash_cache_file() -> Path:
     return (root if os.environ.get("EMBEDPIPE_CACHE_DIR") else root / "embedpipe") / "weights.json"
 
 
-def weights_hash(folder: Path) -> str:
-    """SHA-256 over every file that shapes the model's output, cached by (path, size, mtime).
+def weights_hash(folder: Path, rehash: bool = False) -> str:
+    """SHA-256 over every file that shapes the model's output, cached by file identity.
 
     Hashing a few hundred MB takes seconds, so the digest is kept in a small JSON cache
-    and recomputed only when a file's size or modification time changes.
+    keyed by each file's (path, size, mtime, inode, ctime). Size and mtime alone are not
+    enough: ``cp -p``, ``rsync -a`` and reproducible images restore mtimes, so new bytes
+    of the same size looked like the old weights. The inode changes when a file is
+    replaced, and the ctime on any write or metadata change, and no tool can set it
+    back. ``rehash`` ignores the cache (``embedpipe models --verify``) and mends it.
     """
     files = sorted(
         p
         for p in folder.rglob("*")
         if p.is_file() and p.name not in _IGNORED_WEIGHT_FILES and not p.name.startswith(".")
     )
+    stats = [(p, p.stat()) for p in files]
     stamp = hashlib.sha256(
         json.dumps(
-            [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+            [(str(p.relative_to(folder)), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+             for p, st in stats]
         ).encode()
     ).hexdigest()
     cache_file = _hash_cache_file()
@@ -335,7 +341,7 @@ def weights_hash(folder: Path) -> str:
     except (OSError, ValueError):
         cache = {}
     entry = cache.get(key)
-    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+    if not rehash and isinstance(entry, dict) and entry.get("stamp") == stamp:
         return str(entry["sha256"])
     digest = hashlib.sha256()
     for p in files:
@@ -358,17 +364,18 @@ def weights_hash(folder: Path) -> str:
 # --- fingerprints ----------------------------------------------------------------------
 
 
-def fingerprint(profile: Profile) -> str:
+def fingerprint(profile: Profile, rehash: bool = False) -> str:
     """The identity of the embedding space a profile produces, as a hex SHA-256.
 
     Covers provider, model id, weights (a hash of the files for local models, the
     revision otherwise), dimension, normalisation, pooling, prompts and, for local
     models, the truncation limit. The profile's
     *name* is deliberately left out: renaming a profile must not re-embed anything,
-    while changing the weights must.
+    while changing the weights must. ``rehash`` hashes local weights again instead of
+    trusting the cache (see ``weights_hash``).
     """
     if profile.is_local:
-        weights = weights_hash(resolve_weights(profile).path)
+        weights = weights_hash(resolve_weights(profile).path, rehash=rehash)
     else:
         weights = profile.revision or ""
     identity = {

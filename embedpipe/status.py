@@ -33,16 +33,21 @@ def deprecation_warning(profile: Profile, index: str) -> str | None:
 
 def live_profiles(settings: Settings) -> dict[str, list[str]]:
     """profile name -> indexes live on it (empty when Qdrant cannot be opened)."""
+    return {name: [index for index, _ in live] for name, live in _live_versions(settings).items()}
+
+
+def _live_versions(settings: Settings) -> dict[str, list[tuple[str, str]]]:
+    """profile name -> (index, recorded fingerprint) of each live version on it."""
     from embedpipe.errors import QdrantUnavailable
     from embedpipe.qdrant import connect
 
     try:
         versions = IndexVersions(connect(settings), settings)
         aliases = versions.aliases()
-        out: dict[str, list[str]] = {}
+        out: dict[str, list[tuple[str, str]]] = {}
         for v in versions.versions():
             if aliases.get(v.index) == v.collection:
-                out.setdefault(v.profile, []).append(v.index)
+                out.setdefault(v.profile, []).append((v.index, v.fingerprint))
         return out
     except QdrantUnavailable:
         return {}
@@ -117,29 +122,48 @@ def _deprecation(settings: Settings, profile: str) -> str:
     return known.deprecation.status() if known else "unknown profile"
 
 
-def profile_status(settings: Settings) -> list[dict[str, Any]]:
+def profile_status(settings: Settings, verify: bool = False) -> list[dict[str, Any]]:
     """Each profile with provider, dims, short fingerprint, usability, deprecation, the
-    indexes live on it, and a warning per live index on a deprecated model."""
-    live = live_profiles(settings)
+    indexes live on it, and a warning per live index on a deprecated model.
+
+    ``verify`` hashes every local profile's weights again instead of trusting the hash
+    cache, and names each live index whose recorded fingerprint the weights no longer
+    produce (``mismatched_indexes``): its queries would fail with ``FingerprintMismatch``.
+    """
+    live = _live_versions(settings)
     out = []
     for profile in sorted(settings.profiles.values(), key=lambda p: p.name):
-        entry = _one_profile(profile, settings.sovereign)
-        entry["live_indexes"] = sorted(live.get(profile.name, []))
+        entry = _one_profile(profile, settings.sovereign, rehash=verify)
+        on_it = live.get(profile.name, [])
+        entry["live_indexes"] = sorted(index for index, _ in on_it)
         entry["warnings"] = [
             w for w in (deprecation_warning(profile, i) for i in entry["live_indexes"]) if w
         ]
+        if verify:
+            entry["verified"] = profile.is_local and entry["full_fingerprint"] is not None
+            entry["mismatched_indexes"] = sorted(
+                index for index, recorded in on_it
+                if entry["full_fingerprint"] is not None and recorded != entry["full_fingerprint"])
+            entry["warnings"] += [_changed_weights(profile, i) for i in entry["mismatched_indexes"]]
+        del entry["full_fingerprint"]
         out.append(entry)
     return out
 
 
-def _one_profile(profile: Profile, sovereign: bool = False) -> dict[str, Any]:
+def _changed_weights(profile: Profile, index: str) -> str:
+    return (f"index {index!r} was built by profile {profile.name!r}, whose weights no longer "
+            "produce its fingerprint (the files changed); restore the original weights, or run "
+            f"`embedpipe migrate --to {profile.name} --index {index}` to re-embed it with these")
+
+
+def _one_profile(profile: Profile, sovereign: bool = False, rehash: bool = False) -> dict[str, Any]:
     usable, where = _usable(profile)
     if sovereign and profile.is_hosted:
         usable, where = False, "refused: sovereign mode"
     fp = None
     if usable:
         try:
-            fp = fingerprint(profile)
+            fp = fingerprint(profile, rehash=rehash and profile.is_local)
         except EmbedpipeError:
             usable = False
     dep = profile.deprecation
@@ -150,6 +174,7 @@ def _one_profile(profile: Profile, sovereign: bool = False) -> dict[str, Any]:
         "hosted": profile.is_hosted,
         "dims": profile.dims,
         "fingerprint": short(fp) if fp else None,
+        "full_fingerprint": fp,
         "usable": usable,
         "where": where,
         "deprecation": dep.status(),

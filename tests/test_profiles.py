@@ -98,6 +98,72 @@ def test_weights_hash_is_cached(settings, tmp_path: Path) -> None:
     assert fingerprint(profile) != first
 
 
+def _minilm_copy(settings, tmp_path: Path):
+    copy = tmp_path / "minilm"
+    shutil.copytree(resolve_weights(settings.profile("local-minilm")).path, copy)
+    return settings.profile("local-minilm").model_copy(update={"path": copy, "package": None}), copy
+
+
+def test_new_weights_with_the_old_size_and_mtime_get_a_new_fingerprint(settings, tmp_path: Path) -> None:
+    """Bytes changed in place, size kept and mtime restored (as cp -p, rsync -a or a
+    reproducible image leave them): the cache must not hand back the old fingerprint."""
+    import os
+
+    profile, copy = _minilm_copy(settings, tmp_path)
+    before = fingerprint(profile)
+    weights = copy / "model.safetensors"
+    stat = weights.stat()
+    with weights.open("r+b") as fh:
+        fh.seek(stat.st_size // 2)
+        fh.write(b"\0" * 4096)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert fingerprint(profile) != before
+
+
+def test_verify_rehashes_past_a_stale_cache(settings, tmp_path: Path) -> None:
+    profile = settings.profile("local-minilm")
+    first = fingerprint(profile)
+    cache = tmp_path / "cache" / "weights.json"
+    entries = json.loads(cache.read_text())
+    (key,) = entries
+    entries[key]["sha256"] = "0" * 64  # a cache that lies
+    cache.write_text(json.dumps(entries))
+    assert fingerprint(profile) != first
+    assert fingerprint(profile, rehash=True) == first
+    assert fingerprint(profile) == first  # the re-hash mended the cache
+
+
+def test_models_verify_names_an_index_whose_weights_changed(tmp_path: Path, capsys, monkeypatch) -> None:
+    from conftest import cli, write_config, write_jsonl
+    from embedpipe.config import load_settings
+
+    copy = tmp_path / "minilm"
+    shutil.copytree(resolve_weights(load_settings().profile("local-minilm")).path, copy)
+    config = write_config(tmp_path, f'[profiles.mine]\nprovider = "sentence-transformers"\n'
+                                    f'model = "mine"\npath = "{copy}"\ndims = 384\n')
+    docs = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "Fjords are glacial valleys."}])
+    assert cli(capsys, monkeypatch, "-c", str(config), "ingest", str(docs), "--index", "kb",
+               "--profile", "mine")[0] == 0
+    code, out, _ = cli(capsys, monkeypatch, "-c", str(config), "models", "--verify", "--json")
+    mine = {m["name"]: m for m in json.loads(out)}["mine"]
+    assert code == 0 and mine["verified"] is True and mine["mismatched_indexes"] == []
+
+    cache = tmp_path / "cache" / "weights.json"
+    old_digest = json.loads(cache.read_text())[str(copy.resolve())]["sha256"]
+    tweaked = json.loads((copy / "config.json").read_text())
+    tweaked["layer_norm_eps"] = 1e-6
+    (copy / "config.json").write_text(json.dumps(tweaked))
+    fingerprint(load_settings(config).profile("mine"))  # the cache learns the new files' stamp
+    entries = json.loads(cache.read_text())
+    entries[str(copy.resolve())]["sha256"] = old_digest  # and now vouches for them falsely
+    cache.write_text(json.dumps(entries))
+    assert cli(capsys, monkeypatch, "-c", str(config), "models")[0] == 0  # the cache is believed
+    code, out, err = cli(capsys, monkeypatch, "-c", str(config), "models", "--verify")
+    assert code == 2
+    assert "'kb'" in err and "'mine'" in err and "embedpipe migrate" in err
+
+
 def test_wheel_ships_the_catalogue(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[1]
     subprocess.run(

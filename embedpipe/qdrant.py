@@ -71,7 +71,10 @@ def _open(settings: Settings) -> QdrantClient:
     try:
         client = QdrantClient(path=str(path))
     except RuntimeError as exc:
-        raise QdrantUnavailable(
+        from embedpipe.errors import IndexBusy
+
+        # Busy, not broken: another process holds the folder; exit 75, try again later.
+        raise IndexBusy(
             f"Qdrant local storage {path} is in use by another process ({exc}); wait for it to "
             "finish, or run a Qdrant server and set qdrant.url for concurrent access"
         ) from exc

@@ -20,7 +20,7 @@ from embedpipe.ingest import ProgressFactory, check_index_name
 from embedpipe.sync import Staged, SyncReport, apply, read_source, recorded
 from embedpipe.flows._prefect import check_prefect, slug
 
-__all__ = ["artifact_markdown", "run_sync", "sync_flow"]
+__all__ = ["SERVED_ENV", "artifact_markdown", "check_served_parameters", "run_sync", "sync_flow"]
 
 # Set by run_sync for the CLI's progress bar; tasks run in the flow's process.
 _progress: ProgressFactory | None = None
@@ -45,6 +45,7 @@ def sync_flow(
 ) -> dict[str, Any]:
     """Sync ``index`` from the source under ``[indexes.<index>]`` of ``config``; returns the
     run's summary (added, updated, deleted, unchanged, failed, embedded, tokens, seconds)."""
+    check_served_parameters(index, config, allow_mass_delete, dry_run)
     settings = load_settings(config)
     check_index_name(index)  # before anything is recorded under that name
     report = recorded(settings, index, dry_run, lambda: apply_task(
@@ -55,6 +56,44 @@ def sync_flow(
         description=f"sync of {index}: {report.status}",
     )
     return report.to_dict()
+
+
+# Set by `embedpipe schedule` for the runs it serves (its child processes): the config
+# and indexes it serves, the only parameters a deployment run may carry.
+SERVED_ENV = "EMBEDPIPE_SERVED_SCHEDULE"
+
+
+def check_served_parameters(index: str, config: str | None, allow_mass_delete: bool,
+                            dry_run: bool) -> None:
+    """Refuse a deployment run whose parameters are not the ones ``embedpipe schedule``
+    fixed. Anyone who can reach the Prefect API can start a deployment run with other
+    parameters; the serving process, not the API, is the authority on what a scheduled
+    sync may do: its index and config, never ``allow_mass_delete``. Runs that are not
+    deployment runs (``embedpipe sync``) pass."""
+    import json
+    import os
+
+    from prefect.runtime import deployment
+
+    if not deployment.id:
+        return
+    served = json.loads(os.environ.get(SERVED_ENV) or "{}")
+    problems = []
+    if not served:
+        problems.append("it was not started by `embedpipe schedule`")
+    if allow_mass_delete:
+        problems.append("allow_mass_delete = true (run `embedpipe sync --allow-mass-delete` by hand)")
+    if dry_run:
+        problems.append("dry_run = true")
+    if served and config != served.get("config"):
+        problems.append("config is not the file `embedpipe schedule` serves")
+    if served and (index not in served.get("indexes", []) or deployment.name != f"sync-{index}"):
+        problems.append(f"index {index!r} is not the index of deployment {deployment.name!r}")
+    if problems:
+        from embedpipe.errors import ConfigError
+
+        raise ConfigError("refusing a scheduled sync with parameters it may not carry: "
+                          + "; ".join(problems) + "; nothing was read or written")
 
 
 def artifact_markdown(report: SyncReport) -> str:

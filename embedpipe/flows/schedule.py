@@ -2,7 +2,7 @@
 
 Each index with ``schedule = "CRON"`` (and a ``source``) under ``[indexes.NAME]`` in
 embedpipe.toml becomes the deployment ``sync-index/sync-NAME``: the ``sync-index`` flow
-(:func:`embedpipe.embedpipe.flows.ingest.sync_flow`) with ``index`` and ``config`` fixed, run on that cron
+(:func:`embedpipe.flows.ingest.sync_flow`) with ``index`` and ``config`` fixed, run on that cron
 (five fields, UTC). ``embedpipe schedule`` serves them all and blocks; each run is a
 fresh process that re-reads the config, so a changed source or profile is picked up by
 the next run, while a changed schedule needs a restart of the command.
@@ -20,7 +20,10 @@ given on the command line. A run can also be started by hand while the command s
 Each deployment allows one run at a time; a run that comes due while the previous one
 is still going is cancelled (``CANCEL_NEW``) rather than queued, so a slow sync never
 piles up a backlog. Scheduled runs never pass ``allow_mass_delete``: a sync that would
-delete most of an index fails and waits for ``embedpipe sync --allow-mass-delete``.
+delete most of an index fails and waits for ``embedpipe sync --allow-mass-delete``. A
+deployment run started through the Prefect API with other parameters (``allow_mass_delete
+= true``, ``dry_run``, another ``config`` or ``index``) is refused before anything is read:
+the serving process, not the API, decides what a scheduled run may do.
 """
 
 from __future__ import annotations
@@ -145,7 +148,18 @@ def serve_schedules(settings: Settings, index: str | None = None, cron: str | No
     """
     served = deployments(settings, index=index, cron=cron)
     url = check_prefect(require_server=True)
+    import json
+    import os
+
     from prefect import serve
+
+    from embedpipe.flows.ingest import SERVED_ENV
+
+    # The runs are this process's children: what they may be asked to do is fixed here,
+    # whatever parameters a deployment run arrives with (see check_served_parameters).
+    os.environ[SERVED_ENV] = json.dumps({
+        "config": served[0].parameters["config"],
+        "indexes": [d.parameters["index"] for d in served]})
 
     for deployment in served:
         name = deployment.parameters["index"]

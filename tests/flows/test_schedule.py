@@ -228,12 +228,13 @@ def assert_completed(served: Serving, run: Any) -> None:
     )
 
 
-def trigger(deployment_id: Any, count: int = 1) -> list[Any]:
+def trigger(deployment_id: Any, count: int = 1, parameters: dict[str, Any] | None = None) -> list[Any]:
     """Create ``count`` runs of the deployment now, as `prefect deployment run` does."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        return [client.create_flow_run_from_deployment(deployment_id).id for _ in range(count)]
+        return [client.create_flow_run_from_deployment(deployment_id, parameters=parameters).id
+                for _ in range(count)]
 
 
 # --- end to end ----------------------------------------------------------------------
@@ -283,6 +284,24 @@ def test_served_schedule_syncs_the_index_when_a_run_is_triggered(
         served.wait_idle()  # the run's process is gone; the serving process never opens Qdrant
         assert set(_contents(settings)) == set(DOCS)
         close_all()
+
+        # Anyone with the Prefect API can ask for other parameters; the served run refuses.
+        (source / "bread.txt").rename(source.parent / "bread.txt")
+        (source.parent / "elsewhere").mkdir()
+        other = write_config(source.parent / "elsewhere")
+        asked = [{"allow_mass_delete": True}, {"config": str(other)}, {"index": "kb"}]
+        refused = []  # one at a time: the deployment cancels a run due while another goes
+        for params in asked:
+            refused += wait_for_runs(served, trigger(deployment.id, parameters=params))
+        assert [r.state.type.value for r in refused] == ["FAILED"] * 3, served.output()
+        logs = "\n".join(f"{r.state.message}\n{run_logs(r.id)}" for r in refused)
+        for why in ("allow_mass_delete = true", "config is not the file", "is not the index of deployment"):
+            assert why in logs, logs
+        served.wait_idle()
+        assert set(_contents(settings)) == set(DOCS)  # nothing deleted, nothing written
+        assert not (other.parent / "data").exists()
+        close_all()
+        (source.parent / "bread.txt").rename(source / "bread.txt")
 
         (source / NEW_DOC[0]).write_text(NEW_DOC[1], encoding="utf-8")
         (source / "bread.txt").unlink()

@@ -10,9 +10,19 @@ from embedpipe import errors
 
 
 def test_all_lists_exactly_the_public_names() -> None:
+    expected = {*errors.__all__, "Hit", "Index", "__version__", "ingest", "load_settings", "sync"}
+    assert sorted(embedpipe.__all__) == sorted(expected)
+    assert len(embedpipe.__all__) == len(set(embedpipe.__all__))
     for name in embedpipe.__all__:
         assert getattr(embedpipe, name) is not None
-    assert "Index" in embedpipe.__all__
+    for name in errors.__all__:  # every error class, the very same object
+        assert getattr(embedpipe, name) is getattr(errors, name)
+
+
+def test_errors_all_lists_every_error_class() -> None:
+    classes = {n for n, v in vars(errors).items()
+               if isinstance(v, type) and issubclass(v, errors.EmbedpipeError)}
+    assert sorted(errors.__all__) == sorted(classes)
 
 
 def test_every_error_derives_from_the_base() -> None:

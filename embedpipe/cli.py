@@ -244,15 +244,15 @@ def _exit_if_failures(report: Any) -> None:
 
 
 def _parse_filters(pairs: list[str]) -> dict[str, Any] | None:
+    from embedpipe.index import Typed
+
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--filter")
-        try:  # numbers and booleans match typed metadata; anything else is a string
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
+        # CSV metadata are text and JSONL's are typed: a value matches either form
+        out[key] = Typed(value)
     return out or None
 
 

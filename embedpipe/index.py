@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from embedpipe.config import Settings
     from embedpipe.profiles import Profile
 
-__all__ = ["Hit", "Holding", "Index", "IndexVersions", "Version", "point_id"]
+__all__ = ["Hit", "Holding", "Index", "IndexVersions", "Version", "Typed", "point_id"]
 
 MANIFEST_KEY = "embedpipe"
 SCHEMA_VERSION = 1
@@ -438,12 +438,33 @@ def _first_line(content: Any) -> str:
     return (text.strip().splitlines() or ["(no details)"])[0][:300]
 
 
+class Typed(str):
+    """A filter value as typed on a command line, where ``2024`` could mean the number
+    (JSONL, Parquet) or the text (every CSV cell is text): it matches metadata stored
+    either way. ``true``/``false`` match the booleans and the words, a number matches the
+    number and its spelling; anything else matches the text only."""
+
+
+def _typed_condition(key: str, value: Typed) -> Any:
+    from qdrant_client import models
+
+    text = models.FieldCondition(key=f"metadata.{key}", match=models.MatchValue(value=str(value)))
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return text
+    if isinstance(parsed, (bool, int, float)) and not (isinstance(parsed, float) and parsed != parsed):
+        return models.Filter(should=[text, _to_filter({key: parsed}).must[0]])
+    return text
+
+
 def _to_filter(filter: Mapping[str, Any] | Any | None) -> Any:
     """A ``{"key": value}`` mapping becomes a match on ``metadata.key``.
 
     Strings, integers and booleans match exactly, a list matches any of its strings or
     integers, a float matches that number (a range of one point, since Qdrant has no
-    float equality). Anything else is refused with an ``InputError``.
+    float equality), a :class:`Typed` value matches the text or what it spells.
+    Anything else is refused with an ``InputError``.
     """
     if filter is None or not isinstance(filter, Mapping):
         return filter
@@ -452,7 +473,9 @@ def _to_filter(filter: Mapping[str, Any] | Any | None) -> Any:
     must = []
     for key, value in filter.items():
         cond: Any
-        if isinstance(value, (str, bool, int)):
+        if isinstance(value, Typed):
+            cond = _typed_condition(key, value)
+        elif isinstance(value, (str, bool, int)):
             cond = models.FieldCondition(key=f"metadata.{key}", match=models.MatchValue(value=value))
         elif isinstance(value, float) and value == value:  # not NaN
             cond = models.FieldCondition(key=f"metadata.{key}", range=models.Range(gte=value, lte=value))

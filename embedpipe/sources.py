@@ -22,6 +22,7 @@ import csv
 import fnmatch
 import io
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -256,7 +257,8 @@ def _record_document(record: dict[str, Any], where: str, spec: SourceSpec, sourc
     doc_id = _coerce_id(record.pop(spec.id_field), where, spec.id_field)
     if spec.metadata_fields is not None:
         record = {k: record[k] for k in spec.metadata_fields if k in record}
-    return Document(doc_id, text, metadata={k: _no_nan(v) for k, v in record.items()}, source=source)
+    return Document(doc_id, text, metadata={k: _finite(v, k, where) for k, v in record.items()},
+                    source=source)
 
 
 # --- tolerant reading (sync) --------------------------------------------------------
@@ -489,9 +491,20 @@ def _csv_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise InputError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
 
 
-def _no_nan(value: Any) -> Any:
-    """NaN is not JSON; a missing float becomes null in metadata."""
-    return None if isinstance(value, float) and value != value else value
+def _finite(value: Any, key: str, where: str) -> Any:
+    """Metadata as strict JSON: NaN (how Parquet and pandas spell a missing float) becomes
+    null; an infinity (``1e400`` in JSON) has no JSON form, so the record is refused."""
+    if isinstance(value, float):
+        if value != value:
+            return None
+        if value in (math.inf, -math.inf):
+            raise InputError(f"{where}: metadata {key!r} is not a finite number ({value}); "
+                             "use a finite number or null")
+    elif isinstance(value, dict):
+        return {k: _finite(v, f"{key}.{k}", where) for k, v in value.items()}
+    elif isinstance(value, (list, tuple)):
+        return [_finite(v, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    return value
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

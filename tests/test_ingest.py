@@ -332,3 +332,29 @@ def test_ingest_of_a_folder_skips_and_reports_links_out_of_it(static, tmp_path: 
     assert report.warnings == [f"skipped key.txt: symbolic link to {private / 'key.txt'}, outside "
                                "the source; set follow_symlinks = true in the index's settings to read it"]
     assert set(CorpusStore.for_index(static.data_dir, "kb").known()) == {"own.md"}
+
+
+def test_cli_filters_match_csv_text_and_jsonl_numbers(tmp_path: Path, static_model_dir: Path,
+                                                      capsys, monkeypatch) -> None:
+    from conftest import cli
+
+    config = write_config(tmp_path, 'default_profile = "static"\n' + static_profile_toml(static_model_dir))
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "a.csv").write_text("id,text,year,draft\ncsv1,Bread rises with yeast.,2024,true\n"
+                                  "csv2,Tides follow the moon.,2023,false\n", encoding="utf-8")
+    write_jsonl(folder / "b.jsonl", [{"id": "js1", "text": "Venus is hot.", "year": 2024, "draft": True},
+                                     {"id": "js2", "text": "Pianos have keys.", "year": "2024x"}])
+    assert cli(capsys, monkeypatch, "-c", str(config), "ingest", str(folder), "--index", "kb")[0] == 0
+
+    def ids(*filters: str) -> set[str]:
+        args = [a for f in filters for a in ("--filter", f)]
+        code, out, err = cli(capsys, monkeypatch, "-c", str(config), "search", "anything", "--index", "kb",
+                             "-k", "10", "--json", *args)
+        assert code == 0, err
+        return {h["id"] for h in json.loads(out)}
+
+    assert ids("year=2024") == {"csv1", "js1"}  # the CSV text "2024" and the JSONL number
+    assert ids("draft=true") == {"csv1", "js1"}
+    assert ids("year=2024x") == {"js2"}
+    assert ids("year=2024", "draft=false") == set()

@@ -4,6 +4,7 @@ tolerant scan a sync uses (a bad file is reported and skipped, never fatal)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,27 @@ def test_follow_symlinks_reads_links_out_of_the_source_once(tmp_path: Path) -> N
     assert {e.path: e.reason.split(";")[0] for e in scan.skipped} == {
         "loop/": f"symbolic link to {src}, a folder inside the source (read there)",
         "mirror/self/": f"symbolic link to {tmp_path / 'outside'}, a folder already read"}
+
+
+@pytest.mark.parametrize("line, where", [
+    ('{"id": "a", "text": "t", "score": 1e400}', "metadata 'score'"),
+    ('{"id": "a", "text": "t", "m": {"xs": [1, -1e999]}}', "metadata 'm.xs[1]'"),
+])
+def test_non_finite_metadata_is_refused_with_the_line(tmp_path: Path, line: str, where: str) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": "ok", "text": "fine"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match=rf"d.jsonl:2: {re.escape(where)} is not a finite number"):
+        list(read_documents(path))
+
+
+def test_non_finite_parquet_metadata_is_refused_and_nan_is_null(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"], "w": [float("nan"), 1.0],
+                             "v": [[1.0], [float("inf")]]}), path)
+    with pytest.raises(InputError, match=r"d.parquet row 2: metadata 'v\[0\]' is not a finite number"):
+        list(read_documents(path))
+    pq.write_table(pa.table({"id": ["a"], "text": ["x"], "w": [float("nan")]}), path)
+    assert next(iter(read_documents(path))).metadata == {"w": None}  # a missing value

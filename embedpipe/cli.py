@@ -125,6 +125,7 @@ def ingest(
     index: IndexOpt,
     profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="Model profile for a new index (see `embedpipe models`).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and diff only: say what would be embedded, write nothing.")] = False,
+    skip_invalid: Annotated[Optional[bool], typer.Option("--skip-invalid/--fail-on-invalid", help="Report invalid records (file, line, reason) and ingest the rest, exit 3; default: the index's on_invalid (refuse the whole input).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add or update documents in an index; unchanged documents are not re-embedded."""
@@ -133,7 +134,8 @@ def ingest(
     settings = _settings()
     show = not as_json and not dry_run and sys.stderr.isatty()
     with _progress(show, f"embedding into {index}") as progress:
-        report = run_ingest(settings, index, path, profile=profile, progress=progress, dry_run=dry_run)
+        report = run_ingest(settings, index, path, profile=profile, progress=progress, dry_run=dry_run,
+                            skip_invalid=skip_invalid)
     if as_json:
         _print_json(report.to_dict())
         _exit_if_failures(report)
@@ -146,7 +148,10 @@ def ingest(
             f"{report.reused} vectors reusable"
             + (f"; {report.tokens:,} tokens" if report.tokens is not None else "")
             + (f", about ${report.estimated_usd:.4f}" if report.estimated_usd is not None else "")
+            + (f"; {report.failed} invalid records left out" if report.failed else "")
         )
+        _print_failures(report.failures)
+        _exit_if_failures(report)
         return
     rate = f" ({report.embedded / report.seconds:,.0f} docs/s)" if report.embedded else ""
     typer.echo(
@@ -157,13 +162,22 @@ def ingest(
         + (f", {report.chunked} chunked" if report.chunked else "")
         + f" in {report.seconds:.1f}s{rate}"
     )
-    for failure in report.failures[:10]:
-        typer.echo(f"failed: {failure['id']}: {failure['reason']}", err=True)
-    if len(report.failures) > 10:
-        typer.echo(f"... and {len(report.failures) - 10} more failures (--json lists all)", err=True)
+    _print_failures(report.failures)
     for warning in report.warnings:
         typer.echo(f"warning: {warning}", err=True)
     _exit_if_failures(report)
+
+
+def _print_failures(failures: list[dict[str, Any]]) -> None:
+    """The first ten failures on stderr, an invalid record by its file and line."""
+    for failure in failures[:10]:
+        place = failure.get("path")
+        if place and failure.get("line") is not None:
+            place = f"{place}:{failure['line']}"
+        names = [str(n) for n in (place, failure["id"]) if n is not None]
+        typer.echo(f"failed: {': '.join(names)}: {failure['reason']}", err=True)
+    if len(failures) > 10:
+        typer.echo(f"... and {len(failures) - 10} more failures (--json lists all)", err=True)
 
 
 @app.command()

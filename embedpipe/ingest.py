@@ -71,7 +71,9 @@ class IngestReport:
     chunked: int = 0  # long texts embedded in pieces and averaged (hosted models)
     tokens: int | None = None  # dry run, hosted profiles: exact tokens that would be sent
     estimated_usd: float | None = None  # dry run: those tokens at the profile's price
-    failures: list[dict[str, Any]] = field(default_factory=list)  # {"id", "reason"}
+    # Documents not indexed: {"id", "reason"}; an invalid record skipped by --skip-invalid
+    # also has its "path" and "line" (its id is None when the line could not be parsed).
+    failures: list[dict[str, Any]] = field(default_factory=list)
     # Symbolic links left out by rule (follow_symlinks): {"path", "reason"}; not failures.
     skipped: list[dict[str, Any]] = field(default_factory=list)
     # Documents also written into a version a running migration builds: collection -> count.
@@ -119,18 +121,29 @@ def ingest(
     profile: str | None = None,
     progress: ProgressFactory | None = None,
     dry_run: bool = False,
+    skip_invalid: bool | None = None,
 ) -> IngestReport:
     """Ingest documents from ``path`` into ``index``; see the module docstring.
 
     With ``dry_run`` the input is validated and diffed and the report says what would be
     added, updated and embedded; no model is loaded and nothing is written.
+
+    An invalid record (empty text, a malformed line, a duplicate id, non-finite
+    metadata) refuses the whole input, unless ``skip_invalid`` (default: the index's
+    ``on_invalid = "skip"``): then it is reported as failed, with its file, line and
+    reason, and the rest is ingested.
     """
     check_index_name(index)
     started = time.perf_counter()
     corpus = CorpusStore.for_index(settings.data_dir, index)
-    spec = SourceSpec(Path(path), follow_symlinks=settings.index_settings(index).follow_symlinks)
+    options = settings.index_settings(index)
+    spec = SourceSpec(Path(path), follow_symlinks=options.follow_symlinks)
+    if skip_invalid is None:
+        skip_invalid = options.on_invalid == "skip"
     skipped: list[FileError] = []
-    staged = stage(corpus, read_documents(Path(path), spec, skipped))  # validates before any write
+    invalid: list[FileError] | None = [] if skip_invalid else None
+    # validates before any write
+    staged = stage(corpus, read_documents(Path(path), spec, skipped, invalid))
     if staged is None:  # read_documents already refuses an empty input; belt and braces
         raise InputError(f"{path} holds no documents")
     try:
@@ -140,6 +153,10 @@ def ingest(
         staged.unlink(missing_ok=True)
     report.skipped = [{"path": e.path, "reason": e.reason} for e in skipped]
     report.warnings += [f"skipped {e.path}: {e.reason}" for e in skipped]
+    if invalid:
+        report.failures = [{"id": e.id, "path": e.path, "line": e.line, "reason": e.reason}
+                           for e in invalid] + report.failures
+        report.failed += len(invalid)
     return report
 
 

@@ -68,31 +68,63 @@ class FileError:
     path: str  # relative to the source folder: what the corpus's ``source`` column holds
     reason: str
     id: str | None = None  # the document concerned, when the file was readable
+    line: int | None = None  # the line (JSONL, CSV) or row (Parquet) of a bad record
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "id": self.id, "reason": self.reason}
+        out: dict[str, Any] = {"path": self.path, "id": self.id, "reason": self.reason}
+        if self.line is not None:
+            out["line"] = self.line
+        return out
 
 
 # --- strict reading (ingest) ---------------------------------------------------------
 
 
 def read_documents(
-    path: Path, spec: SourceSpec | None = None, skipped: list[FileError] | None = None
+    path: Path, spec: SourceSpec | None = None, skipped: list[FileError] | None = None,
+    invalid: list[FileError] | None = None,
 ) -> Iterator[Document]:
     """Documents from ``path`` in input order; the first bad record raises InputError.
-    Symbolic links left out by rule are appended to ``skipped``."""
+
+    Symbolic links left out by rule are appended to ``skipped``. Given an ``invalid``
+    list, bad records (and, in a folder, unreadable files) are appended to it with their
+    file, line and reason instead, and the rest is read (``--skip-invalid``).
+    """
     spec = spec or SourceSpec(Path(path))
     root = Path(path)
-    files = _files(root, spec, skipped=skipped)
+    files = _files(root, spec, problems=invalid, skipped=skipped)
     seen: dict[str, str] = {}
     count = 0
     for file, name in files:
-        for where, doc in _read_file(file, name, spec, single=not root.is_dir()):
-            _check_document(doc, where, seen)
-            count += 1
-            yield doc
+        try:
+            for where, doc in _read_file(file, name, spec, single=not root.is_dir()):
+                try:
+                    if isinstance(doc, InputError):
+                        raise doc
+                    _check_document(doc, where, seen)
+                except InputError as exc:
+                    if invalid is None:
+                        raise
+                    invalid.append(_invalid(exc, file, where, doc))
+                    continue
+                count += 1
+                yield doc
+        except (InputError, OSError) as exc:  # the file as a whole: only a folder goes on
+            if invalid is None or not root.is_dir():
+                raise
+            reason = _reason(exc, str(file)) if isinstance(exc, InputError) else (
+                f"cannot read: {exc.strerror or exc}")
+            invalid.append(FileError(str(file), reason))
     if count == 0:
-        raise InputError(f"{root} holds no documents")
+        raise InputError(f"{root} holds no documents" + (
+            f" that are valid ({len(invalid)} invalid records skipped)" if invalid else ""))
+
+
+def _invalid(exc: InputError, file: Path, where: str, doc: Document | InputError) -> FileError:
+    """A skipped record: the file, its line (or row) and the reason without the place."""
+    line = where.rpartition(":")[2] if where.startswith(f"{file}:") else where.rpartition(" row ")[2]
+    return FileError(str(file), _reason(exc, where), None if isinstance(doc, InputError) else doc.id,
+                     int(line) if line.isdigit() else None)
 
 
 def _check_document(doc: Document, where: str, seen: dict[str, str]) -> None:
@@ -227,12 +259,15 @@ def _matches(rel: str, pattern: str | None) -> bool:
         pattern.startswith("**/") and fnmatch.fnmatchcase(rel, pattern[3:]))
 
 
-def _read_file(file: Path, name: str, spec: SourceSpec, single: bool) -> Iterator[tuple[str, Document]]:
-    """(where, document) pairs of one file; raises InputError on the first problem."""
+def _read_file(
+    file: Path, name: str, spec: SourceSpec, single: bool
+) -> Iterator[tuple[str, Document | InputError]]:
+    """(where, document) pairs of one file. A bad record comes as (where, the InputError),
+    so a caller may skip it and go on; what spoils the whole file raises."""
     suffix = file.suffix.lower()
     source = file.name if single else name
     if suffix in (".jsonl", ".ndjson"):
-        records: Iterator[tuple[str, dict[str, Any]]] = _jsonl_records(file)
+        records: Records = _jsonl_records(file)
     elif suffix == ".csv":
         records = _csv_records(file)
     elif suffix == ".parquet":
@@ -242,7 +277,13 @@ def _read_file(file: Path, name: str, spec: SourceSpec, single: bool) -> Iterato
         yield str(file), Document(name, text, metadata={"path": name, **meta}, source=source)
         return
     for where, record in records:
-        yield where, _record_document(record, where, spec, source)
+        if isinstance(record, InputError):
+            yield where, record
+            continue
+        try:
+            yield where, _record_document(record, where, spec, source)
+        except InputError as exc:
+            yield where, exc
 
 
 def _record_document(record: dict[str, Any], where: str, spec: SourceSpec, source: str) -> Document:
@@ -295,6 +336,8 @@ class SourceScan:
             self.files += 1
             try:
                 for where, doc in _read_file(file, name, self.spec, single):
+                    if isinstance(doc, InputError):  # a bad record: the file is kept as indexed
+                        raise doc
                     try:
                         _check_document(doc, where, seen)
                     except InputError as exc:
@@ -456,28 +499,42 @@ def _coerce_id(value: Any, where: str, key: str = "id") -> str:
     return doc_id
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+Records = Iterator[tuple[str, "dict[str, Any] | InputError"]]
+
+
+def _jsonl_records(path: Path) -> Records:
+    """(where, record) per line; a bad line comes as its InputError (the next is read)."""
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
             where = f"{path}:{number}"
-            line = _decode(raw, where).strip()
-            if number == 1:
-                line = line.lstrip("\ufeff")  # a UTF-8 byte-order mark some editors write
-            if not line:
-                continue
             try:
-                record = json.loads(line, parse_constant=_no_constants)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: malformed JSON ({exc.msg}); fix or remove that line") from None
-            except ValueError as exc:
-                raise InputError(f"{where}: {exc}") from None
-            _check_encodable(record, where)
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: expected a JSON object with an id and a text")
-            yield where, record
+                record = _jsonl_record(raw, where, first=number == 1)
+            except InputError as exc:
+                yield where, exc
+                continue
+            if record is not None:
+                yield where, record
 
 
-def _csv_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _jsonl_record(raw: bytes, where: str, first: bool) -> dict[str, Any] | None:
+    line = _decode(raw, where).strip()
+    if first:
+        line = line.lstrip("\ufeff")  # a UTF-8 byte-order mark some editors write
+    if not line:
+        return None
+    try:
+        record = json.loads(line, parse_constant=_no_constants)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: malformed JSON ({exc.msg}); fix or remove that line") from None
+    except ValueError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    _check_encodable(record, where)
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object with an id and a text")
+    return record
+
+
+def _csv_records(path: Path) -> Records:
     text = _decode(path.read_bytes(), str(path)).lstrip("\ufeff")
     csv.field_size_limit(1 << 30)  # a document's text is one (large) cell
     reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -485,7 +542,8 @@ def _csv_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         for record in reader:
             where = f"{path}:{reader.line_num}"
             if None in record:  # more cells than the header names
-                raise InputError(f"{where}: {len(record[None])} more cells than the header has")
+                yield where, InputError(f"{where}: {len(record[None])} more cells than the header has")
+                continue
             yield where, dict(record)
     except csv.Error as exc:
         raise InputError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
@@ -507,7 +565,7 @@ def _finite(value: Any, key: str, where: str) -> Any:
     return value
 
 
-def _parquet_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _parquet_records(path: Path) -> Records:
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -358,3 +358,61 @@ def test_cli_filters_match_csv_text_and_jsonl_numbers(tmp_path: Path, static_mod
     assert ids("draft=true") == {"csv1", "js1"}
     assert ids("year=2024x") == {"js2"}
     assert ids("year=2024", "draft=false") == set()
+
+
+def _with_bad_records(tmp_path: Path, rows: int = 2000) -> Path:
+    """A large JSONL file with an empty text, a malformed line and a duplicate id in it."""
+    lines = [json.dumps({"id": f"d{i}", "text": f"Document number {i} about topic {i % 17}."})
+             for i in range(rows)]
+    lines[10] = json.dumps({"id": "empty", "text": "  "})  # lines 11, rows/4 + 1, 3 rows/4 + 1
+    lines[rows // 4] = '{"id": "broken", "text": '
+    lines[rows * 3 // 4] = json.dumps({"id": "d3", "text": "a second d3"})
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_skip_invalid_ingests_the_rest_and_reports_each_bad_record(static, tmp_path: Path) -> None:
+    path = _with_bad_records(tmp_path)
+    with pytest.raises(InputError, match=":11: document 'empty' has empty text"):
+        ingest(static, "kb", path)  # the default refuses the whole input
+    assert _snapshot(static, "kb") == ({}, [])
+
+    report = ingest(static, "kb", path, skip_invalid=True)
+    assert report.added == 1997 and report.failed == 3
+    bad = [(f["path"], f["line"], f["id"]) for f in report.failures]
+    assert bad == [(str(path), 11, "empty"), (str(path), 501, None), (str(path), 1501, "d3")]
+    assert "duplicate id 'd3' (first seen at" in report.failures[2]["reason"]
+    assert not any(f["reason"].startswith(str(path)) for f in report.failures)  # place: path/line
+    known = CorpusStore.for_index(static.data_dir, "kb").known()
+    assert len(known) == 1997 and "empty" not in known and "broken" not in known
+    versions = IndexVersions(connect(static), static)
+    assert versions.count(versions.live("kb").collection) == 1997
+
+
+def test_on_invalid_skip_in_config_and_cli_exit_code(tmp_path: Path, static_model_dir: Path,
+                                                     capsys, monkeypatch) -> None:
+    from conftest import cli
+
+    path = _with_bad_records(tmp_path, rows=80)
+    base = 'default_profile = "static"\n' + static_profile_toml(static_model_dir)
+    config = write_config(tmp_path, base)
+    code, out, err = cli(capsys, monkeypatch, "-c", str(config), "ingest", str(path), "--index", "kb")
+    assert code != 0 and code != 3 and ":11: document 'empty' has empty text" in err
+
+    code, out, err = cli(capsys, monkeypatch, "-c", str(config), "ingest", str(path), "--index", "kb",
+                         "--skip-invalid")
+    assert code == 3, err  # partial: some documents are not in the index
+    assert "77 added" in out and "3 failed" in out
+    assert f"failed: {path}:11: empty: document 'empty' has empty text" in err
+
+    config = write_config(tmp_path, base + '\n[indexes.kb]\non_invalid = "skip"\n')
+    code, out, err = cli(capsys, monkeypatch, "-c", str(config), "ingest", str(path), "--index", "kb",
+                         "--json")
+    assert code == 3
+    report = json.loads(out)
+    assert report["unchanged"] == 77 and report["failed"] == 3
+    assert [(f["line"], f["id"]) for f in report["failures"]] == [(11, "empty"), (21, None), (61, "d3")]
+    code, out, err = cli(capsys, monkeypatch, "-c", str(config), "ingest", str(path), "--index", "kb",
+                         "--fail-on-invalid")
+    assert code not in (0, 3) and ":11: document 'empty' has empty text" in err

@@ -3,8 +3,8 @@
 ``cleanup="incremental"``, ``QdrantVectorStore`` in Qdrant local mode).
 
 Why: a scheduled sync is a new process on a source that mostly did not change; it pays
-start-up plus the id -> content-hash check, and must embed nothing. DESIGN.md: "a no-op
-re-sync of 10,000 unchanged documents should take seconds".
+start-up plus the id -> content-hash check, and must embed nothing. The goal
+(docs/architecture.md): "a no-op re-sync of 10,000 unchanged documents should take seconds".
 
 In a temporary folder: 10,000 documents made deterministically from the Cranfield abstracts
 (later copies of an abstract get their sentences shuffled by a seeded RNG, and every text a

@@ -2,7 +2,7 @@
 roll back, retire.
 
 ``embedpipe/flows/migrate.py`` strings these steps into a Prefect flow; tests call them directly.
-The order is what keeps the invariants (DESIGN.md):
+The order is what keeps the invariants (docs/architecture.md):
 
 1. **plan** counts documents and tokens, probes the target's throughput and finds the
    vectors already stored for the target's fingerprint; it writes nothing;

@@ -3,8 +3,9 @@
 The embedding model is the bottleneck, so everything else hides behind it:
 
 * texts are gathered in large windows and sorted by length, then encoded in
-  chunks, so each chunk pads to nearly its own length (DESIGN.md measured 1.35x
-  wasted work when small file-order batches pad to their longest text);
+  chunks, so each chunk pads to nearly its own length (1.35x wasted work was
+  measured when small file-order batches pad to their longest text: see the
+  measured facts in docs/architecture.md);
 * vectors already in the Parquet vector store for this fingerprint are reused,
   and identical texts in a window are embedded once;
 * one writer thread owns every write (Qdrant upserts, the vector store), so the

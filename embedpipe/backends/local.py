@@ -179,7 +179,8 @@ class LocalEmbedder:
 
     def _encode(self, texts: list[str], prompt: str) -> np.ndarray:
         # encode() sorts its input by length before batching, so handing it a large
-        # window keeps padding (wasted work) low; see DESIGN.md's measurements.
+        # window keeps padding (wasted work) low; see the measured facts in
+        # docs/architecture.md.
         kwargs: dict[str, Any] = {
             "batch_size": self.profile.batch_size,
             "normalize_embeddings": self.profile.normalize,

@@ -508,7 +508,8 @@ def _quiet_run_logs() -> None:
 def migrate(
     to: Annotated[str, typer.Option("--to", help="The profile to move the index to (see `embedpipe models`).")],
     index: Annotated[Optional[str], typer.Option("--index", "-i", help="Index to migrate (default: the only one).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (documents, tokens, cost, time, storage) and stop.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (documents, tokens, cost, time, storage) and stop; sends nothing billable and writes nothing.")] = False,
+    probe: Annotated[bool, typer.Option("--probe", help="With --dry-run and a hosted target: time it on up to migration.probe_size texts (billed).")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before spending.")] = False,
     golden: Annotated[Optional[Path], typer.Option("--golden", help="JSONL of {query, relevant[, grades]}: judge retrieval by nDCG@10 and recall@100.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Cut over even if validation fails (recorded in the report).")] = False,
@@ -533,7 +534,7 @@ def migrate(
 
         check_prefect()  # an unreachable server fails before the model is even loaded
     try:
-        plan = plan_migration(settings, name, to)
+        plan = plan_migration(settings, name, to, dry_run=dry_run, probe=True if probe else None)
     except NothingToMigrate as exc:  # re-running a finished migration is not an error
         if as_json:
             _print_json({"status": "nothing_to_do", "index": name, "to_profile": to, "detail": str(exc)})

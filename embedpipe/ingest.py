@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -142,15 +143,18 @@ def ingest(
         skip_invalid = options.on_invalid == "skip"
     skipped: list[FileError] = []
     invalid: list[FileError] | None = [] if skip_invalid else None
-    # validates before any write
-    staged = stage(corpus, read_documents(Path(path), spec, skipped, invalid))
-    if staged is None:  # read_documents already refuses an empty input; belt and braces
-        raise InputError(f"{path} holds no documents")
-    try:
-        with index_lock(settings, index):
-            report = _ingest_staged(settings, index, corpus, staged, profile, progress, started, dry_run)
-    finally:
-        staged.unlink(missing_ok=True)
+    documents = read_documents(Path(path), spec, skipped, invalid)
+    if dry_run:
+        report = _dry_run_staged(settings, index, corpus, documents, profile, started)
+    else:
+        staged = stage(corpus, documents)  # validates before any write
+        if staged is None:  # read_documents already refuses an empty input; belt and braces
+            raise InputError(f"{path} holds no documents")
+        try:
+            with index_lock(settings, index):
+                report = _ingest_staged(settings, index, corpus, staged, profile, progress, started)
+        finally:
+            staged.unlink(missing_ok=True)
     report.skipped = [{"path": e.path, "reason": e.reason} for e in skipped]
     report.warnings += [f"skipped {e.path}: {e.reason}" for e in skipped]
     if invalid:
@@ -158,6 +162,19 @@ def ingest(
                            for e in invalid] + report.failures
         report.failed += len(invalid)
     return report
+
+
+def _dry_run_staged(
+    settings: Settings, index: str, corpus: CorpusStore, documents: Iterable[Document],
+    profile: str | None, started: float,
+) -> IngestReport:
+    """A dry run stages into a temporary folder outside the data directory and takes no
+    lock: it writes nothing there, so it also works on a read-only data directory."""
+    with tempfile.TemporaryDirectory(prefix="embedpipe-dry-run-") as scratch:
+        staged = stage(CorpusStore(Path(scratch)), documents)
+        if staged is None:
+            raise InputError("the input holds no documents")
+        return _ingest_staged(settings, index, corpus, staged, profile, None, started, dry_run=True)
 
 
 def _compact_unless_migrating(settings: Settings, index: str, corpus: CorpusStore) -> None:

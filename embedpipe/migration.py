@@ -193,10 +193,20 @@ def _deprecation(profile: Profile | None) -> dict[str, Any]:
     }
 
 
-def plan_migration(settings: Settings, index: str, to: str, probe: bool = True) -> MigrationPlan:
-    """Plan moving ``index`` to profile ``to``. Loads the target model (or sends the hosted
-    endpoint a few texts to time it) but writes nothing."""
-    return Migration(settings, index, to).plan(probe=probe)
+def plan_migration(
+    settings: Settings, index: str, to: str, dry_run: bool = False, probe: bool | None = None
+) -> MigrationPlan:
+    """Plan moving ``index`` to profile ``to``; writes nothing to the index.
+
+    The plan times the target on a sample of the texts (``probe``): a local model is
+    loaded, a hosted endpoint is sent (and bills) up to ``migration.probe_size`` texts.
+    ``dry_run`` sends nothing billable unless ``probe=True`` asks for it, and does not
+    repair recorded states either: it only reads.
+    """
+    m = Migration(settings, index, to, dry_run=dry_run)
+    if probe is None:
+        probe = not (dry_run and m.profile.is_hosted)
+    return m.plan(probe=probe)
 
 
 # --- the migration -----------------------------------------------------------------
@@ -240,13 +250,16 @@ class Migration:
     resumes where a killed one stopped.
     """
 
-    def __init__(self, settings: Settings, index: str, to: str, force: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, index: str, to: str, force: bool = False, dry_run: bool = False
+    ) -> None:
         self.settings = settings
         self.index = index
         self.force = force
         self.versions = IndexVersions(connect(settings), settings)
         self.corpus = CorpusStore.for_index(settings.data_dir, index)
-        self.versions.repair_states(index)  # a crash right after an earlier alias move
+        if not dry_run:  # the alias decides what is live; a dry run only reads
+            self.versions.repair_states(index)  # a crash right after an earlier alias move
         self.source = self.versions.require_live(index)
         self.profile = settings.profile(to)
         self.fingerprint = fingerprint(self.profile)
@@ -325,7 +338,10 @@ class Migration:
     # -- plan -----------------------------------------------------------------------------
 
     def plan(self, probe: bool = True) -> MigrationPlan:
-        """Documents, tokens, cost, time, storage, reusable vectors and deprecation."""
+        """Documents, tokens, cost, time, storage, reusable vectors and deprecation.
+
+        Tokens are counted offline; ``probe`` also times the target on a sample (for a
+        hosted model: requests that are billed)."""
         known = self.corpus.known()
         resume = self._resumable()
         held = self.versions.contents(resume.collection) if resume else {}
@@ -335,7 +351,7 @@ class Migration:
         stored = store.present(hashes) if store is not None else set()
         todo = hashes - stored
         texts, text_bytes, meta_bytes = self._texts_of(todo)
-        tokens, over = self._count_tokens(texts) if probe else (None, 0)
+        tokens, over = self._count_tokens(texts)
         rate, probed, kept = self._probe(texts) if probe and texts else (None, 0, ([], None))
         price = self.profile.price_per_million_tokens
         usd = round(tokens * price / 1_000_000, 6) if tokens is not None and price is not None else None
@@ -359,7 +375,7 @@ class Migration:
             tokens_exact=self.profile.is_hosted,
             over_limit=over,
             estimated_usd=usd,
-            estimated_seconds=self._estimate_seconds(len(todo), tokens, rate) if probe else None,
+            estimated_seconds=self._estimate_seconds(len(todo), tokens, rate),
             probe_docs_per_s=round(rate, 2) if rate else None,
             probe_embedded=probed,
             storage_bytes={
@@ -369,6 +385,10 @@ class Migration:
             deprecation={"from": _deprecation(source_profile), "to": _deprecation(self.profile)},
         )
         plan.warnings = self._plan_warnings(plan)
+        if not probe and texts and self.profile.is_hosted:
+            plan.warnings.append(
+                "not probed: the time is estimated from tokens_per_minute alone; --probe "
+                f"measures it by sending up to {self.settings.migration.probe_size} texts (billed)")
         plan._probe = kept  # type: ignore[attr-defined]  # in memory only; see keep_probe
         return plan
 
@@ -389,9 +409,11 @@ class Migration:
     def _count_tokens(self, texts: list[str]) -> tuple[int, int]:
         if not texts:
             return 0, 0
+        # Counting needs the tokenizer only: no check request to a hosted endpoint.
+        counter = self._embedder or build_embedder(self.profile, self.settings)
         counts: list[int] = []
         for start in range(0, len(texts), 4096):
-            counts.extend(self.embedder.count_tokens(texts[start:start + 4096]))
+            counts.extend(counter.count_tokens(texts[start:start + 4096]))
         limit = self.profile.max_tokens
         return sum(counts), sum(1 for c in counts if limit and c > limit)
 
@@ -415,9 +437,11 @@ class Migration:
     def _estimate_seconds(self, n: int, tokens: int | None, rate: float | None) -> float | None:
         if n == 0:
             return 0.0
-        if not rate:
-            return None
         limits = self.profile.limits
+        if not rate:  # not probed: a hosted model's rate limit still bounds the time
+            if self.profile.is_hosted and tokens and limits.tokens_per_minute:
+                return round(tokens / limits.tokens_per_minute * 60, 1)
+            return None
         seconds = n / (rate * (limits.concurrency if self.profile.is_hosted else 1))
         if self.profile.is_hosted and tokens and limits.tokens_per_minute:
             seconds = max(seconds, tokens / limits.tokens_per_minute * 60)

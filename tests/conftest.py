@@ -180,3 +180,12 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *ar
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def files_under(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` (relative path -> size, mtime in ns): a dry run's
+    "nothing written" is this mapping unchanged."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}

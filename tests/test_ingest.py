@@ -227,6 +227,21 @@ def test_dry_run_reports_and_writes_nothing(settings, tmp_path: Path) -> None:
     assert (real.added, real.updated, real.unchanged, real.embedded) == (1, 1, 1, 2)
 
 
+def test_dry_run_stages_nothing_and_takes_no_lock(settings, tmp_path: Path) -> None:
+    from conftest import files_under
+
+    ingest(settings, "kb", write_jsonl(tmp_path / "a.jsonl", DOCS[:2]))
+    before = files_under(settings.data_dir)
+    changed = write_jsonl(tmp_path / "b.jsonl", [DOCS[0], dict(DOCS[1], text="Changed."), DOCS[2]])
+    plan = ingest(settings, "kb", changed, dry_run=True)
+    assert (plan.added, plan.updated, plan.embedded) == (1, 1, 2)
+    fresh = ingest(settings, "other", changed, dry_run=True)  # an index that does not exist yet
+    assert (fresh.added, fresh.created_version) == (3, True)
+    # No staged segment, no lock file, no folder for the new index: nothing at all.
+    assert files_under(settings.data_dir) == before
+    assert not (settings.data_dir / "corpus" / "other").exists()
+
+
 def test_empty_query_is_refused(settings, docs_file) -> None:
     ingest(settings, "kb", docs_file)
     with pytest.raises(InputError, match="query is empty"):

@@ -450,6 +450,43 @@ def test_golden_ids_that_are_not_in_the_corpus_fail_the_gate(cfg, tmp_path: Path
     assert not check.passed and "none of the 1 relevant ids" in check.detail and not report.passed
 
 
+def test_dry_run_to_a_hosted_model_sends_and_writes_nothing_unless_asked_to_probe(
+    make_settings, openai_server, static_model_dir: Path, capsys, monkeypatch, tmp_path: Path
+) -> None:
+    from conftest import files_under
+    from embedpipe.tokens import TokenCounter
+
+    body = hosted_profile_toml(openai_server.base_url, limits="tokens_per_minute = 60000")
+    settings = make_settings(body + static_profile_toml(static_model_dir))
+    ingest(settings, "kb", CORPUS, profile="static")
+    versions = _versions(settings)
+    live = versions.require_live("kb")
+    versions.set_state(live, "standby")  # as a crash between the alias move and the states leaves it
+    before = files_under(settings.data_dir)
+
+    plan = plan_migration(settings, "kb", "hosted", dry_run=True)
+    assert openai_server.counters()["requests"] == 0  # no probe, no check request
+    assert files_under(settings.data_dir) == before  # no ledger line, no repaired state
+    assert _versions(settings).versions("kb")[0].state == "standby"
+    assert plan.tokens == sum(TokenCounter().count([d["text"] for d in _docs()]))
+    assert plan.estimated_usd == pytest.approx(round(plan.tokens * 0.02 / 1e6, 6))
+    assert plan.probe_embedded == 0 and plan.probe_docs_per_s is None
+    assert plan.estimated_seconds == pytest.approx(round(plan.tokens / 60000 * 60, 1))
+    assert any("--probe" in w for w in plan.warnings)
+
+    from conftest import cli
+
+    code, out, err = cli(capsys, monkeypatch, "-c", str(tmp_path / "embedpipe.toml"), "migrate", "--to",
+                         "hosted", "--index", "kb", "--dry-run", "--json")
+    assert code == 0 and json.loads(out)["plan"]["tokens"] == plan.tokens, err
+    assert openai_server.counters()["requests"] == 0 and files_under(settings.data_dir) == before
+
+    probed = plan_migration(settings, "kb", "hosted", dry_run=True, probe=True)
+    assert probed.probe_embedded == 32 and openai_server.counters()["requests"] > 0
+    plan_migration(settings, "kb", "hosted")  # a real plan repairs the states first
+    assert _versions(settings).versions("kb")[0].state == "live"
+
+
 @pytest.fixture
 def hosted_index(openai_server, make_settings, static_model_dir: Path):
     body = hosted_profile_toml(openai_server.base_url, name="hosted", limits="max_retries = 1")

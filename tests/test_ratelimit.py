@@ -71,3 +71,18 @@ def test_a_refused_request_gives_its_budget_back() -> None:
 def test_unparseable_retry_after_is_ignored() -> None:
     assert retry_after({"retry-after": "soon"}) is None
     assert retry_after({"retry-after-ms": "x", "retry-after": "2"}) == 2.0
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999", "lots"])
+def test_a_malformed_remaining_header_is_treated_as_absent(value: str) -> None:
+    limiter = RateLimiter()
+    limiter.observe({"x-ratelimit-remaining-tokens": value, "x-ratelimit-reset-tokens": "20s",
+                     "x-ratelimit-remaining-requests": value, "x-ratelimit-reset-requests": "20s"})
+    assert limiter.acquire(1) == 0.0  # no pause learnt from it, and no crash
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e999"])
+def test_a_non_finite_retry_after_is_no_hint(value: str) -> None:
+    assert retry_after({"retry-after": value}) is None
+    assert retry_after({"retry-after-ms": value, "retry-after": "2"}) == 2.0
+    assert parse_duration(value) is None

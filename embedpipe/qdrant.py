@@ -53,6 +53,10 @@ def _open(settings: Settings) -> QdrantClient:
     q = settings.qdrant
     if q.url:
         api_key = q.api_key.get_secret_value() if q.api_key else None
+        if api_key:  # the same rule as for model endpoints: no key in clear text
+            from embedpipe.backends._openai import check_key_transport
+
+            check_key_transport(q.url, "the Qdrant connection", "[qdrant]", q.allow_insecure_key)
         client = QdrantClient(
             url=q.url, api_key=api_key, timeout=math.ceil(q.timeout_s), check_compatibility=False
         )

@@ -190,9 +190,14 @@ def _usable(profile: Profile) -> tuple[bool, str]:
         except EmbedpipeError:
             return False, "weights not found"
         return True, f"{found.source}: {found.path}"
+    from embedpipe.backends._openai import endpoint, key_env_for, key_in_clear
+
     server = profile.base_url or "api.openai.com"
-    if not profile.api_key_env:
+    var = key_env_for(profile.base_url, profile.api_key_env)  # the rule the client follows
+    if var is None:
         return True, f"{server}, no key"
-    if os.environ.get(profile.api_key_env):
-        return True, f"{server}, key in ${profile.api_key_env}"
-    return False, f"${profile.api_key_env} not set"
+    if key_in_clear(endpoint(profile), profile.allow_insecure_key):
+        return False, "refused: the key would cross plain http (allow_insecure_key)"
+    if os.environ.get(var, "").strip():
+        return True, f"{server}, key in ${var}"
+    return False, f"${var} not set"

@@ -120,9 +120,11 @@ def hosted_profile_toml(
         key, _, value = line.partition("=")
         table[key.strip()] = value.strip()
     limit_lines = "".join(f"{k} = {v}\n" for k, v in table.items())
+    # A server on base_url gets a key only when api_key_env names it (the key rule).
+    key = "" if "api_key_env" in extra else 'api_key_env = "OPENAI_API_KEY"\n'
     return (
         f"[profiles.{name}]\nprovider = \"openai\"\nmodel = \"{model}\"\n"
-        f"base_url = \"{base_url}\"\ndims = 256\nprice_per_million_tokens = 0.02\n{extra}\n"
+        f"base_url = \"{base_url}\"\ndims = 256\nprice_per_million_tokens = 0.02\n{key}{extra}\n"
         f"[profiles.{name}.limits]\n{limit_lines}"
     )
 

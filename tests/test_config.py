@@ -94,3 +94,17 @@ def test_wrong_shapes_are_config_errors(tmp_path: Path, body: str, match: str) -
     path.write_text(body, encoding="utf-8")
     with pytest.raises(ConfigError, match=match):
         load_settings(path)
+
+
+def test_key_fields_default_to_no_key_for_a_base_url(tmp_path: Path) -> None:
+    config = write_config(tmp_path, (
+        '[chat]\nroute = ["own"]\n[chat.backends.own]\nbase_url = "http://127.0.0.1:8000/v1"\n'
+        'model = "m"\nhosted = false\n[qdrant]\nallow_insecure_key = true\n'
+        '[profiles.tei]\nprovider = "openai"\nmodel = "bge"\ndims = 384\n'
+        'base_url = "http://gpu.internal/v1"\nallow_insecure_key = true\n'
+        'replicas = [{ base_url = "http://gpu-2.internal/v1", allow_insecure_key = true }]\n'))
+    settings = load_settings(config)
+    assert settings.chat.backends["own"].api_key_env is None  # no $OPENAI_API_KEY by default
+    assert settings.profile("tei").api_key_env is None
+    assert settings.profile("tei").replicas[0].api_key_env is None  # never inherited
+    assert settings.qdrant.allow_insecure_key and settings.profile("tei").allow_insecure_key

@@ -34,6 +34,7 @@ def _config(local, hosted, local_extra: str = "", top: str = "") -> str:
         f'[chat.backends.local]\nbase_url = "{local.base_url}"\nmodel = "llama-local"\n'
         f'hosted = false\napi_key_env = ""\ntimeout_s = 0.5\nconnect_timeout_s = 0.5\n{local_extra}'
         f'[chat.backends.hosted]\nbase_url = "{hosted.base_url}"\nmodel = "gpt-hosted"\n'
+        'api_key_env = "OPENAI_API_KEY"\n'
         'timeout_s = 5\nprice_input_per_million = 0.15\nprice_output_per_million = 0.60\n'
     )
 
@@ -241,3 +242,121 @@ def test_429_and_a_dead_port_move_to_the_next_backend(make_settings, servers) ->
     result = Gateway.from_settings(make_settings(dead)).chat(HELLO)
     assert result.backend == "hosted" and result.fallbacks[0]["kind"] == "connection"
     assert [r["attempts"][0]["kind"] for r in gw.audit.read()][-1] == "connection"
+
+
+# --- the key rule (issue 17 item 2) -----------------------------------------------------
+
+
+def test_a_server_of_your_own_never_receives_the_openai_key(make_settings, servers) -> None:
+    from embedpipe.testing.openai_server import key_id
+
+    local, hosted = servers  # $OPENAI_API_KEY is set (the fixture)
+    no_key_env = _config(local, hosted).replace('api_key_env = ""\n', "")  # the key rule's default
+    for body in (no_key_env, _config(local, hosted)):
+        assert Gateway.from_settings(make_settings(body)).chat(HELLO).backend == "local"
+    assert local.counters()["auth_requests"] == 0  # no Authorization header at all
+    local.config.rate_500 = 1.0
+    assert Gateway.from_settings(make_settings(no_key_env)).chat(HELLO).backend == "hosted"
+    assert hosted.counters()["auth_keys"] == {key_id(LOOPBACK_KEY): 1}  # it names its key
+
+
+@pytest.mark.parametrize("url", ["http://10.1.2.3:8000/v1", "http://gpu-box.internal/v1"])
+def test_a_key_is_never_sent_in_clear_to_another_machine(make_settings, url) -> None:
+    from embedpipe.errors import ConfigError
+
+    body = ('[chat]\nroute = ["remote"]\n[chat.backends.remote]\n'
+            f'base_url = "{url}"\nmodel = "m"\napi_key_env = "OPENAI_API_KEY"\n')
+    with pytest.raises(ConfigError, match=r"in clear text to .*allow_insecure_key = true under "
+                                          r"\[chat.backends.remote\]"):
+        Gateway.from_settings(make_settings(body))
+    Gateway.from_settings(make_settings(body + "allow_insecure_key = true\n"))  # said so: allowed
+    https = body.replace("http://", "https://")
+    Gateway.from_settings(make_settings(https))
+
+
+# --- a malformed 200, the breaker's probe (item 9) ---------------------------------------
+
+
+def test_a_reply_without_choices_falls_back_and_is_audited(gateway) -> None:
+    gw, local, hosted = gateway
+    local.config.corrupt = "empty_choices"
+    result = gw.chat(HELLO)
+    assert result.backend == "hosted" and result.fallbacks[0]["kind"] == "malformed"
+    [record] = gw.audit.read()
+    assert record["outcome"] == "ok" and record["attempts"][0]["kind"] == "malformed"
+
+
+def _open_breaker(gw, local) -> None:
+    """Fail the local backend until its breaker opens, then wait out the cooldown."""
+    local.config.rate_500 = 1.0
+    for _ in range(2):
+        gw.chat(HELLO)
+    assert gw.stats()["local"]["breaker"]["state"] == "open"
+    local.config.rate_500 = 0.0
+    time.sleep(0.6)  # breaker_cooldown_s = 0.5: the next request is the probe
+
+
+def test_a_malformed_probe_reopens_the_breaker_instead_of_jamming_it(gateway) -> None:
+    gw, local, hosted = gateway
+    _open_breaker(gw, local)
+    local.config.corrupt = "empty_choices"
+    assert gw.chat(HELLO).backend == "hosted"  # the probe's answer was malformed
+    assert gw.stats()["local"]["breaker"]["state"] == "open"  # a verdict, not a pending probe
+    local.config.corrupt = None
+    time.sleep(0.6)
+    assert gw.chat(HELLO).backend == "local"
+    assert gw.stats()["local"]["breaker"]["state"] == "closed"
+
+
+def test_a_stream_abandoned_during_the_probe_leaves_the_breaker_usable(gateway) -> None:
+    gw, local, hosted = gateway
+    _open_breaker(gw, local)
+    pieces = iter(gw.stream(HELLO))
+    assert next(pieces) == "loopback "  # the probe's first token: the backend is alive
+    pieces.close()  # the caller walks away
+    assert gw.stats()["local"]["breaker"]["state"] == "closed"
+    before = local.counters()["chat_ok"]
+    assert gw.chat(HELLO).backend == "local"
+    assert local.counters()["chat_ok"] == before + 1
+    assert [r["outcome"] for r in gw.audit.read()][-2:] == ["abandoned", "ok"]
+
+
+# --- wall-clock deadlines (item 10) -------------------------------------------------------
+
+
+def test_a_trickling_backend_is_cut_at_its_deadline(gateway) -> None:
+    gw, local, hosted = gateway
+    local.config.trickle_s = 0.05  # a ~400-byte body: about 20 s, each read quick
+    started = time.perf_counter()
+    result = gw.chat(HELLO)
+    assert result.backend == "hosted" and result.fallbacks[0]["kind"] == "timeout"
+    assert time.perf_counter() - started < 5  # timeout_s = 0.5, with a wide margin
+
+
+def test_keep_alive_comments_do_not_stretch_the_first_token_deadline(make_settings, servers) -> None:
+    local, hosted = servers
+    body = _config(local, hosted).replace(
+        "timeout_s = 0.5\nconnect", "timeout_s = 30\nfirst_token_timeout_s = 1.0\nconnect")
+    gw = Gateway.from_settings(make_settings(body))
+    local.config.first_token_delay_s, local.config.keepalive_s = 8.0, 0.05
+    started = time.perf_counter()
+    stream = gw.stream(HELLO)
+    assert stream.text() == "loopback reply to: Say hello"  # a fallback, not StreamInterrupted
+    assert time.perf_counter() - started < 5
+    assert stream.result.backend == "hosted"
+    assert stream.result.fallbacks[0]["kind"] == "timeout"
+    assert "first_token_timeout_s = 1" in stream.result.fallbacks[0]["reason"]
+
+
+def test_a_silent_stream_is_cut_at_the_first_token_deadline(make_settings, servers) -> None:
+    local, hosted = servers  # headers at once, then silence: only the deadline's watchdog ends it
+    body = _config(local, hosted).replace(
+        "timeout_s = 0.5\nconnect", "timeout_s = 30\nfirst_token_timeout_s = 1.0\nconnect")
+    gw = Gateway.from_settings(make_settings(body))
+    local.config.first_token_delay_s = 8.0
+    started = time.perf_counter()
+    stream = gw.stream(HELLO)
+    assert stream.text() == "loopback reply to: Say hello" and stream.result.backend == "hosted"
+    assert time.perf_counter() - started < 5
+    local.config.first_token_delay_s = 0.0
+    assert gw.stream(HELLO).text() and gw.stats()["local"]["requests"] == 2  # the pool still works

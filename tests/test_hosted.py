@@ -333,3 +333,94 @@ def test_malformed_bodies_are_retried(make_settings, openai_server, tmp_path) ->
     report = ingest(settings, "kb", write_jsonl(tmp_path / "d.jsonl", _docs(5)), profile="hosted")
     assert (report.added, report.failed) == (20, 0)
     assert openai_server.counters()["faults"].get("malformed", 0) > 0
+
+
+# --- responses checked in full (issue 17 item 7) -------------------------------------------
+
+
+@pytest.mark.parametrize("corrupt", ["duplicate_index", "index_out_of_range"])
+def test_vectors_are_placed_only_by_indices_0_to_n_minus_1(
+    make_settings, openai_server, tmp_path, corrupt
+) -> None:
+    settings = make_settings(hosted_profile_toml(openai_server.base_url))
+    openai_server.config.faults_after_requests = 1  # the probe is answered correctly
+    openai_server.config.corrupt = corrupt
+    with pytest.raises(ProviderError, match=r"indices \[0, 1, 2, (0|4)\] for 4 inputs; each of 0..3"):
+        ingest(settings, "kb", write_jsonl(tmp_path / "d.jsonl", _docs()), profile="hosted")
+    assert not list((settings.data_dir / "vectors").glob("*/seg-*"))  # no vector reached the cache
+    assert CorpusStore.for_index(settings.data_dir, "kb").count() == 0
+
+
+@pytest.mark.parametrize("corrupt", ["nan", "inf"])
+def test_a_vector_with_non_finite_values_fails_only_its_text(
+    make_settings, openai_server, tmp_path, corrupt
+) -> None:
+    settings = make_settings(hosted_profile_toml(openai_server.base_url))
+    openai_server.config.faults_after_requests = 1
+    openai_server.config.corrupt = corrupt  # the first vector of every answer
+    report = ingest(settings, "kb", write_jsonl(tmp_path / "d.jsonl", _docs()), profile="hosted")
+    assert (report.added, report.failed) == (0, 4)  # halved down to each text alone
+    assert all("NaN or infinite values" in f["reason"] for f in report.failures)
+    assert not list((settings.data_dir / "vectors").glob("*/seg-*"))
+
+
+def test_a_malformed_rate_limit_header_is_ignored(make_settings, openai_server, tmp_path) -> None:
+    settings = make_settings(hosted_profile_toml(openai_server.base_url))
+    openai_server.config.reply_headers = {"x-ratelimit-remaining-tokens": "inf",
+                                          "x-ratelimit-reset-tokens": "1s"}
+    report = ingest(settings, "kb", write_jsonl(tmp_path / "d.jsonl", _docs()), profile="hosted")
+    assert (report.added, report.failed) == (4, 0)
+
+
+# --- wall-clock deadlines (item 10) -------------------------------------------------------
+
+
+def test_a_trickled_embedding_answer_times_out_at_timeout_s(make_settings, openai_server) -> None:
+    import time
+
+    settings = make_settings(hosted_profile_toml(openai_server.base_url, limits="max_retries = 0\n"))
+    embedder = build_embedder(settings.profile("hosted"), settings)
+    openai_server.config.trickle_s = 0.05  # a ~1,500-byte answer: over a minute
+    started = time.perf_counter()
+    with pytest.raises(ProviderError, match=r"timed out \(timeout_s = 0.5\)"):
+        embedder.embed_queries(["lift and drag"])
+    assert time.perf_counter() - started < 5
+
+
+# --- the key rule (item 2) -------------------------------------------------------------------
+
+
+def test_a_base_url_gets_no_key_unless_api_key_env_names_one(make_settings, openai_server, monkeypatch) -> None:
+    from embedpipe.testing.openai_server import key_id
+
+    openai_server.config.api_key = None  # a server that takes no key
+    body = hosted_profile_toml(openai_server.base_url).replace('api_key_env = "OPENAI_API_KEY"\n', "")
+    assert "api_key_env" not in body
+    embedder = build_embedder(make_settings(body).profile("hosted"))
+    embedder.embed_queries(["lift"])
+    assert openai_server.counters()["auth_requests"] == 0  # $OPENAI_API_KEY is set, not sent
+    monkeypatch.setenv("TEI_KEY", "sk-tei-own-key")
+    named = body.replace("[profiles.hosted.limits]", 'api_key_env = "TEI_KEY"\n[profiles.hosted.limits]')
+    build_embedder(make_settings(named).profile("hosted")).embed_queries(["lift"])
+    assert openai_server.counters()["auth_keys"] == {key_id("sk-tei-own-key"): 1}
+
+
+@pytest.mark.parametrize("where", ["profile", "replica"])
+def test_a_key_over_plain_http_to_another_host_is_refused_before_sending(
+    make_settings, openai_server, where
+) -> None:
+    remote = "http://10.9.8.7:8080/v1"
+    if where == "profile":
+        body = hosted_profile_toml(remote)
+        fix = r"allow_insecure_key = true under \[profiles.hosted\]"
+    else:
+        body = hosted_profile_toml(openai_server.base_url, extra=(
+            f'replicas = [{{ base_url = "{remote}", api_key_env = "OPENAI_API_KEY" }}]'))
+        fix = r"allow_insecure_key = true under that replica in \[profiles.hosted\] replicas"
+    with pytest.raises(ConfigError, match=f"in clear text to {remote}.*{fix}"):
+        build_embedder(make_settings(body).profile("hosted"))
+    assert openai_server.counters()["requests"] == 0
+    opted_in = body.replace("10.9.8.7:8080/v1\"", "10.9.8.7:8080/v1\", allow_insecure_key = true") \
+        if where == "replica" else body.replace("[profiles.hosted.limits]",
+                                                "allow_insecure_key = true\n[profiles.hosted.limits]")
+    build_embedder(make_settings(opted_in).profile("hosted"))  # said so: allowed

@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from embedpipe.index import IndexVersions
 from embedpipe.qdrant import close_all, connect, prefer_wal
@@ -64,3 +65,23 @@ def test_a_busy_storage_file_is_left_as_it_is(settings) -> None:
         holder.execute("ROLLBACK")
     assert holder.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     holder.close()
+
+
+@pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")
+def test_the_qdrant_key_never_crosses_plain_http_to_another_host(tmp_path, monkeypatch) -> None:
+
+    from conftest import write_config
+    from embedpipe.config import load_settings
+    from embedpipe.errors import ConfigError, QdrantUnavailable
+
+    monkeypatch.setenv("QDRANT_API_KEY", "qd-secret-key")
+    remote = '[qdrant]\nurl = "http://qdrant.invalid:6333"\ntimeout_s = 1\n'
+    with pytest.raises(ConfigError, match=r"in clear text to http://qdrant.invalid:6333.*"
+                                          r"allow_insecure_key = true under \[qdrant\]") as err:
+        connect(load_settings(write_config(tmp_path, remote)))
+    assert "qd-secret-key" not in str(err.value)
+    # Said so, or https, or this machine: a connection is attempted (none listens here).
+    for body in (remote + "allow_insecure_key = true\n", remote.replace("http:", "https:"),
+                 '[qdrant]\nurl = "http://127.0.0.1:9"\ntimeout_s = 1\n'):
+        with pytest.raises(QdrantUnavailable):
+            connect(load_settings(write_config(tmp_path, body)))

@@ -53,3 +53,16 @@ def test_the_cli_prints_the_warning_on_stderr(make_settings, tmp_path: Path) -> 
     data = subprocess.run([sys.executable, "-m", "embedpipe.cli", "models", "--json"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert json.loads(data.stdout)  # warnings never break the JSON on stdout
+
+
+def test_models_reports_keys_by_the_rule_the_clients_follow(make_settings, monkeypatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    settings = make_settings(
+        '[profiles.tei]\nprovider = "openai"\nmodel = "bge"\ndims = 384\n'
+        'base_url = "http://127.0.0.1:8080/v1"\n'
+        '[profiles.remote]\nprovider = "openai"\nmodel = "bge"\ndims = 384\n'
+        'base_url = "http://gpu.internal:8080/v1"\napi_key_env = "OPENAI_API_KEY"\n')
+    where = {p["name"]: (p["usable"], p["where"]) for p in profile_status(settings)}
+    assert where["tei"] == (True, "http://127.0.0.1:8080/v1, no key")  # never $OPENAI_API_KEY
+    assert where["openai-3-small"] == (True, "api.openai.com, key in $OPENAI_API_KEY")
+    assert where["remote"][0] is False and "allow_insecure_key" in where["remote"][1]

@@ -7,9 +7,10 @@ split into pieces whose vectors are averaged by token count (``long_inputs =
 "chunk"``) or reported as failed (``"reject"``); it never becomes an API error.
 
 A request that still fails after its retries fails only its own texts, each with the
-reason; the pipeline leaves them out of the index and the report lists them.
-Errors no retry can fix (refused key, retired model, wrong dimension or vector count)
-stop the whole run.
+reason; the pipeline leaves them out of the index and the report lists them. So does a
+vector with NaN or infinite values (the request is halved until that text stands alone).
+Errors no retry can fix (refused key, retired model, wrong dimension, vector count or
+indices other than exactly 0..n-1) stop the whole run.
 
 Vectors travel as base64 when the server supports it (a quarter of the bytes of
 JSON floats); a server that ignores ``encoding_format`` answers with floats, which is
@@ -35,9 +36,11 @@ from embedpipe.backends._openai import (
     RequestFailed,
     call_with_retries,
     check_sovereignty,
+    classify,
     endpoint,
+    endpoint_judge,
     limiter_for,
-    make_client,
+    profile_client,
 )
 from embedpipe.backends.base import EmbedBatch
 from embedpipe.backends.breaker import Breaker
@@ -82,14 +85,14 @@ class HostedEmbedder:
         self.profile = profile
         self.ledger = ledger
         self.limiter = limiter_for(profile)
-        self.client: openai.OpenAI = make_client(profile)  # fails now on a missing key
+        self.client: openai.OpenAI = profile_client(profile)  # fails now on a missing key
         # Replicas serve the same model: a request moves to the next one when an endpoint
         # fails, and an endpoint that keeps failing is skipped for a while (its breaker).
         limits = profile.limits
         self.endpoints = [
             _Endpoint(url, client, Breaker(limits.breaker_failures, limits.breaker_cooldown_s))
             for url, client in [(endpoint(profile), self.client)] + [
-                (r.base_url, make_client(profile, r.base_url, r.api_key_env)) for r in profile.replicas]
+                (r.base_url, profile_client(profile, r)) for r in profile.replicas]
         ]
         self.counter = TokenCounter(profile.tokenizer)
         self._format = "base64"
@@ -243,22 +246,21 @@ class HostedEmbedder:
         its replicas); without replicas, straight to the one endpoint."""
         if len(self.endpoints) == 1:
             return self._send_to(self.client, texts)
-        import openai
-
         failed = []
         for ep in self.endpoints:
             if not ep.breaker.allow():
                 failed.append(f"{ep.url}: circuit breaker open")
                 continue
             try:
-                out = self._send_to(ep.client, texts)
-            except (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
-                    openai.InternalServerError, MalformedResponse) as exc:
-                ep.breaker.record(ok=False)
-                failed.append(f"{ep.url}: {type(exc).__name__}")
-                continue
-            ep.breaker.record(ok=True)
-            return out
+                # The breaker gets its verdict on every way out, so a probe is never
+                # left pending (which would refuse this endpoint for good).
+                with ep.breaker.attempt(endpoint_judge):
+                    return self._send_to(ep.client, texts)
+            except Exception as exc:
+                failure = classify(exc)
+                if failure is None or not failure.retryable:
+                    raise  # the same at every replica: a refused request, a wrong dimension
+                failed.append(f"{ep.url}: {failure.reason}")
         raise ReplicasDown("every endpoint failed (" + "; ".join(failed) + ")")
 
     def _send_to(self, client: openai.OpenAI, texts: list[str]) -> tuple[np.ndarray, int | None]:
@@ -271,23 +273,22 @@ class HostedEmbedder:
         except _bad_request() as exc:
             if fmt != "base64" or "encoding_format" not in str(exc):
                 raise
-            with self._format_lock:  # a server that refuses base64 outright
+            with self._format_lock:  # a server that refuses base64 outright: ask it again
                 self._format = "float"
-            return self._send(texts)
+            return self._send_to(client, texts)
         self.limiter.observe(raw.headers)
         try:
             parsed = raw.parse()
-            data = sorted(parsed.data, key=lambda d: d.index)
+            data = list(parsed.data)
+            indices = [d.index for d in data]
             vectors = [self._decode(d.embedding, fmt) for d in data]
             billed = getattr(getattr(parsed, "usage", None), "prompt_tokens", None)
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
             # Missing data, an HTML page from a proxy, non-numbers: retry like a torn body.
             raise MalformedResponse(f"{type(exc).__name__}: {exc}") from None
-        if len(vectors) != len(texts):
-            raise ProviderError(
-                f"{endpoint(self.profile)} returned {len(vectors)} vectors for {len(texts)} inputs "
-                f"(model {self.profile.model!r}); the server is not speaking the protocol"
-            )
+        self._check_indices(indices, len(texts))
+        by_index = dict(zip(indices, vectors))
+        vectors = [by_index[row] for row in range(len(texts))]
         widths = {v.shape for v in vectors}
         if len(widths) > 1:
             raise MalformedResponse(f"vectors of different shapes {sorted(widths)}")
@@ -297,7 +298,26 @@ class HostedEmbedder:
                 f"{endpoint(self.profile)} returned {widths.pop()[0]}-dimensional vectors; fix "
                 f"dims (or dimensions) under [profiles.{self.profile.name}]"
             )
-        return np.stack(vectors), billed if isinstance(billed, int) else None
+        stacked = np.stack(vectors)
+        if not np.isfinite(stacked).all():
+            # Tied to the input (an overflow in the model): a retry gives the same, and a
+            # zero or NaN vector must never be stored. Refused, so the request is halved
+            # until the text stands alone and only it fails.
+            raise RequestFailed(f"{endpoint(self.profile)} returned a vector with NaN or "
+                                "infinite values for this text", refused=True)
+        return stacked, billed if isinstance(billed, int) else None
+
+    def _check_indices(self, indices: list[Any], n: int) -> None:
+        """Each input's vector is placed by its ``index``: the indices must be exactly
+        0..n-1, or vectors would land on the wrong texts (and in the vector cache)."""
+        where = f"{endpoint(self.profile)} returned"
+        model = f"(model {self.profile.model!r}); the server is not speaking the protocol"
+        if len(indices) != n:
+            raise ProviderError(f"{where} {len(indices)} vectors for {n} inputs {model}")
+        if sorted(i for i in indices if type(i) is int) != list(range(n)):
+            shown = ", ".join(map(str, indices[:8])) + (", ..." if n > 8 else "")
+            raise ProviderError(f"{where} vectors with indices [{shown}] for {n} inputs; each "
+                                f"of 0..{n - 1} must appear once {model}")
 
     def _decode(self, embedding: Any, fmt: str) -> np.ndarray:
         if isinstance(embedding, str):

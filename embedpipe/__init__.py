@@ -14,7 +14,10 @@ from __future__ import annotations
 from embedpipe.errors import (
     ChatRequestRejected,
     ConfigError,
+    DataDirError,
+    DataDirReadOnly,
     DimensionMismatch,
+    DiskFull,
     EmbedpipeError,
     FingerprintMismatch,
     GatewayError,
@@ -45,7 +48,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ChatRequestRejected",
     "ConfigError",
+    "DataDirError",
+    "DataDirReadOnly",
     "DimensionMismatch",
+    "DiskFull",
     "EmbedpipeError",
     "FingerprintMismatch",
     "GatewayError",

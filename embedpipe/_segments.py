@@ -3,26 +3,66 @@
 Parquet files are immutable, so a store with upsert-by-key is a folder of numbered
 segments read newest-wins. Every file is written under a temporary name and renamed
 into place, so a crash never leaves a half-written file that looks valid. Writers
-hold a lock file; readers need none (a rename is atomic).
+hold a lock file; readers need none (a rename is atomic). Files are created 0600.
+
+A temporary name says which process writes it (``.tmp-<host>-<pid>-<random>.parquet``).
+A killed run leaves its temporary files behind; the first writer of a folder in a later
+process removes them, holding the folder's lock, and only those whose writer is known to
+be gone: its process no longer runs on this host. A temporary file of another host (or
+pid namespace), or one named before owners were recorded, goes once it is a week old.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
 import os
 import re
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
+from embedpipe._files import FILE_MODE, create_private, make_dir, writing
 from embedpipe.errors import StoreError
 
-__all__ = ["SegmentFolder", "read_batches"]
+__all__ = ["STALE_AFTER_S", "SegmentFolder", "read_batches"]
+
+log = logging.getLogger(__name__)
 
 _SEGMENT = re.compile(r"^seg-(\d{8})\.parquet$")
+_TEMPORARY = re.compile(r"^\.tmp-(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[0-9a-f]{32}\.parquet$")
+# A temporary file whose writer cannot be checked (another host, or named before writers
+# were recorded) is a leftover once it is this old: no staged file lives a week.
+STALE_AFTER_S = 7 * 24 * 3600
+
+
+def _host() -> str:
+    """This host and pid namespace, in 8 hex digits: pids are only comparable within it."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
+
+
+_HOST = _host()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it runs, as another user
+    return True
 
 
 def read_batches(
@@ -51,11 +91,44 @@ class SegmentFolder:
     def __init__(self, root: Path, schema: pa.Schema) -> None:
         self.root = root
         self.schema = schema
+        self._swept = False
 
     @property
     def lock(self) -> FileLock:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / ".lock"))
+        """The folder's writer lock; one object per file in this process, so it is
+        re-entrant (a compaction holding it opens a writer, which sweeps under it)."""
+        make_dir(self.root)
+        return FileLock(str(self.root / ".lock"), mode=FILE_MODE, is_singleton=True)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's lock; a disk that cannot be written fails as a DataDirError."""
+        lock = self.lock
+        with writing(self.root):
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def sweep(self) -> list[Path]:
+        """Remove temporary files whose writer is gone (see the module docstring), under
+        the folder's lock; skipped while another process holds it. Returns what went."""
+        lock = self.lock
+        with writing(self.root):
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                return []  # a writer is busy here: the next run tidies up
+            try:
+                stale = [p for p in self.root.iterdir() if _stale(p)]
+                for path in stale:
+                    path.unlink(missing_ok=True)
+            finally:
+                lock.release()
+        if stale:
+            log.info("removed %d temporary files a killed run left in %s", len(stale), self.root)
+        return stale
 
     def segments(self) -> list[Path]:
         """Committed segments, oldest first. Leftover temporary files are ignored."""
@@ -70,8 +143,12 @@ class SegmentFolder:
         return self.root / f"seg-{last + 1:08d}.parquet"
 
     def open_writer(self) -> SegmentWriter:
-        """A streaming writer for one new segment; nothing is visible until ``commit()``."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """A streaming writer for one new segment; nothing is visible until ``commit()``.
+        The first one of this folder object removes what killed runs left."""
+        make_dir(self.root)
+        if not self._swept:
+            self.sweep()
+            self._swept = True
         return SegmentWriter(self)
 
     def write(self, table: pa.Table) -> Path | None:
@@ -79,8 +156,12 @@ class SegmentFolder:
         if table.num_rows == 0:
             return None
         writer = self.open_writer()
-        writer.write(table)
-        return writer.commit()
+        try:
+            writer.write(table)
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
 
     def read_columns(self, path: Path, columns: list[str]) -> pa.Table:
         try:
@@ -113,10 +194,24 @@ class SegmentFolder:
         already resolves, so the next compaction simply tidies up.
         """
         new = writer.commit()
-        for path in old:
-            if path != new:
-                path.unlink(missing_ok=True)
+        with writing(self.root):
+            for path in old:
+                if path != new:
+                    path.unlink(missing_ok=True)
         return new
+
+
+def _stale(path: Path) -> bool:
+    """Whether ``path`` is a temporary file whose writer is known to be gone."""
+    found = _TEMPORARY.match(path.name)
+    if found is None:
+        return False
+    if found["host"] == _HOST:
+        return not _alive(int(found["pid"]))
+    try:
+        return time.time() - path.stat().st_mtime > STALE_AFTER_S
+    except FileNotFoundError:
+        return False
 
 
 def _vanished(path: Path) -> StoreError:
@@ -129,39 +224,47 @@ class SegmentWriter:
 
     def __init__(self, folder: SegmentFolder) -> None:
         self.folder = folder
-        self.tmp = folder.root / f".tmp-{uuid.uuid4().hex}.parquet"
+        self.tmp = folder.root / f".tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}.parquet"
         self._writer: pq.ParquetWriter | None = None
         self.rows = 0
 
     def write(self, data: pa.Table | pa.RecordBatch) -> None:
         if data.num_rows == 0:
             return
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self.tmp, self.folder.schema, compression="zstd")
         table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
-        self._writer.write_table(table.cast(self.folder.schema))
+        with writing(self.folder.root):
+            if self._writer is None:
+                # Made 0600 first: Arrow opens it again (truncating), and the mode stays.
+                os.close(create_private(self.tmp))
+                self._writer = pq.ParquetWriter(self.tmp, self.folder.schema, compression="zstd")
+            self._writer.write_table(table.cast(self.folder.schema))
         self.rows += data.num_rows
 
     def finish(self) -> Path | None:
         """Close the file without committing it (a staged file); None if nothing was written."""
         if self._writer is None:
             return self.tmp if self.tmp.exists() else None
-        self._writer.close()
-        self._writer = None
+        writer, self._writer = self._writer, None
+        with writing(self.folder.root):
+            writer.close()  # the last pages reach the disk here: it can be full
         return self.tmp
 
     def commit(self) -> Path | None:
         """Make the segment visible under the next sequence number (None if empty)."""
         if self.finish() is None:
             return None
-        with open(self.tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        target = self.folder._next_path()
-        os.replace(self.tmp, target)
+        with writing(self.folder.root):
+            with open(self.tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            target = self.folder._next_path()
+            os.replace(self.tmp, target)
         return target
 
     def abort(self) -> None:
+        """Drop the temporary file; never raises (it runs while another error propagates)."""
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self.tmp.unlink(missing_ok=True)
+            writer, self._writer = self._writer, None
+            with contextlib.suppress(Exception):  # closing a file the disk had no room for
+                writer.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)

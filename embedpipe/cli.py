@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from embedpipe._files import storage_error
 from embedpipe.errors import EmbedpipeError
 
 app = typer.Typer(
@@ -300,9 +302,14 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """Indexes: the alias target and every version with profile, fingerprint, state and size."""
+    from embedpipe.layout import mode_warning
     from embedpipe.status import index_status
 
-    data = index_status(_settings(), index)
+    settings = _settings()
+    unsafe = mode_warning(settings.data_dir, log_it=False)  # said here, once, not logged too
+    if unsafe:
+        typer.echo(f"warning: {unsafe}", err=True)
+    data = index_status(settings, index)
     if as_json:
         _print_json(data)
         return
@@ -405,9 +412,11 @@ def cost(
 
 
 def _resolve_index(settings: Any, index: str | None) -> str:
-    """The named index, or the only one there is."""
+    """The named index (checked before anything starts), or the only one there is."""
     if index:
-        return index
+        from embedpipe.layout import check_index_name
+
+        return check_index_name(index)
     from embedpipe.errors import ConfigError
     from embedpipe.index import IndexVersions
     from embedpipe.qdrant import connect
@@ -739,6 +748,14 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
+def _data_dir_or_cwd() -> str:
+    """The folder to name in a storage error: the data directory when settings load."""
+    try:
+        return str(_settings().data_dir)
+    except Exception:  # noqa: BLE001 - only for a message; the error itself is what matters
+        return os.getcwd()
+
+
 def main() -> None:
     """Entry point: run the app, turning embedpipe errors into one line and an exit code,
     and usage mistakes into click's usage message and exit 2."""
@@ -748,6 +765,13 @@ def main() -> None:
     except EmbedpipeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(exc.exit_code) from None
+    except (OSError, sqlite3.Error) as exc:
+        # A read-only or full disk that no layer below converted: still one line.
+        converted = storage_error(exc, _data_dir_or_cwd())
+        if converted is None:
+            raise
+        typer.echo(f"error: {converted}", err=True)
+        raise SystemExit(converted.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise SystemExit(130) from None

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedpipe._segments import SegmentFolder, SegmentWriter
+from embedpipe.layout import Layout
 
 __all__ = ["CORPUS_SCHEMA", "CorpusStore", "Document", "content_hash", "record_hash"]
 
@@ -101,7 +102,8 @@ class CorpusStore:
 
     @classmethod
     def for_index(cls, data_dir: Path, index: str) -> CorpusStore:
-        return cls(data_dir / "corpus" / index)
+        """The corpus of ``index`` under ``data_dir`` (the name is checked first)."""
+        return cls(Layout(data_dir).corpus(index))
 
     @property
     def root(self) -> Path:
@@ -183,7 +185,7 @@ class CorpusStore:
         return out
 
     def writer(self) -> SegmentWriter:
-        """A writer for one new segment; call ``commit()`` under ``self.folder.lock``."""
+        """A writer for one new segment; call ``commit()`` under ``self.folder.locked()``."""
         return self.folder.open_writer()
 
     def delete(self, ids: Iterable[str]) -> int:
@@ -206,13 +208,13 @@ class CorpusStore:
             },
             schema=CORPUS_SCHEMA,
         )
-        with self.folder.lock:
+        with self.folder.locked():
             self.folder.write(pa.Table.from_batches([batch]))
         return n
 
     def compact_if_needed(self, threshold: int = COMPACT_AFTER) -> bool:
         """Rewrite the live rows into one segment once ``threshold`` segments exist."""
-        with self.folder.lock:
+        with self.folder.locked():
             old = self.folder.segments()
             if len(old) < threshold:
                 return False

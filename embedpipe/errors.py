@@ -20,6 +20,10 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     │   └── MassDeleteRefused       a sync would delete too much of an index; nothing changed
     ├── IndexNotFound               no such index (alias) exists
     ├── StoreError                  the corpus or vector Parquet files are unusable
+    ├── DataDirError                the data directory cannot be written; nothing more was
+    │   │                           written, and a re-run resumes once it can be
+    │   ├── DataDirReadOnly         a read-only file system, or no permission (exit 73)
+    │   └── DiskFull                no space left on its device, or over quota (exit 74)
     ├── QdrantUnavailable           the vector database cannot be reached
     ├── IndexBusy                   another ingest or migration holds the index
     ├── PrefectUnavailable          the Prefect server in PREFECT_API_URL cannot be reached
@@ -36,7 +40,10 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DataDirError",
+    "DataDirReadOnly",
     "DimensionMismatch",
+    "DiskFull",
     "EmbedpipeError",
     "ChatRequestRejected",
     "FingerprintMismatch",
@@ -149,6 +156,29 @@ class IndexNotFound(EmbedpipeError):
 
 class StoreError(EmbedpipeError):
     """A Parquet store under the data directory is corrupt or unreadable."""
+
+
+class DataDirError(EmbedpipeError):
+    """A file under the data directory (or Qdrant's local storage) could not be written.
+
+    Raised in place of the ``OSError`` or ``sqlite3.OperationalError`` behind it, so a
+    read-only or full disk is one line that names the folder and the fix, never a
+    traceback."""
+
+    exit_code = 74  # EX_IOERR
+
+
+class DataDirReadOnly(DataDirError):
+    """The data directory is on a read-only file system, or this user may not write it.
+    Reads (``search``, ``status``, ``--dry-run``) still work."""
+
+    exit_code = 73  # EX_CANTCREAT
+
+
+class DiskFull(DataDirError):
+    """No space is left on the data directory's device (or the user's quota is spent)."""
+
+    exit_code = 74  # EX_IOERR
 
 
 class QdrantUnavailable(EmbedpipeError):

@@ -108,17 +108,32 @@ class IndexVersions:
         self.settings = settings
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Every client call goes through here, so every Qdrant failure reads the same."""
+        """Every client call goes through here, so every Qdrant failure reads the same.
+
+        In local mode a read-only or full disk surfaces as an OSError or a SQLite error
+        of the storage folder: a DataDirError, not "Qdrant unreachable"."""
+        import sqlite3
+
         from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+        from embedpipe._files import storage_error
 
         try:
             return fn(*args, **kwargs)
+        except (OSError, sqlite3.Error) as exc:  # ConnectionError and TimeoutError too
+            local = None if self.settings.qdrant.url else storage_error(exc, self.settings.qdrant_path)
+            if local is not None:
+                raise local from exc
+            if isinstance(exc, sqlite3.Error):
+                raise
+            raise QdrantUnavailable(f"Qdrant failed while {what} ({type(exc).__name__}); "
+                                    "check that the server is up") from None
         except UnexpectedResponse as exc:
             raise QdrantUnavailable(
                 f"Qdrant answered HTTP {exc.status_code} while {what}: "
                 f"{_first_line(exc.content)}"
             ) from None
-        except (ConnectionError, TimeoutError, OSError, ResponseHandlingException) as exc:
+        except ResponseHandlingException as exc:
             raise QdrantUnavailable(f"Qdrant failed while {what} ({type(exc).__name__}); "
                                     "check that the server is up") from None
 
@@ -541,9 +556,10 @@ class Index:
     """
 
     def __init__(self, name: str, settings: Settings, refresh_s: float = 5.0) -> None:
+        from embedpipe.layout import check_index_name
         from embedpipe.qdrant import connect
 
-        self.name = name
+        self.name = check_index_name(name)
         self.settings = settings
         self.refresh_s = refresh_s
         self.versions = IndexVersions(connect(settings), settings)

@@ -19,7 +19,6 @@ it only once it holds every document.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import tempfile
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from filelock import FileLock, Timeout
 
 from embedpipe.backends import build_embedder
 from embedpipe._files import write_json
@@ -40,12 +38,14 @@ from embedpipe.config import Settings
 from embedpipe.corpus import CorpusStore, Document, Known, documents_to_batch
 from embedpipe.errors import ConfigError, EmbedpipeError, IndexBusy, InputError
 from embedpipe.index import Holding, IndexVersions, Version, check_fingerprint, point_id
+from embedpipe.layout import Layout, check_index_name
+from embedpipe.locks import index_lock, migration_running
 from embedpipe.pipeline import PipelineStats, Work, embed_and_write
 from embedpipe.qdrant import connect
 from embedpipe.sources import FileError, SourceSpec, read_documents
 from embedpipe.vectors import VectorStore
 
-__all__ = ["IngestReport", "delete", "index_lock", "ingest"]
+__all__ = ["IngestReport", "delete", "ingest"]
 
 ProgressFactory = Callable[[int], Callable[[int], None]]
 log = logging.getLogger(__name__)
@@ -83,36 +83,6 @@ class IngestReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@contextlib.contextmanager
-def index_lock(settings: Settings, index: str, timeout: float = 0, what: str = "") -> Iterator[None]:
-    """One writer per index at a time: ingest, and a migration's cutover or a rollback.
-
-    ``what`` names a longer-held lock of its own (``"migrate"``: one migration per
-    index, while ingests go on). Waits up to ``timeout`` seconds, then raises IndexBusy.
-    """
-    folder = settings.data_dir / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{index}.{what}.lock" if what else f"{index}.lock"
-    lock = FileLock(str(folder / name), timeout=timeout)
-    try:
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            if not timeout:
-                raise
-            log.warning("index %r is busy (an ingest is running); waiting up to %.0f s", index, timeout)
-            lock.acquire(timeout=timeout)
-    except Timeout:
-        holder = "a migration or rollback" if what else "an ingest, migration cutover or rollback"
-        raise IndexBusy(
-            f"{holder} is already running on index {index!r}; wait for it to finish and re-run"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def ingest(
@@ -178,19 +148,18 @@ def _dry_run_staged(
 
 
 def _compact_unless_migrating(settings: Settings, index: str, corpus: CorpusStore) -> None:
-    """Compact the corpus, unless a migration (which streams its segments) is running."""
+    """Compact the corpus, unless a migration (which streams its segments) is running.
+
+    Best effort: the documents are committed by now, so a compaction that fails (a full
+    disk: it rewrites the whole corpus) is logged and left to the next ingest."""
     try:
         with index_lock(settings, index, timeout=0, what="migrate"):
             corpus.compact_if_needed()
     except IndexBusy:
         pass  # the next ingest compacts
-
-
-def check_index_name(index: str) -> None:
-    if not index or "__" in index or not all(c.isalnum() or c in "-_" for c in index):
-        raise ConfigError(
-            f"invalid index name {index!r}; use letters, digits, '-' and single '_'"
-        )
+    except EmbedpipeError as exc:
+        log.warning("could not compact the corpus of %r (its documents are committed; the next "
+                    "ingest tries again): %s", index, str(exc).splitlines()[0])
 
 
 def stage(corpus: CorpusStore, documents: Iterable[Document]) -> Path | None:
@@ -372,7 +341,7 @@ class _Journal:
     """
 
     def __init__(self, settings: Settings, index: str) -> None:
-        self.path = settings.data_dir / "pending" / f"{index}.json"
+        self.path = Layout(settings.data_dir).pending(index)
 
     def read(self) -> set[str]:
         try:
@@ -426,7 +395,7 @@ def _write_to_migrations(
     finds nothing left to do. Best effort: what fails here, the catch-up redoes."""
     from embedpipe.catchup import write_documents
 
-    if not ids or not _migration_running(settings, index):
+    if not ids or not migration_running(settings, index):
         return {}
     out: dict[str, int] = {}
     for version in versions.versions(index):
@@ -444,14 +413,6 @@ def _write_to_migrations(
             continue
         out[version.collection] = stats.written
     return out
-
-
-def _migration_running(settings: Settings, index: str) -> bool:
-    try:
-        with index_lock(settings, index, timeout=0, what="migrate"):
-            return False
-    except IndexBusy:
-        return True
 
 
 def _chunking_warnings(settings: Settings, index: str, target: Version) -> list[str]:
@@ -591,7 +552,7 @@ def _commit_corpus(corpus: CorpusStore, staged: Path, ids: set[str]) -> None:
             rows = batch.filter([i in ids for i in batch.column("id").to_pylist()])
             if rows.num_rows:
                 segment.write(rows)
-        with corpus.folder.lock:
+        with corpus.folder.locked():
             segment.commit()
     except BaseException:
         segment.abort()

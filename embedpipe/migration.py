@@ -36,13 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedpipe._files import write_json
+from embedpipe._files import make_dir, write_json
 from embedpipe.backends import build_embedder
 from embedpipe.catchup import SyncStats, stale_ids, sync_version, write_documents
 from embedpipe.corpus import CorpusStore
 from embedpipe.errors import FingerprintMismatch, MigrationError, NothingToMigrate
 from embedpipe.index import IndexVersions, Version, check_fingerprint
-from embedpipe.ingest import index_lock
+from embedpipe.layout import Layout
+from embedpipe.locks import index_lock
 from embedpipe.profiles import Profile, fingerprint
 from embedpipe.qdrant import connect
 from embedpipe.vectors import VectorStore
@@ -128,9 +129,7 @@ class LazyEmbedder:
 
 def migrations_dir(settings: Settings, index: str) -> Path:
     """``<data>/migrations/<index>/``: state, validation reports and final reports."""
-    folder = settings.data_dir / "migrations" / index
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return make_dir(Layout(settings.data_dir).migrations(index))
 
 
 def _now() -> str:

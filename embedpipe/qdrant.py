@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -71,9 +72,15 @@ def _open(settings: Settings) -> QdrantClient:
             ) from None  # the transport error can echo request headers; keep it out
         return client
     path = settings.qdrant_path
-    path.mkdir(parents=True, exist_ok=True)
+    from embedpipe._files import make_dir, writing
+    from embedpipe._qdrant_readonly import open_read_only, writable
+
+    if not writable(path):  # reads still work, from a copy; writes are refused
+        return open_read_only(path)  # type: ignore[return-value]
+    make_dir(path)
     try:
-        client = QdrantClient(path=str(path))
+        with writing(path):
+            client = QdrantClient(path=str(path))
     except RuntimeError as exc:
         from embedpipe.errors import IndexBusy
 
@@ -109,6 +116,12 @@ def prefer_wal(settings: Settings, collection: str | None = None) -> None:
 def _set_wal(path: Path) -> None:
     if not path.is_file():
         return
+    try:
+        # Private like the rest of the data directory; SQLite gives its -wal and -shm
+        # files the database's mode.
+        os.chmod(path, 0o600)
+    except OSError:
+        pass  # not ours to change, or read-only: left as it is
     try:
         con = sqlite3.connect(path, timeout=0.5)
         try:

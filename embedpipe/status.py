@@ -9,6 +9,7 @@ from embedpipe.config import Settings
 from embedpipe.corpus import CorpusStore
 from embedpipe.errors import EmbedpipeError
 from embedpipe.index import IndexVersions
+from embedpipe.layout import Layout, check_index_name
 from embedpipe.profiles import Profile, fingerprint, resolve_weights, short
 from embedpipe.sync import last_runs
 
@@ -64,6 +65,8 @@ def index_status(settings: Settings, index: str | None = None) -> list[dict[str,
     """Every index (or one): alias target, corpus size and each version with its state."""
     from embedpipe.qdrant import connect
 
+    if index is not None:
+        check_index_name(index)
     versions = IndexVersions(connect(settings), settings)
     aliases = versions.aliases()
     by_index: dict[str, list[Any]] = {}
@@ -107,7 +110,7 @@ def _migration_state(settings: Settings, index: str, collections: set[str]) -> d
     """The last migration's progress record, unless it finished or its version is gone."""
     import json
 
-    path = settings.data_dir / "migrations" / index / "state.json"
+    path = Layout(settings.data_dir).migrations(index) / "state.json"
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

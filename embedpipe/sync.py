@@ -18,13 +18,23 @@
      hash) are skipped without embedding; while a migration runs they are written
      into its new version too;
 3. **record** the run's summary in ``<data>/runs/<index>.jsonl`` (``embedpipe status``
-   shows the last runs); the flow also publishes it as a Prefect artifact.
+   shows the last runs); the flow also publishes it as a Prefect artifact. A run that
+   fails is recorded too, with its one-line error (a read-only or full disk included);
+   when even the run log cannot be written, the error says so.
+
+A dry run stages the source in a temporary folder outside the data directory and takes
+no lock: it writes nothing there, so it works on a read-only data directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import logging
+import shutil
+import sqlite3
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,24 +44,27 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from embedpipe._files import append_line, storage_error
 from embedpipe._segments import read_batches
 from embedpipe.config import Settings
 from embedpipe.corpus import CorpusStore
-from embedpipe.errors import ConfigError, EmbedpipeError, MassDeleteRefused
+from embedpipe.errors import ConfigError, DataDirError, EmbedpipeError, MassDeleteRefused
 from embedpipe.ingest import (
     ProgressFactory,
-    check_index_name,
     _ids,
     _ingest_staged,
     delete_locked,
-    index_lock,
     stage,
 )
 from embedpipe.index import IndexVersions
+from embedpipe.layout import Layout, check_index_name
+from embedpipe.locks import index_lock
 from embedpipe.qdrant import connect
 from embedpipe.sources import SourceScan, SourceSpec
 
 __all__ = ["Staged", "SyncReport", "apply", "last_runs", "read_source", "recorded", "sync"]
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class SyncReport:
@@ -94,6 +107,14 @@ class Staged:
     path: Path | None  # the staged segment (None: no readable documents)
     scan: SourceScan
     started: float
+    scratch: Path | None = None  # a dry run's temporary folder, outside the data directory
+
+    def discard(self) -> None:
+        """Remove the staged segment (and a dry run's folder)."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def source_spec(settings: Settings, index: str) -> SourceSpec:
@@ -110,16 +131,23 @@ def source_spec(settings: Settings, index: str) -> SourceSpec:
                          follow_symlinks=cfg.follow_symlinks)
 
 
-def read_source(settings: Settings, index: str) -> Staged:
-    """Step 1: read the source into a staged segment (nothing visible is written)."""
+def read_source(settings: Settings, index: str, dry_run: bool = False) -> Staged:
+    """Step 1: read the source into a staged segment (nothing visible is written); a dry
+    run stages it in a temporary folder outside the data directory."""
     check_index_name(index)
     started = time.perf_counter()
-    corpus = CorpusStore.for_index(settings.data_dir, index)
+    scratch = Path(tempfile.mkdtemp(prefix="embedpipe-dry-run-")) if dry_run else None
+    corpus = CorpusStore(scratch) if scratch else CorpusStore.for_index(settings.data_dir, index)
     scan = SourceScan(source_spec(settings, index))
-    path = stage(corpus, scan)
-    if path is not None and scan.failed:  # a failed file counts not at all
-        path = _drop_sources(corpus, path, scan.failed)
-    return Staged(path, scan, started)
+    try:
+        path = stage(corpus, scan)
+        if path is not None and scan.failed:  # a failed file counts not at all
+            path = _drop_sources(corpus, path, scan.failed)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return Staged(path, scan, started, scratch)
 
 
 def apply(
@@ -135,8 +163,10 @@ def apply(
     report = SyncReport(index=index, source=str(spec.path), started_at=_now(), dry_run=dry_run,
                         files=staged.scan.files)
     corpus = CorpusStore.for_index(settings.data_dir, index)
+    # A dry run writes nothing, so it needs no lock (and works on a read-only data dir).
+    lock = contextlib.nullcontext() if dry_run else index_lock(settings, index)
     try:
-        with index_lock(settings, index):
+        with lock:
             gone = _gone(settings, index, corpus, staged, allow_mass_delete or dry_run, report)
             if not dry_run and gone:
                 versions = IndexVersions(connect(settings), settings)
@@ -147,8 +177,7 @@ def apply(
                 _add_ingest(report, _ingest_staged(
                     settings, index, corpus, staged.path, None, progress, staged.started, dry_run))
     finally:
-        if staged.path is not None:
-            staged.path.unlink(missing_ok=True)
+        staged.discard()
     report.failures += [e.to_dict() for e in staged.scan.errors]
     report.failed += len(staged.scan.errors)
     report.skipped = [{"path": e.path, "reason": e.reason} for e in staged.scan.skipped]
@@ -170,22 +199,52 @@ def sync(
     """Read, apply and record one sync of ``index`` (the flow runs the same steps as tasks)."""
     check_index_name(index)  # before anything is recorded under that name
     return recorded(settings, index, dry_run, lambda: apply(
-        settings, index, read_source(settings, index), allow_mass_delete=allow_mass_delete,
+        settings, index, read_source(settings, index, dry_run), allow_mass_delete=allow_mass_delete,
         dry_run=dry_run, progress=progress))
 
 
 def recorded(settings: Settings, index: str, dry_run: bool, steps: Callable[[], SyncReport]) -> SyncReport:
-    """Run a sync's ``steps`` and log the run, or why it stopped (a dry run is not logged)."""
+    """Run a sync's ``steps`` and log the run, or why it stopped (a dry run is not logged).
+
+    Every failure is logged, a disk that cannot be written included: it is raised as a
+    one-line DataDirError. When the run log cannot be written either, the error says so.
+    A run that succeeded but cannot be logged is still a success (with a warning).
+    """
     started = time.perf_counter()
     try:
         report = steps()
-    except EmbedpipeError as exc:
+    except Exception as exc:
+        error = _converted(exc, settings)
         if not dry_run:
-            record_failure(settings, index, exc, started)
-        raise
+            _record_or_say(settings, index, error, started)
+        if error is exc:
+            raise
+        raise error from exc
     if not dry_run:
-        record_run(settings, report)
+        try:
+            record_run(settings, report)
+        except DataDirError as exc:
+            log.warning("the sync of %r succeeded but is not in its run log: %s", index, exc)
     return report
+
+
+def _converted(exc: Exception, settings: Settings) -> Exception:
+    """A read-only or full disk as a DataDirError; any other error unchanged."""
+    if isinstance(exc, (OSError, sqlite3.Error)):
+        return storage_error(exc, settings.data_dir) or exc
+    return exc
+
+
+def _record_or_say(settings: Settings, index: str, error: Exception, started: float) -> None:
+    try:
+        record_failure(settings, index, error, started)
+    except DataDirError as exc:
+        note = (f"; this failed run could not be recorded in {Layout(settings.data_dir).runs(index)} "
+                f"({_reason(exc)})")
+        if isinstance(error, EmbedpipeError) and error.args and isinstance(error.args[0], str):
+            error.args = (error.args[0] + note, *error.args[1:])  # one line, said once
+        else:
+            log.warning("%s", note[2:])
 
 
 def _gone(
@@ -265,35 +324,40 @@ def _add_ingest(report: SyncReport, ingested: Any) -> None:
 # --- the run log ------------------------------------------------------------------------
 
 
-def _runs_file(settings: Settings, index: str) -> Path:
-    folder = settings.data_dir / "runs"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{index}.jsonl"
+def _reason(exc: DataDirError) -> str:
+    """What stopped the write, in a few words (the message's subject is the folder)."""
+    text = str(exc)
+    for words in ("read-only", "permission denied", "no space left", "disk quota exceeded"):
+        if words in text:
+            return words
+    return text.splitlines()[0]
 
 
 def record_run(settings: Settings, report: SyncReport) -> None:
     """Append the run's summary to ``<data>/runs/<index>.jsonl`` (one JSON line, written
-    in one call so concurrent appends do not interleave)."""
+    in one call so concurrent appends do not interleave; the file is 0600)."""
     line = json.dumps(report.to_dict(), ensure_ascii=False, default=str) + "\n"
-    with _runs_file(settings, report.index).open("a", encoding="utf-8") as fh:
-        fh.write(line)
+    append_line(Layout(settings.data_dir).runs(report.index), line.encode("utf-8"))
 
 
 def record_failure(settings: Settings, index: str, exc: Exception, started: float) -> None:
-    """A run that stopped (mass delete refused, source missing, index busy) is logged too."""
+    """A run that stopped (mass delete refused, source missing, index busy, a disk that
+    cannot be written, a bug) is logged too, with its error's first line."""
     try:
         source = str(source_spec(settings, index).path)
     except ConfigError:
         source = ""
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    if not isinstance(exc, EmbedpipeError):
+        message = f"{type(exc).__name__}: {message}"
     report = SyncReport(index=index, source=source, started_at=_now(), status="error",
-                        seconds=round(time.perf_counter() - started, 3),
-                        error=str(exc).splitlines()[0])
+                        seconds=round(time.perf_counter() - started, 3), error=message)
     record_run(settings, report)
 
 
 def last_runs(settings: Settings, index: str, n: int = 5) -> list[dict[str, Any]]:
     """The ``n`` most recent runs of ``index``, newest first (a torn last line is skipped)."""
-    path = settings.data_dir / "runs" / f"{index}.jsonl"
+    path = Layout(settings.data_dir).runs(index)
     if not path.exists():
         return []
     out = []

@@ -6,7 +6,7 @@ price in force then (so a later price change does not rewrite history). Tokens a
 the provider's own ``usage.prompt_tokens`` when it reports them (that is what it
 bills), else our exact tiktoken count. Lines are appended under a lock, one
 ``write`` each; a torn last line (a crash mid-write) is skipped when reading.
-Nothing secret is recorded: no key, no text.
+Nothing secret is recorded: no key, no text. The file is 0600 in a 0700 folder.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from embedpipe._files import make_dir, open_append, writing
+from embedpipe.layout import Layout
 
 __all__ = ["UsageLedger", "UsageRecord", "cost_summary"]
 
@@ -48,7 +51,7 @@ class UsageLedger:
     """Append-only JSONL ledger under ``<data_dir>/usage``."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.path = Path(data_dir) / "usage" / "ledger.jsonl"
+        self.path = Layout(Path(data_dir)).usage_ledger
         with _locks_guard:
             self._lock = _locks.setdefault(str(self.path), threading.Lock())
 
@@ -68,9 +71,9 @@ class UsageLedger:
             usd=round(tokens * (price_per_million or 0.0) / 1_000_000, 10),
         )
         line = (json.dumps(asdict(entry), separators=(",", ":")) + "\n").encode("utf-8")
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        with self._lock, writing(self.path.parent):
+            make_dir(self.path.parent)
+            fd = open_append(self.path, read=True)
             try:
                 size = os.fstat(fd).st_size
                 if size and os.pread(fd, 1, size - 1) != b"\n":

@@ -12,15 +12,16 @@ recording the full fingerprint, profile and dimension.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from embedpipe._files import make_dir, write_json
 from embedpipe._segments import SegmentFolder
 from embedpipe.errors import StoreError
+from embedpipe.layout import Layout
 
 __all__ = ["VectorStore"]
 
@@ -40,14 +41,14 @@ class VectorStore:
     def __init__(self, data_dir: Path, fingerprint: str, dims: int, profile: str = "") -> None:
         self.fingerprint = fingerprint
         self.dims = dims
-        self.folder = SegmentFolder(data_dir / "vectors" / fingerprint[:16], _schema(dims))
+        self.folder = SegmentFolder(Layout(data_dir).vectors(fingerprint), _schema(dims))
         self._index: _HashIndex | None = None
         self._check_space(profile)
 
     @classmethod
     def existing(cls, data_dir: Path, fingerprint: str, dims: int) -> VectorStore | None:
         """The store for a space if it exists, without creating anything (for dry runs)."""
-        if not (data_dir / "vectors" / fingerprint[:16] / "space.json").is_file():
+        if not (Layout(data_dir).vectors(fingerprint) / "space.json").is_file():
             return None
         return cls(data_dir, fingerprint, dims)
 
@@ -64,12 +65,8 @@ class VectorStore:
                     "move that folder away"
                 )
             return
-        self.folder.root.mkdir(parents=True, exist_ok=True)
-        tmp = space.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(
-            json.dumps({"fingerprint": self.fingerprint, "dims": self.dims, "profile": profile})
-        )
-        os.replace(tmp, space)
+        make_dir(self.folder.root)
+        write_json(space, {"fingerprint": self.fingerprint, "dims": self.dims, "profile": profile})
 
     def _hash_index(self) -> _HashIndex:
         if self._index is None:
@@ -128,7 +125,7 @@ class VectorStore:
             },
             schema=self.folder.schema,
         )
-        with self.folder.lock:
+        with self.folder.locked():
             path = self.folder.write(table)
             segments = self.folder.segments()
         s = segments.index(path) if path in segments else len(segments) - 1

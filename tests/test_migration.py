@@ -21,7 +21,8 @@ from embedpipe.errors import (
     ValidationFailed,
 )
 from embedpipe.index import Index, IndexVersions
-from embedpipe.ingest import delete, index_lock, ingest
+from embedpipe.ingest import delete, ingest
+from embedpipe.locks import index_lock
 from embedpipe.migration import Migration, migration_lock, plan_migration, retire, rollback
 from embedpipe.qdrant import connect
 from embedpipe.vectors import VectorStore

@@ -289,7 +289,7 @@ def test_cli_sync_json_summary_exit_codes_and_status(cfg, src: Path, tmp_path: P
 
 def test_one_sync_per_index_at_a_time(cfg, src: Path) -> None:
     from embedpipe.errors import IndexBusy
-    from embedpipe.ingest import index_lock
+    from embedpipe.locks import index_lock
 
     sync(cfg, "docs")
     before = _corpus(cfg)

@@ -16,7 +16,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from embedpipe.config import load_settings
-from embedpipe.ingest import ProgressFactory, check_index_name
+from embedpipe.ingest import ProgressFactory
+from embedpipe.layout import check_index_name
 from embedpipe.sync import Staged, SyncReport, apply, read_source, recorded
 from embedpipe.flows._prefect import check_prefect, slug
 
@@ -29,8 +30,8 @@ _task = task(cache_policy=NONE, persist_result=False, retries=0)
 
 
 @_task(name="read-source", task_run_name="read-source-{index}")
-def read_task(settings: Any, index: str) -> Staged:
-    return read_source(settings, index)
+def read_task(settings: Any, index: str, dry_run: bool = False) -> Staged:
+    return read_source(settings, index, dry_run)
 
 
 @_task(name="apply-changes", task_run_name="apply-changes-{index}")
@@ -49,7 +50,7 @@ def sync_flow(
     settings = load_settings(config)
     check_index_name(index)  # before anything is recorded under that name
     report = recorded(settings, index, dry_run, lambda: apply_task(
-        settings, index, read_task(settings, index), allow_mass_delete, dry_run))
+        settings, index, read_task(settings, index, dry_run), allow_mass_delete, dry_run))
     create_markdown_artifact(
         markdown=artifact_markdown(report),
         key=f"sync-{slug(index)}",

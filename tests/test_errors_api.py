@@ -44,3 +44,11 @@ def test_import_and_help_do_not_load_torch() -> None:
     )
     assert helped.returncode == 0
     assert "ingest" in helped.stdout and "search" in helped.stdout
+
+
+def test_data_dir_errors_have_their_own_exit_codes() -> None:
+    # A script tells a read-only data directory (73, EX_CANTCREAT) from a full disk (74, EX_IOERR).
+    assert issubclass(errors.DataDirReadOnly, errors.DataDirError)
+    assert issubclass(errors.DiskFull, errors.DataDirError)
+    assert (errors.DataDirReadOnly.exit_code, errors.DiskFull.exit_code) == (73, 74)
+    assert errors.DataDirError.exit_code not in (0, 1, 2, 3, 4, 5, 69, 75)

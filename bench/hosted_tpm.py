@@ -87,7 +87,7 @@ def run_mode(mode: str, docs: list[dict[str, str]], model: Path, args: argparse.
     with LoopbackOpenAI(config) as server:
         (folder / "embedpipe.toml").write_text(
             f'data_dir = "data"\n[profiles.hosted]\nprovider = "openai"\nmodel = "text-embedding-3-small"\n'
-            f'base_url = "{server.base_url}"\ndims = 256\nprice_per_million_tokens = 0.02\n'
+            f'base_url = "{server.base_url}"\napi_key_env = "OPENAI_API_KEY"\ndims = 256\nprice_per_million_tokens = 0.02\n'
             f"[profiles.hosted.limits]\nconcurrency = {args.concurrency}\nmax_retries = 50\n"
             f"backoff_max_s = 5\n{budget}"
         )

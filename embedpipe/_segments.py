@@ -10,6 +10,11 @@ A killed run leaves its temporary files behind; the first writer of a folder in 
 process removes them, holding the folder's lock, and only those whose writer is known to
 be gone: its process no longer runs on this host. A temporary file of another host (or
 pid namespace), or one named before owners were recorded, goes once it is a week old.
+
+Compaction (a store's own policy) writes its merged segment first and deletes the ones it
+replaces after, so a reader holding a list of segments can find one gone: it sees a
+``SegmentVanished`` (a ``StoreError``), re-reads the list and retries. Segment numbers
+only grow, so a name never comes back with other rows in it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
@@ -32,7 +38,7 @@ from filelock import FileLock, Timeout
 from embedpipe._files import FILE_MODE, create_private, make_dir, writing
 from embedpipe.errors import StoreError
 
-__all__ = ["STALE_AFTER_S", "SegmentFolder", "read_batches"]
+__all__ = ["ROW_GROUP_ROWS", "STALE_AFTER_S", "SegmentFolder", "SegmentVanished", "read_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,14 @@ _TEMPORARY = re.compile(r"^\.tmp-(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[0-9a-f
 # A temporary file whose writer cannot be checked (another host, or named before writers
 # were recorded) is a leftover once it is this old: no staged file lives a week.
 STALE_AFTER_S = 7 * 24 * 3600
+# Rows per Parquet row group: readers decode one group at a time, so this bounds their
+# memory (4096 vectors of 384 float32 are 6 MiB) however large a compacted segment grows.
+ROW_GROUP_ROWS = 4096
+
+
+class SegmentVanished(StoreError):
+    """A segment was removed between listing and reading it: another process compacted the
+    folder. Nothing is lost (its rows are in a newer segment); list again and retry."""
 
 
 def _host() -> str:
@@ -88,9 +102,13 @@ def read_batches(
 class SegmentFolder:
     """A folder of ``seg-NNNNNNNN.parquet`` files with one schema."""
 
-    def __init__(self, root: Path, schema: pa.Schema) -> None:
+    def __init__(self, root: Path, schema: pa.Schema, use_dictionary: bool = True) -> None:
+        """``use_dictionary``: Parquet dictionary encoding; worth turning off for columns of
+        unique or noisy values (hashes, vectors), where it is tried, abandoned after a
+        megabyte, and that megabyte kept in every row group."""
         self.root = root
         self.schema = schema
+        self.use_dictionary = use_dictionary
         self._swept = False
 
     @property
@@ -163,9 +181,11 @@ class SegmentFolder:
             writer.abort()
             raise
 
-    def read_columns(self, path: Path, columns: list[str]) -> pa.Table:
+    @contextlib.contextmanager
+    def _reading(self, path: Path) -> Iterator[None]:
+        """Turn a vanished segment into ``SegmentVanished``, an unreadable one into a StoreError."""
         try:
-            return pq.read_table(path, columns=columns)
+            yield
         except FileNotFoundError:
             raise _vanished(path) from None
         except (pa.ArrowException, OSError) as exc:
@@ -174,18 +194,43 @@ class SegmentFolder:
                 "and re-ingest the affected documents"
             ) from exc
 
+    def read_columns(self, path: Path, columns: list[str]) -> pa.Table:
+        with self._reading(path):
+            return pq.read_table(path, columns=columns)
+
     def iter_batches(
         self, path: Path, columns: list[str] | None = None, batch_size: int = 4096
     ) -> Iterator[pa.RecordBatch]:
-        try:
+        with self._reading(path):
             yield from read_batches(path, columns, batch_size)
-        except FileNotFoundError:
-            raise _vanished(path) from None
-        except (pa.ArrowException, OSError) as exc:
-            raise StoreError(
-                f"{path} is not a readable Parquet file ({exc}); move it out of {self.root} "
-                "and re-ingest the affected documents"
-            ) from exc
+
+    def row_count(self, path: Path) -> int:
+        """Rows in a segment, from its footer alone."""
+        with self._reading(path):
+            return pq.read_metadata(path).num_rows
+
+    def take(self, path: Path, rows: np.ndarray, columns: list[str]) -> pa.Table:
+        """The rows at ``rows`` (in that order), decoding only the row groups that hold
+        them, one at a time: a lookup in a compacted segment of a million vectors never
+        holds more than one group of them besides its answer."""
+        rows = np.asarray(rows, np.int64)
+        if not len(rows):
+            return self.schema.empty_table().select(columns)
+        with self._reading(path):
+            pf = pq.ParquetFile(path)
+            try:
+                sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+                starts = np.concatenate([[0], np.cumsum(sizes)])
+                group = np.searchsorted(starts, rows, side="right") - 1
+                order = np.argsort(group, kind="stable")  # the order the parts come out in
+                parts = [pf.read_row_group(int(g), columns=columns).take(rows[group == g] - starts[g])
+                         for g in np.unique(group)]
+            finally:
+                pf.close()
+                pa.default_memory_pool().release_unused()
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return pa.concat_tables(parts).take(back)
 
     def replace_all(self, writer: SegmentWriter, old: list[Path]) -> Path | None:
         """Commit ``writer`` as the newest segment, then delete ``old`` (compaction).
@@ -214,9 +259,9 @@ def _stale(path: Path) -> bool:
         return False
 
 
-def _vanished(path: Path) -> StoreError:
-    return StoreError(f"{path} was removed while being read (another process compacted the "
-                      "store); nothing is wrong with the data: re-run the command")
+def _vanished(path: Path) -> SegmentVanished:
+    return SegmentVanished(f"{path} was removed while being read (another process compacted "
+                           "the store); nothing is wrong with the data: re-run the command")
 
 
 class SegmentWriter:
@@ -236,8 +281,9 @@ class SegmentWriter:
             if self._writer is None:
                 # Made 0600 first: Arrow opens it again (truncating), and the mode stays.
                 os.close(create_private(self.tmp))
-                self._writer = pq.ParquetWriter(self.tmp, self.folder.schema, compression="zstd")
-            self._writer.write_table(table.cast(self.folder.schema))
+                self._writer = pq.ParquetWriter(self.tmp, self.folder.schema, compression="zstd",
+                                                use_dictionary=self.folder.use_dictionary)
+            self._writer.write_table(table.cast(self.folder.schema), row_group_size=ROW_GROUP_ROWS)
         self.rows += data.num_rows
 
     def finish(self) -> Path | None:

@@ -109,6 +109,11 @@ class CorpusStore:
     def root(self) -> Path:
         return self.folder.root
 
+    def segment_count(self) -> int:
+        """Segment files on disk now (what ``embedpipe status`` shows; an ingest compacts
+        them into one once ``COMPACT_AFTER`` pile up)."""
+        return len(self.folder.segments())
+
     def _winners(self) -> tuple[list[Path], dict[str, tuple[int, int]]]:
         """Each id's newest row as (segment index, row index), from the id column only."""
         segments = self.folder.segments()

@@ -28,7 +28,7 @@ from typing import Any
 from embedpipe.errors import DataDirError, DataDirReadOnly, DiskFull
 
 __all__ = ["DIR_MODE", "FILE_MODE", "append_line", "create_private", "make_dir", "open_append",
-           "storage_error", "write_json", "writing"]
+           "storage_error", "sync_dir", "write_json", "writing"]
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -152,17 +152,32 @@ def append_line(path: Path, line: bytes) -> None:
             os.close(fd)
 
 
-def write_json(path: Path, data: Any) -> Path:
-    """Write JSON atomically (a temporary name, then a rename), 0600."""
+def write_json(path: Path, data: Any, durable: bool = False) -> Path:
+    """Write JSON atomically (a temporary name, then a rename), 0600. ``durable`` also
+    survives power loss: the file is synced before the rename and the folder after it."""
     with writing(path.parent):
         make_dir(path.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with os.fdopen(create_private(tmp), "w", encoding="utf-8") as fh:
                 fh.write(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
             os.replace(tmp, path)
+            if durable:
+                sync_dir(path.parent)
         except BaseException:
             with contextlib.suppress(OSError):  # on a read-only disk even this fails
                 tmp.unlink(missing_ok=True)
             raise
     return path
+
+
+def sync_dir(path: Path) -> None:
+    """fsync a folder, so a rename or a new file in it survives power loss."""
+    fd = os.open(path, os.O_RDONLY | _CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -339,11 +339,19 @@ def status(
         for v in entry["versions"]:
             mark = "*" if v["live"] else " "
             warn = "" if v["deprecation"] == "active" else f"  [{v['deprecation']}]"
+            points = "   ? points" if v["points"] is None else f"{v['points']:>8} points"
             typer.echo(
                 f"  {mark} v{v['version']:<3} {v['collection']:<40} {v['profile']:<16} "
-                f"{v['fingerprint_short']}  {v['state']:<9} {v['points']:>8} points  "
-                f"{v['created_at']}{warn}"
+                f"{v['fingerprint_short']}  {v['state']:<9} {points}  {v['created_at']}{warn}"
             )
+            if v.get("error"):
+                typer.echo(f"      error: {v['error']}")
+            elif v.get("segments") is not None:
+                indexed = v.get("indexed_vectors") or 0
+                typer.echo(f"      {v['segments']} segments, {indexed} vectors in the HNSW index"
+                           + (f", {v['disk_bytes'] / 2**20:.1f} MiB on disk" if v.get("disk_bytes") else ""))
+        if entry["versions"]:
+            typer.echo(f"  engine: {entry['engine']}")
 
 
 @app.command()
@@ -419,9 +427,8 @@ def _resolve_index(settings: Any, index: str | None) -> str:
         return check_index_name(index)
     from embedpipe.errors import ConfigError
     from embedpipe.index import IndexVersions
-    from embedpipe.qdrant import connect
 
-    names = sorted({v.index for v in IndexVersions(connect(settings), settings).versions()})
+    names = sorted({v.index for v in IndexVersions.open(settings).versions()})
     if len(names) == 1:
         return names[0]
     raise ConfigError(
@@ -645,6 +652,34 @@ def retire(
     typer.echo(f"{index}: live {result['live']}; {verb} {len(result['deleted'])} versions"
                + (f" ({', '.join(result['deleted'])})" if result["deleted"] else "")
                + (f"; kept {', '.join(result['kept'])}" if result["kept"] else ""))
+    if result.get("removed_local_mode"):
+        typer.echo(f"{verb} {result['removed_local_mode']} (an earlier release's Qdrant local "
+                   "mode, converted to the engine)")
+
+
+@app.command()
+def rebuild(
+    index: IndexOpt,
+    all_versions: Annotated[bool, typer.Option("--all", help="Rebuild every version of the index, not only the live one.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recreate the index's vector engine data from the Parquet corpus and vector store, embedding nothing."""
+    from embedpipe.rebuild import rebuild as run_rebuild
+
+    settings = _settings()
+    show = not as_json and sys.stderr.isatty()
+    with _progress(show, f"rebuilding {index}") as progress:
+        report = run_rebuild(settings, index, all_versions=all_versions, progress=progress)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        typer.echo(f"{index}: rebuilt {', '.join(report.versions)} from the Parquet files: "
+                   f"{report.points} points, {report.reused} vectors reused, {report.embedded} "
+                   f"embedded, {report.failed} failed in {report.seconds:.1f}s")
+        for doc_id, reason in list(report.failures.items())[:20]:
+            typer.echo(f"  failed {doc_id}: {reason}", err=True)
+    if report.failed:
+        raise typer.Exit(3)
 
 
 gateway_app = typer.Typer(help="The chat gateway: routing, breakers, latency.", no_args_is_help=True)

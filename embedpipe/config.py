@@ -36,12 +36,14 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
 class QdrantSettings(BaseModel):
-    """Where the vectors live: local mode under the data directory, or a server."""
+    """Where the vectors live: Qdrant Edge under the data directory, or a Qdrant server."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     url: str | None = None
-    path: Path | None = None  # local mode folder; defaults to <data_dir>/qdrant
+    # Where releases before the engine layer kept qdrant-client local mode (converted to
+    # Qdrant Edge on first use); defaults to <data_dir>/qdrant.
+    path: Path | None = None
     api_key_env: str = "QDRANT_API_KEY"
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     # Send the key over plain http to a host other than this machine (a trusted network).
@@ -50,6 +52,13 @@ class QdrantSettings(BaseModel):
     shard_number: int | None = Field(default=None, gt=0)
     replication_factor: int | None = Field(default=None, gt=0)
     write_consistency_factor: int | None = Field(default=None, gt=0)
+    # How many candidates an HNSW search keeps (higher: better recall, slower); None:
+    # the engine's default (about ef_construct). Exact search below the index threshold.
+    hnsw_ef: int | None = Field(default=None, gt=0)
+    # The HNSW graph built at the end of a bulk write (Qdrant Edge; a server uses its
+    # collection's config): edges per node and candidates while building.
+    hnsw_m: int = Field(default=16, gt=0)
+    hnsw_ef_construct: int = Field(default=100, gt=0)
 
 
 class IndexSettings(BaseModel):
@@ -81,6 +90,9 @@ class IndexSettings(BaseModel):
     # An invalid record (empty text, a malformed line, non-finite metadata): "fail"
     # refuses its whole file; "skip" reports it (file, line, reason) and reads the rest.
     on_invalid: Literal["fail", "skip"] = "fail"
+    # Payload indexes on metadata fields that filters name, so a filtered search does
+    # not scan every point: {lang = "keyword", year = "integer"}.
+    payload_indexes: dict[str, Literal["keyword", "integer", "float", "bool"]] = {}
 
 
 class MigrationSettings(BaseModel):

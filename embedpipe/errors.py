@@ -24,7 +24,10 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     │   │                           written, and a re-run resumes once it can be
     │   ├── DataDirReadOnly         a read-only file system, or no permission (exit 73)
     │   └── DiskFull                no space left on its device, or over quota (exit 74)
-    ├── QdrantUnavailable           the vector database cannot be reached
+    ├── EngineError                 the vector engine failed
+    │   ├── ShardUnreadable         a version's Qdrant Edge shard is missing or damaged (exit 66;
+    │   │                           `embedpipe rebuild` recreates it from the Parquet files)
+    │   └── QdrantUnavailable       the Qdrant server cannot be reached
     ├── IndexBusy                   another ingest or migration holds the index
     ├── PrefectUnavailable          the Prefect server in PREFECT_API_URL cannot be reached
     ├── GatewayError                a chat request could not be served
@@ -45,6 +48,7 @@ __all__ = [
     "DimensionMismatch",
     "DiskFull",
     "EmbedpipeError",
+    "EngineError",
     "ChatRequestRejected",
     "FingerprintMismatch",
     "GatewayError",
@@ -60,6 +64,7 @@ __all__ = [
     "PrefectUnavailable",
     "ProviderError",
     "QdrantUnavailable",
+    "ShardUnreadable",
     "SourceUnavailable",
     "SovereigntyError",
     "StoreError",
@@ -181,7 +186,18 @@ class DiskFull(DataDirError):
     exit_code = 74  # EX_IOERR
 
 
-class QdrantUnavailable(EmbedpipeError):
+class EngineError(EmbedpipeError):
+    """The vector engine failed; the message says which space and what to do."""
+
+
+class ShardUnreadable(EngineError):
+    """A version's Qdrant Edge shard is missing or cannot be loaded; ``embedpipe rebuild``
+    recreates it from the Parquet files without embedding anything."""
+
+    exit_code = 66  # EX_NOINPUT
+
+
+class QdrantUnavailable(EngineError):
     """The Qdrant server (or local-mode folder) cannot be reached or opened."""
 
 

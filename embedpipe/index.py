@@ -1,49 +1,42 @@
-"""Versioned indexes in Qdrant, and ``Index``, the query API for RAG applications.
+"""Versioned indexes, and ``Index``, the query API for RAG applications.
 
-Each (index, profile, version) is its own collection named ``<index>__<profile>__v<N>``;
-applications query the alias ``<index>``. The collection's metadata carries a
+Each (index, profile, version) is its own space named ``<index>__<profile>__v<N>``
+(``layout.version_name``); applications query the alias ``<index>``. Each space has a
 manifest (schema version, profile, fingerprint, dims, distance, state, created_at),
-read through one upgrade path (``_manifest``). The alias moves in one atomic call
-(``point_alias``) and only ever at a complete collection.
+read through one upgrade path (``_manifest``). The alias moves in one atomic step
+(``point_alias``) and only ever at a complete space. ``IndexVersions`` does all of it
+on whichever engine the configuration picks (``embedpipe.engine``): it never learns
+which.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from embedpipe.errors import FingerprintMismatch, IndexNotFound, InputError, QdrantUnavailable
-from embedpipe.qdrant import prefer_wal
+from embedpipe.engine.filters import Typed, Where, where_from
+from embedpipe.errors import FingerprintMismatch, IndexNotFound, InputError
+from embedpipe.points import HOLDING_FIELDS, Holding, holding, point_id, summary
 
 if TYPE_CHECKING:
     import numpy as np
-    from qdrant_client import QdrantClient
 
     from embedpipe.backends import Embedder
     from embedpipe.config import Settings
+    from embedpipe.engine import Engine
     from embedpipe.profiles import Profile
 
 __all__ = ["Hit", "Holding", "Index", "IndexVersions", "Version", "Typed", "point_id"]
 
-MANIFEST_KEY = "embedpipe"
 SCHEMA_VERSION = 1
-_POINT_NAMESPACE = uuid.UUID("6f1c4a8e-2b7d-5e39-9c0a-1d2e3f4a5b6c")
-_DISTANCES = {"cosine": "Cosine", "dot": "Dot", "euclid": "Euclid"}
-
-
-def point_id(doc_id: str) -> str:
-    """Deterministic Qdrant point id of a document: re-runs overwrite, never duplicate."""
-    return str(uuid.uuid5(_POINT_NAMESPACE, doc_id))
 
 
 @dataclass(frozen=True)
 class Version:
-    """One collection of an index, as its manifest describes it."""
+    """One version of an index (a space of the engine), as its manifest describes it."""
 
     collection: str
     index: str
@@ -57,6 +50,7 @@ class Version:
     profile_data: dict[str, Any]
     previous: str | None = None  # the collection that was live before this one went live
     chunking: dict[str, int] | None = None  # ChunkSpec.to_dict(); None: a point per document
+    rebuilding: bool = False  # `embedpipe rebuild` emptied it and has not finished refilling it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,12 +63,12 @@ class Version:
             "state": self.state,
             "created_at": self.created_at,
             "chunking": self.chunking,
+            "rebuilding": self.rebuilding,
         }
 
 
-def _manifest(collection: str, metadata: Mapping[str, Any] | None) -> Version | None:
-    """Read a manifest of any schema version; None for collections embedpipe did not make."""
-    raw = (metadata or {}).get(MANIFEST_KEY)
+def _manifest(collection: str, raw: Mapping[str, Any] | None) -> Version | None:
+    """Read a manifest of any schema version; None for spaces embedpipe did not make."""
     if not isinstance(raw, Mapping):
         return None
     schema = int(raw.get("schema", 1))
@@ -97,71 +91,58 @@ def _manifest(collection: str, metadata: Mapping[str, Any] | None) -> Version | 
         profile_data=dict(raw.get("profile_data", {})),
         previous=raw.get("previous"),
         chunking=raw.get("chunking"),
+        rebuilding=bool(raw.get("rebuilding", False)),
     )
 
 
-class IndexVersions:
-    """Collections, manifests and the alias of indexes in one Qdrant."""
 
-    def __init__(self, client: QdrantClient, settings: Settings) -> None:
-        self.client = client
+class IndexVersions:
+    """The versions, manifests and alias of indexes in one engine."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
         self.settings = settings
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Every client call goes through here, so every Qdrant failure reads the same.
+    @classmethod
+    def open(cls, settings: Settings) -> IndexVersions:
+        """The versions of the configured engine (Qdrant Edge, or the server at qdrant.url)."""
+        from embedpipe.engine import connect
 
-        In local mode a read-only or full disk surfaces as an OSError or a SQLite error
-        of the storage folder: a DataDirError, not "Qdrant unreachable"."""
-        import sqlite3
+        versions = cls(connect(settings), settings)
+        versions._convert_earlier_release()
+        return versions
 
-        from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+    def _convert_earlier_release(self) -> None:
+        """A data directory an earlier release made (qdrant-client local mode) is
+        converted on first use, from the Parquet files; see ``rebuild.convert_local_mode``."""
+        from embedpipe.rebuild import convert_local_mode, local_mode_left
 
-        from embedpipe._files import storage_error
-
-        try:
-            return fn(*args, **kwargs)
-        except (OSError, sqlite3.Error) as exc:  # ConnectionError and TimeoutError too
-            local = None if self.settings.qdrant.url else storage_error(exc, self.settings.qdrant_path)
-            if local is not None:
-                raise local from exc
-            if isinstance(exc, sqlite3.Error):
-                raise
-            raise QdrantUnavailable(f"Qdrant failed while {what} ({type(exc).__name__}); "
-                                    "check that the server is up") from None
-        except UnexpectedResponse as exc:
-            raise QdrantUnavailable(
-                f"Qdrant answered HTTP {exc.status_code} while {what}: "
-                f"{_first_line(exc.content)}"
-            ) from None
-        except ResponseHandlingException as exc:
-            raise QdrantUnavailable(f"Qdrant failed while {what} ({type(exc).__name__}); "
-                                    "check that the server is up") from None
-
-    def _info(self, collection: str) -> Any:
-        return self._call(f"reading collection {collection}", self.client.get_collection, collection)
+        meta = local_mode_left(self.settings)
+        if meta is None or getattr(self.engine, "read_only", False):
+            return
+        # The engine's lock keeps every other process out meanwhile, and this runs at
+        # the first open of this process, before any of its writes.
+        convert_local_mode(self.settings, self, meta)
 
     def versions(self, index: str | None = None) -> list[Version]:
-        """Every embedpipe collection (of one index when given), oldest version first."""
+        """Every embedpipe version (of one index when given), oldest version first."""
         out = []
-        for desc in self._call("listing collections", self.client.get_collections).collections:
-            info = self._info(desc.name)
-            found = _manifest(desc.name, info.config.metadata)
+        for space, raw in self.engine.manifests().items():
+            found = _manifest(space, raw)
             if found and (index is None or found.index == index):
                 out.append(found)
         return sorted(out, key=lambda v: (v.index, v.version))
 
     def aliases(self) -> dict[str, str]:
-        """alias -> collection."""
-        resp = self._call("listing aliases", self.client.get_aliases)
-        return {a.alias_name: a.collection_name for a in resp.aliases}
+        """alias -> space."""
+        return self.engine.aliases()
 
     def live(self, index: str) -> Version | None:
         """The version the alias points at, or None when the index has no live version."""
         target = self.aliases().get(index)
         if target is None:
             return None
-        info = self._info(target)
-        return _manifest(target, info.config.metadata)
+        return _manifest(target, self.engine.manifests().get(target))
 
     def require_live(self, index: str) -> Version:
         found = self.live(index)
@@ -177,12 +158,13 @@ class IndexVersions:
     def create_version(
         self, index: str, profile: Profile, fingerprint: str, chunking: Mapping[str, int] | None = None
     ) -> Version:
-        """Create collection version N+1 in state ``building``, chunking documents as
-        ``chunking`` says (``ChunkSpec.to_dict()``; None: one point per document)."""
-        from qdrant_client import models
+        """Create version N+1 in state ``building``, chunking documents as ``chunking``
+        says (``ChunkSpec.to_dict()``; None: one point per document), with payload
+        indexes on the document id and on the metadata fields the index names."""
+        from embedpipe.layout import version_name
 
         number = max((v.version for v in self.versions(index)), default=0) + 1
-        name = f"{index}__{profile.name}__v{number}"
+        name = version_name(index, profile.name, number)
         manifest = {
             "schema": SCHEMA_VERSION,
             "index": index,
@@ -196,68 +178,67 @@ class IndexVersions:
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "chunking": dict(chunking) if chunking else None,
         }
-        q = self.settings.qdrant
-        self._call(
-            "creating a collection",
-            self.client.create_collection,
-            name,
-            vectors_config=models.VectorParams(
-                size=profile.dims, distance=models.Distance(_DISTANCES[profile.distance])
-            ),
-            shard_number=q.shard_number,
-            replication_factor=q.replication_factor,
-            write_consistency_factor=q.write_consistency_factor,
-            metadata={MANIFEST_KEY: manifest},
-        )
-        prefer_wal(self.settings, name)
-        return _manifest(name, {MANIFEST_KEY: manifest})  # type: ignore[return-value]
+        self.engine.create(name, profile.dims, profile.distance, manifest)
+        self.engine.index_fields(name, self._payload_indexes(index))
+        return _manifest(name, manifest)  # type: ignore[return-value]
+
+    def _payload_indexes(self, index: str) -> dict[str, str]:
+        """The document id, and the metadata fields ``[indexes.NAME] payload_indexes`` names."""
+        fields = {"id": "keyword"}
+        for key, kind in self.settings.index_settings(index).payload_indexes.items():
+            fields[f"metadata.{key}"] = kind
+        return fields
 
     def drop(self, version: Version) -> None:
-        """Delete a version's collection (never the live one)."""
+        """Delete a version and its points (never the live one)."""
         if self.aliases().get(version.index) == version.collection:
             raise IndexNotFound(f"refusing to drop {version.collection}: it is live")
-        self._call("dropping a collection", self.client.delete_collection, version.collection)
+        self.engine.drop(version.collection)
+
+    def _raw(self, version: Version) -> dict[str, Any]:
+        raw = self.engine.manifests().get(version.collection)
+        if raw is None:
+            raise IndexNotFound(f"version {version.collection} no longer exists")
+        return raw
+
+    def reset(self, version: Version) -> Version:
+        """Empty a version in place for a rebuild; it says so (``rebuilding``) until
+        ``rebuilt`` (a crash in between leaves that mark, and a search refuses it)."""
+        marked = self.set_state(version, version.state, rebuilding=True)
+        self.engine.reset(version.collection)
+        self.engine.index_fields(version.collection, self._payload_indexes(version.index))
+        return marked
+
+    def rebuilt(self, version: Version) -> Version:
+        self.engine.flush(version.collection)
+        return self.set_state(version, self._raw(version)["state"], rebuilding=False)
 
     def set_state(self, version: Version, state: str, **fields: Any) -> Version:
-        """Record a version's state (and other manifest fields) in its collection metadata."""
-        info = self._info(version.collection)
-        manifest = dict(info.config.metadata[MANIFEST_KEY], state=state, **fields)
-        self._call("recording a version state", self.client.update_collection,
-                   version.collection, metadata={MANIFEST_KEY: manifest})
-        return _manifest(version.collection, {MANIFEST_KEY: manifest})  # type: ignore[return-value]
+        """Record a version's state (and other manifest fields) in its manifest."""
+        manifest = dict(self._raw(version), state=state, **fields)
+        self.engine.set_manifests({version.collection: manifest})
+        return _manifest(version.collection, manifest)  # type: ignore[return-value]
 
     def point_alias(self, index: str, version: Version) -> None:
-        """Point the alias ``index`` at ``version`` in one atomic call; it becomes ``live``.
+        """Point the alias ``index`` at ``version`` in one atomic step; it becomes ``live``.
 
-        Callers must only pass a complete collection. The version that was live
-        before becomes ``standby`` (kept for rollback).
+        Callers must only pass a complete version. The version that was live before
+        becomes ``standby`` (kept for rollback) and is remembered as ``previous``, so
+        that rollback returns to exactly that version.
         """
-        from qdrant_client import models
-
         previous = self.live(index)
-        ops: list[Any] = []
-        if previous is not None:
-            ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=index)))
-        ops.append(
-            models.CreateAliasOperation(
-                create_alias=models.CreateAlias(collection_name=version.collection, alias_name=index)
-            )
-        )
-        self._call("moving the alias", self.client.update_collection_aliases,
-                   change_aliases_operations=ops)
+        manifests = {version.collection: dict(self._raw(version), state="live")}
         if previous is not None and previous.collection != version.collection:
-            # Remembered so that rollback returns to exactly this version.
-            self.set_state(version, "live", previous=previous.collection)
-            self.set_state(previous, "standby")
-        else:
-            self.set_state(version, "live")
+            manifests[version.collection]["previous"] = previous.collection
+            manifests[previous.collection] = dict(self._raw(previous), state="standby")
+        self.engine.move_alias(index, version.collection, manifests)
 
     def repair_states(self, index: str) -> list[str]:
         """Make the recorded states agree with the alias, the one source of truth.
 
-        ``point_alias`` moves the alias in one atomic call and then records states in
-        two more calls; a crash in between leaves, e.g., two versions marked ``live``.
-        Writers call this first. Returns the collections whose state changed.
+        On a Qdrant server ``point_alias`` moves the alias in one call and records the
+        states in the next; a crash in between leaves, e.g., two versions marked
+        ``live``. Writers call this first. Returns the versions whose state changed.
         """
         target = self.aliases().get(index)
         fixed = []
@@ -290,59 +271,38 @@ class IndexVersions:
                 f"version {version.collection} lacks {missing} of the corpus's {len(corpus_ids)} "
                 "documents; the alias was not moved. Re-run the same command to complete it"
             )
+        self.engine.flush(version.collection)
         self.point_alias(index, version)
 
     def count(self, collection: str) -> int:
-        return int(self._call("counting points", self.client.count, collection, exact=True).count)
+        return self.engine.count(collection)
 
     def point_ids(self, collection: str, page: int = 10_000) -> set[str]:
-        """Every point id in a collection (ids only, no vectors or payloads)."""
-        ids: set[str] = set()
-        offset = None
-        while True:
-            points, offset = self._call(
-                "listing points", self.client.scroll, collection, limit=page, offset=offset,
-                with_payload=False, with_vectors=False,
-            )
-            ids.update(str(p.id) for p in points)
-            if offset is None:
-                return ids
+        """Every point id in a version (ids only, no vectors or payloads)."""
+        return {pid for points in self.engine.scroll(collection, False, page=page) for pid, _ in points}
 
     def holdings(
         self, collection: str, doc_ids: Sequence[str] | None = None, page: int = 4096
     ) -> dict[str, Holding]:
         """What a version holds per document (of ``doc_ids``, or all): its points and its
-        record hash, from the collection alone (no vectors read)."""
-        from qdrant_client import models
+        record hash, from the version alone (no vectors read)."""
+        from embedpipe.engine.filters import MatchAny
 
-        fields = ["id", "record_hash", "content_hash", "metadata", "chunk", "chunks"]
-        filters: list[Any] = [None]
+        wheres: list[Where | None] = [None]
         if doc_ids is not None:
             ids = list(doc_ids)
-            filters = [
-                models.Filter(must=[models.FieldCondition(
-                    key="id", match=models.MatchAny(any=ids[i:i + 1000]))])
-                for i in range(0, len(ids), 1000)
-            ]
+            wheres = [Where(must=(MatchAny("id", tuple(ids[i:i + 1000])),))
+                      for i in range(0, len(ids), 1000)]
         # Each point is cut down to what a holding needs as soon as its page arrives: a
         # version's payloads (texts, metadata) are far larger than this and the whole
-        # collection is listed at cutover.
+        # version is listed at cutover.
         seen: dict[str, Any] = {}
-        for flt in filters:
-            offset = None
-            while True:
-                points, offset = self._call(
-                    "listing points", self.client.scroll, collection, limit=page, offset=offset,
-                    scroll_filter=flt, with_payload=fields, with_vectors=False,
-                )
-                for p in points:
-                    payload = p.payload or {}
-                    seen.setdefault(str(payload.get("id")), []).append(_summary(str(p.id), payload))
-                del points
-                if offset is None:
-                    break
+        for where in wheres:
+            for points in self.engine.scroll(collection, HOLDING_FIELDS, where, page=page):
+                for pid, payload in points:
+                    seen.setdefault(str(payload.get("id")), []).append(summary(pid, payload))
         for doc in seen:  # in place, so the summaries go as the holdings are made
-            seen[doc] = _holding(seen[doc])
+            seen[doc] = holding(seen[doc])
         return seen
 
     def contents(self, collection: str) -> dict[str, str | None]:
@@ -357,22 +317,17 @@ class IndexVersions:
 
     def stored_vectors(self, collection: str, doc_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """document id -> the vector stored in ``collection`` (absent ids are left out)."""
-        import numpy as np
-
         by_point = {point_id(d): d for d in doc_ids}
-        records = self._call("reading vectors", self.client.retrieve, collection,
-                             ids=list(by_point), with_vectors=True, with_payload=False)
-        return {by_point[str(r.id)]: np.asarray(r.vector, dtype=np.float32) for r in records}
+        found = self.engine.vectors(collection, list(by_point))
+        return {by_point[pid]: vector for pid, vector in found.items()}
 
     def delete_points(self, collection: str, ids: Sequence[str], batch: int = 1024) -> None:
-        """Delete points by point id (not document id)."""
-        from qdrant_client import models
-
+        """Delete points by point id (not document id); durable when it returns."""
         ids = list(ids)
         for start in range(0, len(ids), batch):
-            selector = models.PointIdsList(points=ids[start:start + batch])
-            self._call("deleting points", self.client.delete, collection,
-                       points_selector=selector, wait=True)
+            self.engine.delete(collection, ids[start:start + batch])
+        if ids:
+            self.engine.flush(collection)
 
     def upsert(
         self,
@@ -382,17 +337,29 @@ class IndexVersions:
         payloads: Sequence[dict[str, Any]],
         batch: int = 512,
     ) -> None:
-        """Write points (ids are document ids; point ids derive from them)."""
-        from qdrant_client import models
-
+        """Write points (ids are point keys; point ids derive from them). Durable when it
+        returns: the migration and catch-up count a batch done at that moment."""
         for start in range(0, len(ids), batch):
             end = start + batch
-            points = models.Batch(
-                ids=[point_id(i) for i in ids[start:end]],
-                vectors=vectors[start:end].tolist(),
-                payloads=list(payloads[start:end]),
-            )
-            self._call("writing points", self.client.upsert, collection, points=points, wait=True)
+            self.engine.upsert(collection, [point_id(i) for i in ids[start:end]],
+                               vectors[start:end], payloads[start:end])
+        self.engine.flush(collection)
+
+    def build_index(self, collection: str) -> None:
+        """Build the approximate-search index once a bulk write ended (first build,
+        migration backfill, rebuild), not per batch."""
+        self.engine.build_index(collection)
+
+    def refresh_index(self, collection: str, min_points: int = 20_000, fraction: float = 0.1) -> None:
+        """After a small write (a sync, an ingest of changes): rebuild the search index
+        only once the points searched exactly (not yet in it) pass ``min_points`` and
+        ``fraction`` of the version, since Edge rebuilds whole segments."""
+        info = self.engine.info(collection)
+        if info.indexed is None:
+            return  # the engine indexes as it goes (a Qdrant server)
+        outside = info.points - info.indexed
+        if outside > max(min_points, fraction * info.points):
+            self.engine.build_index(collection)
 
     def search(
         self,
@@ -405,107 +372,9 @@ class IndexVersions:
     ) -> list[Hit]:
         """The ``k`` nearest points; with ``group_by_doc``, the best chunk of each of the
         ``k`` nearest documents (a document's chunks share its ``id`` payload)."""
-        from qdrant_client import models
-
-        payload: Any = True if with_text else models.PayloadSelectorExclude(exclude=["text"])
-        common = {"query": vector.tolist(), "limit": k, "query_filter": _to_filter(filter),
-                  "with_payload": payload}
-        if group_by_doc:
-            resp = self._call("searching", self.client.query_points_groups, collection,
-                              group_by="id", group_size=1, **common)
-            points = [g.hits[0] for g in resp.groups if g.hits]
-        else:
-            points = self._call("searching", self.client.query_points, collection, **common).points
-        return [Hit.from_point(p) for p in points]
-
-
-@dataclass(frozen=True, slots=True)
-class Holding:
-    """A document's points in one version."""
-
-    record_hash: str | None  # None when its points disagree (a rewrite was interrupted)
-    points: tuple[str, ...]
-
-
-def _summary(point: str, payload: dict[str, Any]) -> tuple[str, str, int, int]:
-    """(point id, record hash, chunk, chunks) of one point's payload."""
-    rh = payload.get("record_hash")
-    if rh is None:  # points written before record_hash joined the payload
-        from embedpipe.corpus import record_hash
-
-        meta = json.dumps(payload.get("metadata") or {}, sort_keys=True,
-                          ensure_ascii=False, default=str)
-        rh = record_hash(str(payload.get("content_hash")), meta)
-    return point, rh, payload.get("chunk", 0), payload.get("chunks", 1)
-
-
-def _holding(points: list[tuple[str, str, int, int]]) -> Holding:
-    """Whole (one record hash, chunks 0..n-1 of n) or half-written (record hash None)."""
-    hashes = {rh for _, rh, _, _ in points}
-    counts = {n for _, _, _, n in points}
-    chunks = sorted(c for _, _, c, _ in points)
-    whole = len(hashes) == 1 and len(counts) == 1 and chunks == list(range(counts.pop()))
-    return Holding(hashes.pop() if whole else None, tuple(p for p, _, _, _ in points))
-
-
-def _first_line(content: Any) -> str:
-    text = content.decode("utf-8", "replace") if isinstance(content, bytes) else str(content)
-    return (text.strip().splitlines() or ["(no details)"])[0][:300]
-
-
-class Typed(str):
-    """A filter value as typed on a command line, where ``2024`` could mean the number
-    (JSONL, Parquet) or the text (every CSV cell is text): it matches metadata stored
-    either way. ``true``/``false`` match the booleans and the words, a number matches the
-    number and its spelling; anything else matches the text only."""
-
-
-def _typed_condition(key: str, value: Typed) -> Any:
-    from qdrant_client import models
-
-    text = models.FieldCondition(key=f"metadata.{key}", match=models.MatchValue(value=str(value)))
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        return text
-    if isinstance(parsed, (bool, int, float)) and not (isinstance(parsed, float) and parsed != parsed):
-        return models.Filter(should=[text, _to_filter({key: parsed}).must[0]])
-    return text
-
-
-def _to_filter(filter: Mapping[str, Any] | Any | None) -> Any:
-    """A ``{"key": value}`` mapping becomes a match on ``metadata.key``.
-
-    Strings, integers and booleans match exactly, a list matches any of its strings or
-    integers, a float matches that number (a range of one point, since Qdrant has no
-    float equality), a :class:`Typed` value matches the text or what it spells.
-    Anything else is refused with an ``InputError``.
-    """
-    if filter is None or not isinstance(filter, Mapping):
-        return filter
-    from qdrant_client import models
-
-    must = []
-    for key, value in filter.items():
-        cond: Any
-        if isinstance(value, Typed):
-            cond = _typed_condition(key, value)
-        elif isinstance(value, (str, bool, int)):
-            cond = models.FieldCondition(key=f"metadata.{key}", match=models.MatchValue(value=value))
-        elif isinstance(value, float) and value == value:  # not NaN
-            cond = models.FieldCondition(key=f"metadata.{key}", range=models.Range(gte=value, lte=value))
-        elif isinstance(value, (list, tuple, set)) and value and (
-            all(isinstance(v, str) for v in value)
-            or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        ):
-            cond = models.FieldCondition(key=f"metadata.{key}", match=models.MatchAny(any=list(value)))
-        else:
-            raise InputError(
-                f"filter {key}={value!r}: match a string, integer, boolean, number or a "
-                "non-empty list of strings or of integers"
-            )
-        must.append(cond)
-    return models.Filter(must=must)
+        points = self.engine.query(collection, vector, k, where_from(filter), with_text=with_text,
+                                   group_by="id" if group_by_doc else None)
+        return [Hit.from_payload(p.score, p.payload) for p in points]
 
 
 @dataclass(frozen=True)
@@ -522,11 +391,10 @@ class Hit:
     end: int | None = None
 
     @classmethod
-    def from_point(cls, point: Any) -> Hit:
-        p = point.payload or {}
+    def from_payload(cls, score: float, p: Mapping[str, Any]) -> Hit:
         return cls(
             id=str(p.get("id")),
-            score=float(point.score),
+            score=float(score),
             metadata=dict(p.get("metadata") or {}),
             text=p.get("text"),
             chunk_id=p.get("chunk_id"),
@@ -557,12 +425,11 @@ class Index:
 
     def __init__(self, name: str, settings: Settings, refresh_s: float = 5.0) -> None:
         from embedpipe.layout import check_index_name
-        from embedpipe.qdrant import connect
 
         self.name = check_index_name(name)
         self.settings = settings
         self.refresh_s = refresh_s
-        self.versions = IndexVersions(connect(settings), settings)
+        self.versions = IndexVersions.open(settings)
         self._pinned: tuple[Version, Embedder] | None = None
         self._pinned_at = 0.0
 
@@ -589,6 +456,13 @@ class Index:
         if self._pinned is not None and now - self._pinned_at < self.refresh_s:
             return self._pinned
         live = self.versions.require_live(self.name)
+        if live.rebuilding:
+            from embedpipe.errors import ShardUnreadable
+
+            raise ShardUnreadable(
+                f"version {live.collection} is being rebuilt, or its rebuild was interrupted; "
+                f"finish it with `embedpipe rebuild --index {self.name}`"
+            )
         if self._pinned is None or self._pinned[0].collection != live.collection:
             from embedpipe.backends import build_embedder
 
@@ -652,3 +526,4 @@ def check_fingerprint(version: Version, fingerprint: str, profile: str) -> None:
             f"{fingerprint[:12]} (weights, prompts or settings changed); restore the original "
             f"model or migrate the index with `embedpipe migrate --to {profile}`"
         )
+

@@ -41,7 +41,6 @@ from embedpipe.index import Holding, IndexVersions, Version, check_fingerprint, 
 from embedpipe.layout import Layout, check_index_name
 from embedpipe.locks import index_lock, migration_running
 from embedpipe.pipeline import PipelineStats, Work, embed_and_write
-from embedpipe.qdrant import connect
 from embedpipe.sources import FileError, SourceSpec, read_documents
 from embedpipe.vectors import VectorStore
 
@@ -191,7 +190,7 @@ def _ingest_staged(
     started: float,
     dry_run: bool = False,
 ) -> IngestReport:
-    versions = IndexVersions(connect(settings), settings)
+    versions = IndexVersions.open(settings)
     if not dry_run:
         versions.repair_states(index)
     live = versions.live(index)
@@ -274,9 +273,12 @@ def _ingest_staged(
     if building:
         corpus_ids = corpus.ids()
         if corpus_ids:
+            versions.build_index(target.collection)  # the bulk write ended: once, not per batch
             versions.go_live(index, target, corpus_ids)
         elif created:  # every document failed: leave no empty version behind
             versions.drop(target)
+    else:
+        versions.refresh_index(target.collection)
     journal.clear()
     _compact_unless_migrating(settings, index, corpus)
     return _report(index, target, profile.name, fp, counts, stats, created, started, migration_writes,
@@ -588,7 +590,7 @@ def delete(settings: Settings, index: str, ids: Iterable[str]) -> int:
         return 0
     corpus = CorpusStore.for_index(settings.data_dir, index)
     with index_lock(settings, index):
-        versions = IndexVersions(connect(settings), settings)
+        versions = IndexVersions.open(settings)
         versions.require_live(index)
         return delete_locked(versions, corpus, index, ids)
 

@@ -3,7 +3,10 @@
     <data>/                              0700, like every folder embedpipe makes
       corpus/<index>/seg-*.parquet         the corpus, the source of truth (corpus.py)
       vectors/<fingerprint[:16]>/          computed vectors, by embedding space (vectors.py)
-      qdrant/                              Qdrant local mode, unless qdrant.path says otherwise
+      engine/                              Qdrant Edge: catalogue.json, a shard per version
+        <index>__<profile>__v<N>/          (engine/edge.py); unused with qdrant.url
+      qdrant/                              qdrant-client local mode of earlier releases
+                                           (converted to engine/ on first use)
       locks/<index>[.<what>].lock          one writer per index (locks.py)
       migrations/<index>/                  migration progress and reports (migration.py)
       runs/<index>.jsonl                   the sync run log (sync.py)
@@ -31,7 +34,7 @@ from pathlib import Path
 
 from embedpipe.errors import ConfigError
 
-__all__ = ["Layout", "check_index_name", "mode_warning"]
+__all__ = ["Layout", "check_index_name", "mode_warning", "parse_version_name", "version_name"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,19 @@ def check_index_name(index: str) -> str:
             f"(at most {MAX_NAME})"
         )
     return index
+
+
+def version_name(index: str, profile: str, number: int) -> str:
+    """The name of version ``number`` of an index: its collection or shard folder."""
+    return f"{check_index_name(index)}__{profile}__v{int(number)}"
+
+
+def parse_version_name(name: str) -> tuple[str, str, int] | None:
+    """(index, profile, number) of a version name; None for any other name."""
+    parts = name.split("__")
+    if len(parts) != 3 or not parts[2].startswith("v") or not parts[2][1:].isdigit():
+        return None
+    return parts[0], parts[1], int(parts[2][1:])
 
 
 def mode_warning(root: Path, log_it: bool = True) -> str | None:
@@ -88,6 +104,11 @@ class Layout:
 
     def __post_init__(self) -> None:
         mode_warning(self.root)
+
+    @property
+    def engine(self) -> Path:
+        """Qdrant Edge's folder: the catalogue and a shard per version."""
+        return self.root / "engine"
 
     def corpus(self, index: str) -> Path:
         return self.root / "corpus" / check_index_name(index)

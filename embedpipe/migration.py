@@ -45,7 +45,6 @@ from embedpipe.index import IndexVersions, Version, check_fingerprint
 from embedpipe.layout import Layout
 from embedpipe.locks import index_lock
 from embedpipe.profiles import Profile, fingerprint
-from embedpipe.qdrant import connect
 from embedpipe.vectors import VectorStore
 
 if TYPE_CHECKING:
@@ -255,7 +254,7 @@ class Migration:
         self.settings = settings
         self.index = index
         self.force = force
-        self.versions = IndexVersions(connect(settings), settings)
+        self.versions = IndexVersions.open(settings)
         self.corpus = CorpusStore.for_index(settings.data_dir, index)
         if not dry_run:  # the alias decides what is live; a dry run only reads
             self.versions.repair_states(index)  # a crash right after an earlier alias move
@@ -541,6 +540,10 @@ class Migration:
         """Run the validation gate; the report is saved whatever the outcome."""
         from embedpipe.validation import validate
 
+        # The backfill (and catch-up) ended: build the search index once, and validate
+        # the version as it will serve.
+        self.save_state("indexing")
+        self.versions.build_index(self._require_target().collection)
         target = self.versions.set_state(self._require_target(), "validating")
         self.target = target
         self.save_state("validating")
@@ -639,7 +642,7 @@ def rollback(
     from embedpipe.status import deprecation_warning
 
     with migration_lock(settings, index):
-        versions = IndexVersions(connect(settings), settings)
+        versions = IndexVersions.open(settings)
         versions.repair_states(index)
         live = versions.require_live(index)
         standby = _standby(versions, index, live)
@@ -716,7 +719,7 @@ def retire(
 
         raise InputError(f"--keep {keep}: keep 0 or more old versions")
     with migration_lock(settings, index):
-        versions = IndexVersions(connect(settings), settings)
+        versions = IndexVersions.open(settings)
         versions.repair_states(index)
         live = versions.require_live(index)
         every = versions.versions(index)
@@ -736,4 +739,26 @@ def retire(
             "deleted": [v.collection for v in sorted(doomed, key=lambda v: v.version)],
             "kept": [v.collection for v in kept],
             "dry_run": dry_run,
+            "removed_local_mode": _remove_local_mode(settings, dry_run),
         }
+
+
+def _remove_local_mode(settings: Settings, dry_run: bool) -> str | None:
+    """The qdrant-client local-mode folder of an earlier release, once converted to the
+    engine (``rebuild.convert_local_mode``): removed by retire. Returns its path."""
+    import shutil
+
+    from embedpipe.layout import Layout
+    from embedpipe.rebuild import CONVERTED
+
+    folder = settings.qdrant_path
+    if settings.qdrant.url or not (Layout(settings.data_dir).engine / CONVERTED).is_file():
+        return None
+    if not (folder / "meta.json").is_file():
+        return None
+    if not dry_run:
+        from embedpipe.qdrant import close_all
+
+        close_all()  # a client a test or tool opened on it
+        shutil.rmtree(folder)
+    return str(folder)

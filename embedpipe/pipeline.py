@@ -22,7 +22,6 @@ The embedding model is the bottleneck, so everything else hides behind it:
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -61,19 +60,10 @@ class Work:
 
     @classmethod
     def from_corpus_row(cls, row: dict[str, Any], store_text: bool) -> Work:
-        """The work for one corpus row; its payload is what the point carries in Qdrant.
+        """The work for one corpus row; its payload is what the point carries (points.py)."""
+        from embedpipe.points import payload as point_payload
 
-        ``record_hash`` in the payload lets a version be compared with the corpus
-        (catch-up, rollback) from the collection alone.
-        """
-        payload: dict[str, Any] = {
-            "id": row["id"],
-            "content_hash": row["content_hash"],
-            "record_hash": row["record_hash"],
-            "metadata": json.loads(row["metadata"] or "{}"),
-        }
-        if store_text:
-            payload["text"] = row["text"]
+        payload = point_payload(row, store_text)
         return cls(row["id"], row["text"], row["content_hash"], payload)
 
 

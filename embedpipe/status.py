@@ -39,18 +39,17 @@ def live_profiles(settings: Settings) -> dict[str, list[str]]:
 
 def _live_versions(settings: Settings) -> dict[str, list[tuple[str, str]]]:
     """profile name -> (index, recorded fingerprint) of each live version on it."""
-    from embedpipe.errors import QdrantUnavailable
-    from embedpipe.qdrant import connect
+    from embedpipe.errors import EngineError
 
     try:
-        versions = IndexVersions(connect(settings), settings)
+        versions = IndexVersions.open(settings)
         aliases = versions.aliases()
         out: dict[str, list[tuple[str, str]]] = {}
         for v in versions.versions():
             if aliases.get(v.index) == v.collection:
                 out.setdefault(v.profile, []).append((v.index, v.fingerprint))
         return out
-    except QdrantUnavailable:
+    except EngineError:
         return {}
 
 
@@ -63,11 +62,10 @@ def _source(settings: Settings, index: str) -> dict[str, Any] | None:
 
 def index_status(settings: Settings, index: str | None = None) -> list[dict[str, Any]]:
     """Every index (or one): alias target, corpus size and each version with its state."""
-    from embedpipe.qdrant import connect
 
     if index is not None:
         check_index_name(index)
-    versions = IndexVersions(connect(settings), settings)
+    versions = IndexVersions.open(settings)
     aliases = versions.aliases()
     by_index: dict[str, list[Any]] = {}
     for version in versions.versions(index):
@@ -91,11 +89,12 @@ def index_status(settings: Settings, index: str | None = None) -> list[dict[str,
                 "migration": _migration_state(settings, name, {v.collection for v in found}),
                 "source": _source(settings, name),
                 "runs": last_runs(settings, name),
+                "engine": versions.engine.describe(),
                 "versions": [
                     {
                         **v.to_dict(),
                         "fingerprint_short": short(v.fingerprint),
-                        "points": versions.count(v.collection),
+                        **_storage(versions, v.collection),
                         "live": aliases.get(name) == v.collection,
                         "deprecation": _deprecation(settings, v.profile),
                     }
@@ -104,6 +103,19 @@ def index_status(settings: Settings, index: str | None = None) -> list[dict[str,
             }
         )
     return out
+
+
+def _storage(versions: IndexVersions, collection: str) -> dict[str, Any]:
+    """points, segments, indexed vectors and bytes on disk of a version; a shard that
+    cannot be opened is reported (``error``) rather than failing the whole status."""
+    from embedpipe.errors import ShardUnreadable
+
+    try:
+        info = versions.engine.info(collection)
+    except ShardUnreadable as exc:
+        return {"points": None, "error": str(exc)}
+    return {"points": info.points, "segments": info.segments, "indexed_vectors": info.indexed,
+            "disk_bytes": info.disk_bytes}
 
 
 def _migration_state(settings: Settings, index: str, collections: set[str]) -> dict[str, Any] | None:

@@ -59,7 +59,6 @@ from embedpipe.ingest import (
 from embedpipe.index import IndexVersions
 from embedpipe.layout import Layout, check_index_name
 from embedpipe.locks import index_lock
-from embedpipe.qdrant import connect
 from embedpipe.sources import SourceScan, SourceSpec
 
 __all__ = ["Staged", "SyncReport", "apply", "last_runs", "read_source", "recorded", "sync"]
@@ -169,7 +168,7 @@ def apply(
         with lock:
             gone = _gone(settings, index, corpus, staged, allow_mass_delete or dry_run, report)
             if not dry_run and gone:
-                versions = IndexVersions(connect(settings), settings)
+                versions = IndexVersions.open(settings)
                 report.deleted = delete_locked(versions, corpus, index, sorted(gone))
             elif dry_run:
                 report.deleted = len(gone)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from embedpipe.config import Settings, load_settings
-from embedpipe.qdrant import close_all
+from embedpipe.engine import close_all
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -27,7 +27,7 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
     for var in [v for v in os.environ if v.startswith("EMBEDPIPE_") and v != "EMBEDPIPE_CACHE_DIR"]:
         monkeypatch.delenv(var)
     yield
-    close_all()  # release Qdrant local-mode locks
+    close_all()  # release the engine's lock
 
 
 def write_config(folder: Path, body: str = "") -> Path:
@@ -191,3 +191,11 @@ def files_under(folder: Path) -> dict[str, tuple[int, int]]:
         return {}
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def payloads(settings: Settings, collection: str, fields: list[str] | None = None) -> list[dict]:
+    """Every point's payload in a version (all fields, or ``fields``), through the engine."""
+    from embedpipe.index import IndexVersions
+
+    engine = IndexVersions.open(settings).engine
+    return [p for page in engine.scroll(collection, fields or True) for _, p in page]

@@ -174,7 +174,7 @@ def test_ask_answers_with_citations_of_retrieved_documents(
     from conftest import EXAMPLES, static_profile_toml
     from embedpipe.index import Index
     from embedpipe.ingest import ingest
-    from embedpipe.qdrant import close_all
+    from embedpipe.engine import close_all
 
     local, hosted = servers
     settings = make_settings('default_profile = "static"\n' + static_profile_toml(static_model_dir)
@@ -218,7 +218,7 @@ def test_embedding_replicas_fail_over_within_one_space(make_settings, servers, t
     assert (report.added, report.failed) == (40, 0)
     assert local.counters()["by_status"].get(500) == 2  # then its breaker opened: skipped
     assert hosted.counters()["embedding_ok"] >= 10
-    versions = IndexVersions(connect(settings), settings)
+    versions = IndexVersions.open(settings)
     assert versions.count(versions.require_live("kb").collection) == 40
     assert Index("kb", settings).search(docs[7]["text"], k=1)[0].id == "d7"
 

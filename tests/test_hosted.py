@@ -19,7 +19,6 @@ from embedpipe.errors import (
 )
 from embedpipe.index import Index, IndexVersions, point_id
 from embedpipe.ingest import ingest
-from embedpipe.qdrant import connect
 from embedpipe.usage import UsageLedger, cost_summary
 
 from conftest import EXAMPLES, LOOPBACK_KEY, hosted_profile_toml, write_jsonl
@@ -40,7 +39,7 @@ def _docs(n_per_topic: int = 1) -> list[dict]:
 
 
 def _state(settings, index: str) -> tuple[int, list]:
-    versions = IndexVersions(connect(settings), settings)
+    versions = IndexVersions.open(settings)
     corpus = CorpusStore.for_index(settings.data_dir, index).count()
     return corpus, [(v.collection, v.state, versions.count(v.collection)) for v in versions.versions(index)]
 
@@ -81,7 +80,7 @@ def test_faults_lose_nothing_and_the_ledger_matches_the_server(make_settings, op
     docs = _docs(50)  # 200 documents, 40+ requests
     report = ingest(settings, "kb", write_jsonl(tmp_path / "d.jsonl", docs), profile="hosted")
     assert (report.added, report.failed) == (200, 0)
-    versions = IndexVersions(connect(settings), settings)
+    versions = IndexVersions.open(settings)
     live = versions.require_live("kb")
     assert versions.point_ids(live.collection) == {point_id(d["id"]) for d in docs}
     assert versions.count(live.collection) == 200
@@ -106,7 +105,7 @@ def test_requests_out_of_retries_fail_their_documents_and_a_rerun_completes(
     openai_server.config.rate_500 = 0.0
     again = ingest(settings, "kb", path, profile="hosted")
     assert (again.added, again.failed) == (8, 0)  # seen as new, so retried
-    assert IndexVersions(connect(settings), settings).count("kb__hosted__v1") == 8
+    assert IndexVersions.open(settings).count("kb__hosted__v1") == 8
 
 
 def test_sovereign_mode_refuses_hosted_profiles_before_sending_anything(
@@ -208,7 +207,7 @@ def test_over_long_inputs_are_rejected_per_config_and_reported(make_settings, op
     assert report.failures[0]["id"] == "long"
     assert "over the 40-token limit" in report.failures[0]["reason"]
     assert "long" not in CorpusStore.for_index(settings.data_dir, "kb").known()
-    assert IndexVersions(connect(settings), settings).count("kb__hosted__v1") == 4
+    assert IndexVersions.open(settings).count("kb__hosted__v1") == 4
     assert openai_server.counters()["by_status"].get(400, 0) == 0  # never sent
 
 
@@ -229,9 +228,8 @@ def test_over_long_inputs_are_chunked_into_a_token_weighted_mean(
     parts = model.encode([p.text for p in pieces], normalize_embeddings=True)
     expected = np.average(parts, axis=0, weights=[p.tokens for p in pieces])
     expected /= np.linalg.norm(expected)
-    client = connect(settings)
-    point = client.retrieve("kb__hosted__v1", [point_id("long")], with_vectors=True)[0]
-    np.testing.assert_allclose(point.vector, expected, atol=1e-5)
+    stored = IndexVersions.open(settings).engine.vectors("kb__hosted__v1", [point_id("long")])
+    np.testing.assert_allclose(stored[point_id("long")], expected, atol=1e-5)
 
 
 def test_the_key_never_reaches_files_payloads_or_output(make_settings, openai_server, tmp_path) -> None:
@@ -313,7 +311,7 @@ def test_one_refused_text_does_not_fail_the_texts_packed_with_it(make_settings, 
     report = ingest(settings, "kb", write_jsonl(tmp_path / "d.jsonl", docs), profile="hosted")
     assert (report.added, report.failed) == (20, 1)
     assert report.failures[0]["id"] == "huge" and "HTTP 400" in report.failures[0]["reason"]
-    assert IndexVersions(connect(settings), settings).count("kb__hosted__v1") == 20
+    assert IndexVersions.open(settings).count("kb__hosted__v1") == 20
 
 
 def test_a_429_asking_for_hours_fails_fast_instead_of_hanging(make_settings, openai_server, tmp_path) -> None:

@@ -48,7 +48,7 @@ def broken_qdrant_url() -> Iterator[str]:
 
 def test_http_errors_from_qdrant_are_one_line_errors(make_settings, broken_qdrant_url) -> None:
     settings = make_settings(f'[qdrant]\nurl = "{broken_qdrant_url}"\ntimeout_s = 0.5\n')
-    versions = IndexVersions(connect(settings), settings)
+    versions = IndexVersions.open(settings)
     with pytest.raises(QdrantUnavailable, match="HTTP 503 while listing aliases: .*overloaded"):
         versions.live("kb")
 
@@ -59,7 +59,7 @@ def _payload(doc: str, chunk: int = 0, chunks: int = 1) -> dict:
 
 
 def test_cutover_drops_strays_and_refuses_a_version_missing_documents(settings) -> None:
-    versions = IndexVersions(connect(settings), settings)
+    versions = IndexVersions.open(settings)
     profile = settings.profile("local-minilm")
     version = versions.create_version("kb", profile, "fp")
     legacy = Document("old", "text", metadata={"lang": "en"})  # written before record_hash

@@ -37,7 +37,7 @@ def docs_file(tmp_path: Path) -> Path:
 
 def _snapshot(settings, index: str) -> tuple[dict, list]:
     corpus = {k: v.record_hash for k, v in CorpusStore.for_index(settings.data_dir, index).known().items()}
-    versions = IndexVersions(connect(settings), settings)
+    versions = IndexVersions.open(settings)
     state = [(v.collection, v.state, versions.count(v.collection)) for v in versions.versions(index)]
     return corpus, state
 
@@ -72,7 +72,7 @@ def test_changed_text_is_reembedded_and_metadata_only_is_not(settings, tmp_path:
     idx = Index("kb", settings)
     assert idx.search("how do plants make sugar from light", k=1)[0].id == "tcp"
     assert idx.search("piano", k=1)[0].metadata == {"topic": "instruments"}
-    assert IndexVersions(connect(settings), settings).count("kb__local-minilm__v1") == 4
+    assert IndexVersions.open(settings).count("kb__local-minilm__v1") == 4
 
 
 def test_text_reverted_to_an_earlier_version_reuses_the_stored_vector(settings, tmp_path) -> None:
@@ -100,7 +100,7 @@ def test_a_changed_model_is_refused_for_queries_and_ingest(tmp_path: Path, docs_
     from embedpipe.config import load_settings
 
     ingest(load_settings(write_config(tmp_path)), "kb", docs_file)
-    from embedpipe.qdrant import close_all
+    from embedpipe.engine import close_all
 
     close_all()
     # Same profile name, different space: a query prompt was added to it.
@@ -199,7 +199,7 @@ def test_interrupted_first_build_resumes_and_only_then_goes_live(settings, docs_
                         lambda *a, **k: real(*a, **{**k, "window": 2, "chunk": 2}))
     with pytest.raises(KeyboardInterrupt):
         ingest(settings, "kb", docs_file)
-    versions = IndexVersions(connect(settings), settings)
+    versions = IndexVersions.open(settings)
     assert versions.live("kb") is None  # the alias never pointed at a partial collection
     assert versions.versions("kb")[0].state == "building"
     assert CorpusStore.for_index(settings.data_dir, "kb").count() == 0
@@ -260,7 +260,7 @@ def test_search_follows_the_alias_to_a_new_version(settings, docs_file, static_m
     assert idx.search("sourdough yeast", k=1)[0].id == "bread"
     assert idx.embedder().profile.name == "local-minilm"
     # Build a second index version on the static model by hand, then cut over.
-    versions = IndexVersions(connect(both), both)
+    versions = IndexVersions.open(both)
     from embedpipe.backends import build_embedder
 
     static = build_embedder(both.profile("static"), device="cpu")
@@ -287,7 +287,7 @@ def test_a_resumed_build_drops_points_no_longer_in_the_input(settings, docs_file
     from embedpipe.index import point_id
 
     profile = settings.profile()
-    versions = IndexVersions(connect(settings), settings)
+    versions = IndexVersions.open(settings)
     fp = build_embedder(profile).fingerprint
     stale = versions.create_version("kb", profile, fp)  # what the crashed run left
     vector = build_embedder(profile).embed_documents(["an old draft"]).vectors
@@ -401,7 +401,7 @@ def test_skip_invalid_ingests_the_rest_and_reports_each_bad_record(static, tmp_p
     assert not any(f["reason"].startswith(str(path)) for f in report.failures)  # place: path/line
     known = CorpusStore.for_index(static.data_dir, "kb").known()
     assert len(known) == 1997 and "empty" not in known and "broken" not in known
-    versions = IndexVersions(connect(static), static)
+    versions = IndexVersions.open(static)
     assert versions.count(versions.live("kb").collection) == 1997
 
 

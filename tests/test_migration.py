@@ -46,7 +46,7 @@ def cfg(make_settings, static_model_dir: Path):
 
 
 def _versions(settings) -> IndexVersions:
-    return IndexVersions(connect(settings), settings)
+    return IndexVersions.open(settings)
 
 
 def _run(m: Migration, progress=None):

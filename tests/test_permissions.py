@@ -34,10 +34,11 @@ def _mode(path: Path) -> int:
 
 
 def _ours(data: Path) -> Iterator[Path]:
-    """Everything under the data directory that embedpipe writes itself (not qdrant-client's
-    own files inside the Qdrant folder)."""
+    """Everything under the data directory that embedpipe writes itself (not Qdrant Edge's
+    own files inside a shard folder, made with the umask's modes while it is open)."""
+    shards = [p for p in (data / "engine").glob("*__*") if p.is_dir()]
     for path in data.rglob("*"):
-        if not path.is_relative_to(data / "qdrant"):
+        if not any(path.is_relative_to(shard) and path != shard for shard in shards):
             yield path
 
 
@@ -57,11 +58,16 @@ def test_ingest_and_sync_make_private_folders_and_files(make_settings, tmp_path,
     assert _mode(data) == 0o700
     seen = {p.relative_to(data).as_posix() for p in _ours(data)}
     assert {"corpus/kb", "runs/kb.jsonl", "locks", "vectors", "corpus/other"} <= seen
+    assert {"engine/catalogue.json", "engine/engine.lock", "engine/kb__local-minilm__v1"} <= seen
     for path in _ours(data):
         assert _mode(path) == (0o700 if path.is_dir() else 0o600), path
-    assert _mode(data / "qdrant") == 0o700
-    sqlite_files = list((data / "qdrant").rglob("storage.sqlite"))
-    assert sqlite_files and all(_mode(p) == 0o600 for p in sqlite_files)
+    from embedpipe.engine import close_all
+
+    close_all()  # closing a shard makes what Edge wrote in it private too
+    shard_files = list((data / "engine").rglob("*"))
+    assert len(shard_files) > 10
+    for path in shard_files:
+        assert _mode(path) == (0o700 if path.is_dir() else 0o600), path
 
 
 def test_file_helpers_ignore_the_umask(tmp_path: Path, open_umask) -> None:

@@ -1,5 +1,6 @@
-"""Opening Qdrant local mode: collections' SQLite files are put in write-ahead-log mode,
-and the points written through it survive closing and reopening."""
+"""The server engine on qdrant-client's local mode (the stand-in for a Qdrant server in
+tests, and what earlier releases kept under <data>/qdrant): collections' SQLite files are
+put in write-ahead-log mode, and points written through it survive reopening."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from embedpipe.engine.server import ServerEngine
 from embedpipe.index import IndexVersions
 from embedpipe.qdrant import close_all, connect, prefer_wal
+
+
+def _local_mode(settings) -> IndexVersions:
+    return IndexVersions(ServerEngine(connect(settings), settings), settings)
 
 
 def _journal_mode(settings, collection: str) -> str:
@@ -23,7 +29,7 @@ def _journal_mode(settings, collection: str) -> str:
 
 
 def test_a_new_version_is_written_through_a_write_ahead_log_and_survives_reopening(settings) -> None:
-    versions = IndexVersions(connect(settings), settings)
+    versions = _local_mode(settings)
     profile = settings.profile("local-minilm")
     version = versions.create_version("kb", profile, "fp")
     ids = [f"doc-{i}" for i in range(5)]
@@ -34,7 +40,7 @@ def test_a_new_version_is_written_through_a_write_ahead_log_and_survives_reopeni
     close_all()
 
     assert _journal_mode(settings, version.collection) == "wal"
-    reopened = IndexVersions(connect(settings), settings)
+    reopened = _local_mode(settings)
     assert reopened.count(version.collection) == 5
 
 

@@ -33,7 +33,7 @@ def test_a_sensitive_question_is_not_embedded_by_a_hosted_model(
 ) -> None:
     from embedpipe.index import Index
     from embedpipe.ingest import ingest
-    from embedpipe.qdrant import close_all
+    from embedpipe.engine import close_all
 
     settings = make_settings(_config(openai_server, chat_server))
     ingest(settings, "kb", EXAMPLES / "corpus" / "docs.jsonl")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from embedpipe.ingest import ingest
-from embedpipe.qdrant import close_all
+from embedpipe.engine import close_all
 from embedpipe.status import index_status, profile_status
 
 from conftest import write_config, write_jsonl

@@ -19,10 +19,10 @@ from embedpipe.corpus import CorpusStore
 from embedpipe.errors import MassDeleteRefused, SourceUnavailable
 from embedpipe.index import Index, IndexVersions
 from embedpipe.migration import Migration, migration_lock
-from embedpipe.qdrant import close_all, connect
+from embedpipe.engine import close_all
 from embedpipe.sync import last_runs, sync
 
-from conftest import static_profile_toml
+from conftest import payloads, static_profile_toml
 
 LONG = " ".join(
     f"Paragraph {n} explains how the probe measured the atmosphere of planet {n} in detail."
@@ -62,7 +62,7 @@ def cfg(make_settings, static_model_dir: Path, src: Path):
 
 
 def _versions(settings) -> IndexVersions:
-    return IndexVersions(connect(settings), settings)
+    return IndexVersions.open(settings)
 
 
 def _corpus(settings, index: str = "docs") -> dict[str, str]:
@@ -70,8 +70,7 @@ def _corpus(settings, index: str = "docs") -> dict[str, str]:
 
 
 def _chunk_ids(settings, collection: str) -> set[str]:
-    points, _ = connect(settings).scroll(collection, limit=10_000, with_payload=["chunk_id"])
-    return {p.payload["chunk_id"] for p in points}
+    return {p["chunk_id"] for p in payloads(settings, collection, ["chunk_id"])}
 
 
 def _whole(settings, collection: str) -> dict[str, str | None]:
@@ -313,8 +312,8 @@ def test_hosted_profile_chunks_by_its_own_tokenizer(make_settings, openai_server
     report = sync(cfg, "docs")
     assert (report.added, report.failed) == (4, 0)
     collection = _versions(cfg).require_live("docs").collection
-    points, _ = connect(cfg).scroll(collection, limit=1000, with_payload=["chunk_id", "text"])
-    counts = TokenCounter().count([p.payload["text"] for p in points])
+    points = payloads(cfg, collection, ["chunk_id", "text"])
+    counts = TokenCounter().count([p["text"] for p in points])
     assert len(points) > 8 and max(counts) <= 20  # cl100k tokens, as the API counts them
     # the tokens reported are exactly the ones the server billed, less the model check's probe
     from embedpipe.backends.hosted import PROBE_TEXT
@@ -420,8 +419,8 @@ def test_links_out_of_the_source_are_skipped_reported_and_never_a_deletion(
     assert report.status == "ok" and report.failed == 0 and report.added == len(FILES)
     assert {s["path"] for s in report.skipped} == {"leak.txt", "shared/"}
     assert any(w.startswith("skipped leak.txt: symbolic link to ") for w in report.warnings)
-    points, _ = connect(cfg).scroll(report.collection, limit=100, with_payload=True)
-    assert not any("vault" in json.dumps(p.payload) for p in points)
+    points = payloads(cfg, report.collection)
+    assert not any("vault" in json.dumps(p) for p in points)
     assert "leak.txt" not in _corpus(cfg)
 
     followed = sync(_linking(make_settings, static_model_dir, src, follow=True), "docs")

@@ -20,7 +20,7 @@ from embedpipe.corpus import CorpusStore
 from embedpipe.errors import ModelDeprecated
 from embedpipe.index import Index, IndexVersions
 from embedpipe.ingest import ingest
-from embedpipe.qdrant import close_all, connect
+from embedpipe.engine import close_all
 
 from conftest import (
     EXAMPLES,
@@ -70,7 +70,7 @@ def test_flow_runs_as_batched_tasks_with_a_validation_artifact(prefect_api: str,
     rows = table.data if isinstance(table.data, list) else json.loads(table.data)
     assert [r["check"] for r in rows][:2] == ["count parity", "stored = fresh vectors"]
     assert all(r["result"] in ("pass", "info") for r in rows)
-    assert IndexVersions(connect(local_index), local_index).live("kb").collection == "kb__static__v2"
+    assert IndexVersions.open(local_index).live("kb").collection == "kb__static__v2"
 
 
 def test_cli_migrate_dry_run_then_run_then_rollback_and_retire(
@@ -82,7 +82,7 @@ def test_cli_migrate_dry_run_then_run_then_rollback_and_retire(
     assert code == 0
     planned = json.loads(out)
     assert planned["status"] == "planned" and planned["plan"]["to_embed"] == 40
-    assert [v.collection for v in IndexVersions(connect(local_index), local_index).versions("kb")] == [
+    assert [v.collection for v in IndexVersions.open(local_index).versions("kb")] == [
         "kb__local-minilm__v1"]
 
     code, out, err = cli(capsys, monkeypatch, "-c", config, "migrate", "--to", "static")
@@ -119,7 +119,7 @@ def test_cli_prints_the_failed_gate_and_exits_4(prefect_api: str, make_settings,
     assert code == 4
     assert "FAIL" in out and "self-retrieval@10" in out
     assert "failed validation" in err and "--force" in err and "Traceback" not in err
-    assert IndexVersions(connect(settings), settings).live("kb").collection == "kb__local-minilm__v1"
+    assert IndexVersions.open(settings).live("kb").collection == "kb__local-minilm__v1"
     run, _, _ = prefect_records("migrate-kb-to-static-bad")
     assert run.state.is_failed()
     code, out, _ = cli(capsys, monkeypatch, "-c", str(settings.config_path), "status")
@@ -234,7 +234,7 @@ def test_kill_9_mid_backfill_then_the_same_command_resumes(prefect_api: str, tmp
     from embedpipe.config import load_settings
 
     settings = load_settings(tmp_path / "embedpipe.toml")
-    versions = IndexVersions(connect(settings), settings)
+    versions = IndexVersions.open(settings)
     held = versions.contents("kb__local-minilm__v2")
     known = CorpusStore.for_index(settings.data_dir, "kb").known()
     assert held == {i: k.record_hash for i, k in known.items()} and len(held) == len(docs)
@@ -249,5 +249,5 @@ def test_an_unreachable_prefect_server_is_one_line_before_anything_is_spent(loca
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line, no traceback
     assert "cannot reach the Prefect server at http://127.0.0.1:9/api" in out.stderr
-    assert [v.collection for v in IndexVersions(connect(local_index), local_index).versions("kb")] == [
+    assert [v.collection for v in IndexVersions.open(local_index).versions("kb")] == [
         "kb__local-minilm__v1"]

@@ -26,7 +26,7 @@ import pytest
 from embedpipe.config import Settings, load_settings
 from embedpipe.errors import ConfigError, PrefectUnavailable
 from embedpipe.index import Index, IndexVersions
-from embedpipe.qdrant import close_all, connect
+from embedpipe.engine import close_all
 
 from conftest import static_profile_toml, write_config
 
@@ -256,7 +256,7 @@ def project(tmp_path: Path, static_model_dir: Path) -> tuple[Path, Path]:
 
 
 def _contents(settings: Settings) -> dict[str, str | None]:
-    versions = IndexVersions(connect(settings), settings)
+    versions = IndexVersions.open(settings)
     live = versions.require_live("docs")
     return versions.contents(live.collection)
 

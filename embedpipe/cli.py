@@ -348,10 +348,12 @@ def status(
                 typer.echo(f"      error: {v['error']}")
             elif v.get("segments") is not None:
                 indexed = v.get("indexed_vectors") or 0
-                typer.echo(f"      {v['segments']} segments, {indexed} vectors in the HNSW index"
-                           + (f", {v['disk_bytes'] / 2**20:.1f} MiB on disk" if v.get("disk_bytes") else ""))
+                typer.echo(f"      engine: {v['segments']} segments, {indexed} vectors in the HNSW index"
+                           + (f", {v['disk_bytes'] / 2**20:.1f} MiB on disk" if v.get("disk_bytes") else "")
+                           + (f"; vector store: {v['vector_store_segments']} segment files"
+                              if v.get("vector_store_segments") is not None else ""))
         if entry["versions"]:
-            typer.echo(f"  engine: {entry['engine']}")
+            typer.echo(f"  engine: {entry['engine']}; corpus: {entry['corpus_segments']} segment files")
 
 
 @app.command()
@@ -638,12 +640,13 @@ def retire(
 
     settings = _settings()
     planned = run_retire(settings, index, keep=keep, dry_run=True, abandon=abandon)
-    if dry_run or not planned["deleted"]:
+    doomed = planned["deleted"] + ([planned["removed_local_mode"]] if planned["removed_local_mode"] else [])
+    if dry_run or not doomed:
         result = planned
     else:
         if not as_json:
-            typer.echo(f"will delete: {', '.join(planned['deleted'])}")
-        _confirm(yes, f"Delete {len(planned['deleted'])} old versions of {index!r}?")
+            typer.echo(f"will delete: {', '.join(doomed)}")
+        _confirm(yes, f"Delete {', '.join(doomed)} of {index!r}?")
         result = run_retire(settings, index, keep=keep, abandon=abandon)
     if as_json:
         _print_json(result)

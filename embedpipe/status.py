@@ -86,6 +86,7 @@ def index_status(settings: Settings, index: str | None = None) -> list[dict[str,
                 "alias": aliases.get(name),
                 "warnings": [warning] if warning else [],
                 "documents": CorpusStore.for_index(settings.data_dir, name).count(),
+                "corpus_segments": CorpusStore.for_index(settings.data_dir, name).segment_count(),
                 "migration": _migration_state(settings, name, {v.collection for v in found}),
                 "source": _source(settings, name),
                 "runs": last_runs(settings, name),
@@ -95,6 +96,7 @@ def index_status(settings: Settings, index: str | None = None) -> list[dict[str,
                         **v.to_dict(),
                         "fingerprint_short": short(v.fingerprint),
                         **_storage(versions, v.collection),
+                        "vector_store_segments": _vector_segments(settings, v),
                         "live": aliases.get(name) == v.collection,
                         "deprecation": _deprecation(settings, v.profile),
                     }
@@ -116,6 +118,14 @@ def _storage(versions: IndexVersions, collection: str) -> dict[str, Any]:
         return {"points": None, "error": str(exc)}
     return {"points": info.points, "segments": info.segments, "indexed_vectors": info.indexed,
             "disk_bytes": info.disk_bytes}
+
+
+def _vector_segments(settings: Settings, version: Any) -> int | None:
+    """Segment files of the vector store of a version's space (None: it has none)."""
+    from embedpipe.vectors import VectorStore
+
+    store = VectorStore.existing(settings.data_dir, version.fingerprint, version.dims)
+    return store.segment_count() if store is not None else None
 
 
 def _migration_state(settings: Settings, index: str, collections: set[str]) -> dict[str, Any] | None:

@@ -348,7 +348,8 @@ def status(
                 typer.echo(f"      error: {v['error']}")
             elif v.get("segments") is not None:
                 indexed = v.get("indexed_vectors") or 0
-                typer.echo(f"      engine: {v['segments']} segments, {indexed} vectors in the HNSW index"
+                typer.echo(f"      engine: {v['segments']} segments, {indexed} of {v['points']} vectors in "
+                           "the HNSW index (the rest are searched exactly)"
                            + (f", {v['disk_bytes'] / 2**20:.1f} MiB on disk" if v.get("disk_bytes") else "")
                            + (f"; vector store: {v['vector_store_segments']} segment files"
                               if v.get("vector_store_segments") is not None else ""))

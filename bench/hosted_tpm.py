@@ -71,7 +71,7 @@ def run_mode(mode: str, docs: list[dict[str, str]], model: Path, args: argparse.
     from embedpipe.config import load_settings
     from embedpipe.index import IndexVersions, point_id
     from embedpipe.ingest import ingest
-    from embedpipe.qdrant import close_all, connect
+    from embedpipe.engine import close_all
     from embedpipe.testing.openai_server import LoopbackOpenAI, ServerConfig
 
     folder = root / mode
@@ -97,7 +97,7 @@ def run_mode(mode: str, docs: list[dict[str, str]], model: Path, args: argparse.
         report = ingest(settings, "bench", data, profile="hosted")
         seconds = perf_counter() - started
         counters = server.counters()
-    versions = IndexVersions(connect(settings), settings)
+    versions = IndexVersions.open(settings)
     present = versions.point_ids(versions.require_live("bench").collection)
     failed = {f["id"] for f in report.failures}
     lost = [d["id"] for d in docs if point_id(d["id"]) not in present and d["id"] not in failed]

@@ -332,10 +332,9 @@ def time_migration(settings: Any, clock: StepClock, force: bool = False) -> dict
 
 def versions_of(settings: Any) -> list[dict[str, Any]]:
     from embedpipe.index import IndexVersions
-    from embedpipe.qdrant import connect
 
     return [{"collection": v.collection, "version": v.version, "profile": v.profile,
-             "state": v.state} for v in IndexVersions(connect(settings), settings).versions(INDEX)]
+             "state": v.state} for v in IndexVersions.open(settings).versions(INDEX)]
 
 
 def second_migration(settings: Any, clock: StepClock) -> dict[str, Any]:
@@ -373,7 +372,7 @@ def warm_up(workdir: Path, docs: list[common.Doc], static_dir: Path, clock: Step
             device: str, batch_size: int) -> dict[str, Any]:
     """Cold warm-up migration of a few docs (loads embedpipe's MiniLM, first flow run,
     weights hash), then the raw model load and its first encode."""
-    from embedpipe.qdrant import close_all
+    from embedpipe.engine import close_all
 
     sample = docs[:common.WARMUP_DOCS]
     jsonl = common.write_jsonl(sample, workdir / "warmup.jsonl")
@@ -404,7 +403,7 @@ def run_rounds(
     rounds: int, model: Any, workdir: Path, jsonl: Path, texts: list[str], static_dir: Path,
     clock: StepClock, batch_size: int,
 ) -> tuple[list[dict[str, Any]], Any]:
-    from embedpipe.qdrant import close_all
+    from embedpipe.engine import close_all
 
     results: list[dict[str, Any]] = []
     last_settings = None
@@ -584,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = perf_counter()
             from embedpipe.backends.local import pick_device
             from embedpipe.config import load_settings
-            from embedpipe.qdrant import close_all
+            from embedpipe.engine import close_all
 
             import embedpipe.flows.migrate  # noqa: F401 - imports prefect (timed as setup)
             from prefect.testing.utilities import prefect_test_harness

@@ -62,11 +62,12 @@ def points(docs: list[common.Doc], seed: int = 7) -> tuple[list[str], np.ndarray
 def write_once(mode: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> dict:
     from embedpipe.config import load_settings
     from embedpipe.index import IndexVersions
+    from embedpipe.engine.server import ServerEngine
     from embedpipe.qdrant import close_all, connect
 
     with tempfile.TemporaryDirectory(prefix="embedpipe-journal-") as data_dir:
         settings = load_settings(config=None, env={"EMBEDPIPE_DATA_DIR": data_dir})
-        versions = IndexVersions(connect(settings), settings)
+        versions = IndexVersions(ServerEngine(connect(settings), settings), settings)
         version = versions.create_version("bench", settings.profile("local-minilm"), "fp")
         storage = settings.qdrant_path / "collection" / version.collection / "storage.sqlite"
         if mode == "rollback":
@@ -81,7 +82,7 @@ def write_once(mode: str, ids: list[str], vectors: np.ndarray, payloads: list[di
         wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
         close_all()
         journal = sqlite3.connect(storage).execute("PRAGMA journal_mode").fetchone()[0]
-        count = IndexVersions(connect(settings), settings).count(version.collection)
+        count = IndexVersions(ServerEngine(connect(settings), settings), settings).count(version.collection)
         close_all()
     return {"wall_s": wall, "cpu_s": cpu, "journal_mode": journal, "points_after_reopen": count}
 

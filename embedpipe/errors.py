@@ -202,7 +202,8 @@ class QdrantUnavailable(EngineError):
 
 
 class IndexBusy(EmbedpipeError):
-    """Another ingest, migration or rollback is writing the index; wait and re-run."""
+    """Another ingest, migration or rollback is writing the index, or another process has
+    the data directory's embedded engine open; wait and re-run (or use a Qdrant server)."""
 
     exit_code = 75  # EX_TEMPFAIL: try again later
 

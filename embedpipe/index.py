@@ -354,9 +354,9 @@ class IndexVersions:
         """After a small write (a sync, an ingest of changes): rebuild the search index
         only once the points searched exactly (not yet in it) pass ``min_points`` and
         ``fraction`` of the version, since Edge rebuilds whole segments."""
+        if self.engine.kind != "edge":
+            return  # a Qdrant server indexes as points arrive
         info = self.engine.info(collection)
-        if info.indexed is None:
-            return  # the engine indexes as it goes (a Qdrant server)
         outside = info.points - info.indexed
         if outside > max(min_points, fraction * info.points):
             self.engine.build_index(collection)

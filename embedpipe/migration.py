@@ -460,9 +460,6 @@ class Migration:
                 "rejected" if self.profile.is_hosted else "truncated")
             out.append(f"{plan.over_limit} texts exceed {plan.to_profile}'s {self.profile.max_tokens}-token "
                        f"limit and will be {how}")
-        if plan.documents and plan.documents > 20_000 and not self.settings.qdrant.url:
-            out.append("Qdrant local mode holds every point in RAM and slows above 20,000 points; "
-                       "consider a Qdrant server (qdrant.url)")
         return out
 
     # -- build --------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ The embedding model is the bottleneck, so everything else hides behind it:
 * vectors already in the Parquet vector store for this fingerprint are reused,
   and identical texts in a window are embedded once;
 * one writer thread owns every write (Qdrant upserts, the vector store), so the
-  next chunk encodes while the previous one is written, and Qdrant local mode
+  next chunk encodes while the previous one is written, and the engine
   never sees concurrent writers;
 * an embedder that declares ``concurrency > 1`` (a hosted endpoint) gets that
   many chunks in flight at once; results are still written in order;

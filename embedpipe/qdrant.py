@@ -1,4 +1,5 @@
-"""Opening Qdrant: local mode under the data directory, or a server; errors converted here.
+"""Opening qdrant-client: a Qdrant server (the server engine), or local mode (the stand-in
+for a server in tests and benchmarks); errors converted here.
 
 Local mode allows one client per folder and per process (it holds a lock file), so
 clients are shared through a small per-process cache keyed by location.
@@ -68,7 +69,7 @@ def _open(settings: Settings) -> QdrantClient:
             reason = type(exc).__name__
             raise QdrantUnavailable(
                 f"cannot reach Qdrant at {q.url} ({reason}); start the server or fix "
-                "qdrant.url / EMBEDPIPE_QDRANT_URL (unset it to use local mode)"
+                "qdrant.url / EMBEDPIPE_QDRANT_URL (unset it to use the embedded Qdrant Edge)"
             ) from None  # the transport error can echo request headers; keep it out
         return client
     path = settings.qdrant_path

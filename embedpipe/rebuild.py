@@ -51,8 +51,9 @@ class StoredVectorsOnly(LazyEmbedder):
         """Nothing to check: no model runs."""
 
     def embed_documents(self, texts: Sequence[str]) -> EmbedBatch:
-        reason = (f"no vector stored for this text in the space of {self.recorded.collection}; "
-                  "a rebuild embeds nothing (re-ingest the document to embed it)")
+        reason = (f"no vector stored for this text in the space of {self.recorded.collection}, "
+                  "and a rebuild embeds nothing: restore the vector store from a backup, or "
+                  "migrate the index to embed its corpus again")
         return EmbedBatch(np.zeros((len(texts), self.recorded.dims), dtype=np.float32),
                           failed={i: reason for i in range(len(texts))})
 

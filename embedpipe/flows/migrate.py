@@ -9,7 +9,7 @@ persisted: they are small reports, and nothing a task returns should reach stora
 that a user did not ask for.
 
 The tasks share one :class:`embedpipe.migration.Migration` object and run in the
-flow's process (Qdrant local mode allows one process per folder).
+flow's process (the embedded engine allows one process per data directory).
 """
 
 from __future__ import annotations

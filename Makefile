@@ -43,9 +43,9 @@ test: dev
 test-all: dev
 	$(PY) -m pytest -m ''
 
-# Every benchmark, one after the other (about an hour on 2 cores: see README, Performance); each prints a table
+# Every benchmark, one after the other (about 2.5 hours on 2 cores, 1.5 of them bench-scale); each prints a table
 # and writes JSON with the machine info under bench/results/.
-bench: bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-query
+bench: bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-query bench-scale
 
 bench-extra: dev
 	$(PIP) install -q -e '.[dev,bench]'
@@ -76,6 +76,10 @@ bench-journal: dev
 
 bench-query: dev
 	$(PY) bench/query_overhead.py --passes 3
+
+# 100k documents on Qdrant Edge and on the old local mode, then 1M on Edge (about 1.5 hours on 2 cores).
+bench-scale: dev
+	$(PY) bench/scale.py --ef-sweep 128,256,512,1024
 
 clean:
 	rm -rf .embedpipe .pytest_cache

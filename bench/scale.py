@@ -23,8 +23,9 @@ Per run (an engine at a size), one fresh process (this script with ``--job``):
 1. build: ``embedpipe.ingest.ingest`` into an empty data directory (profile ``static``,
    CPU, defaults otherwise), wall time; peak RSS = ``VmHWM`` read as soon as it returns
    (not ``ru_maxrss``: Linux carries the spawning process's over into it), with the
-   highest anonymous and file-backed RSS sampled every 50 ms (Edge's segments are
-   memory-mapped: their pages count as RSS but the kernel can drop them); a few of
+   highest anonymous and file-backed RSS, sampled every 100 ms by the parent until the
+   build ends (Edge's segments are memory-mapped files: their pages count as RSS, but
+   the kernel can write them back and drop them, unlike anonymous memory); a few of
    embedpipe's steps are wrapped (measurement only) to time them;
 2. search by vector: the queries embedded first (``embed_query``), then
    ``IndexVersions.search`` on the live version, k=10, one query at a time: p50, p95;
@@ -60,6 +61,7 @@ Run from the repository root (``make bench-scale``)::
 
     .venv/bin/python bench/scale.py [--docs-small 100000] [--docs-large 1000000]
         [--skip-large] [--skip-local] [--queries 200] [--hnsw-ef N] [--ef-sweep 128,256]
+        [--hnsw-m 16] [--hnsw-ef-construct 100] [--corpus random|topics]
     .venv/bin/python bench/scale.py --quick     # smoke run: 5,000 and 20,000 documents
 
 Results go to ``bench/results/scale.json`` (``--output``; a ``--quick`` run writes into
@@ -112,6 +114,7 @@ QUICK = {"docs_small": 5_000, "docs_large": 20_000}
 GOALS = {"p50_ms": 10.0, "p95_ms": 40.0, "recall": 0.95, "peak_rss_bytes": 3 * 2**30,
          "noop_resync_s": 60.0, "speedup_p50": 10.0}
 MIB = 2**20
+BUILT = "built.json"  # written by a build job into its folder once ingest() returned
 PACKAGES = ("embedpipe", "qdrant-edge-py", "qdrant-client", "pyarrow", "numpy", "torch",
             "sentence-transformers", "model2vec")
 # embedpipe steps timed in the jobs (module, object in it or None, attribute); calls of
@@ -218,19 +221,27 @@ def proc_status() -> dict[str, int]:
 
 
 class Sampler:
-    """The highest anonymous and file-backed RSS, sampled every 50 ms on a thread."""
+    """The highest resident, anonymous and file-backed RSS of process ``pid``, sampled
+    every 100 ms on a thread of the parent: a thread inside the job would stall while
+    Edge's optimize (the HNSW build) holds the interpreter, minutes at a million points."""
 
-    def __init__(self) -> None:
+    def __init__(self, pid: int) -> None:
+        self.status = Path(f"/proc/{pid}/status")
         self.high = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            now = proc_status()
-            for key in self.high:
-                self.high[key] = max(self.high[key], now.get(key, 0))
-            self._stop.wait(0.05)
+            try:
+                lines = self.status.read_text().splitlines()
+            except OSError:  # the process has ended
+                return
+            for line in lines:
+                key, _, value = line.partition(":")
+                if key in self.high:
+                    self.high[key] = max(self.high[key], int(value.split()[0]) * 1024)
+            self._stop.wait(0.1)
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -455,18 +466,17 @@ def job_build(spec: dict[str, Any]) -> dict[str, Any]:
     undo = wrap_phases(phases)
     settings = load_settings(config=spec["config"], env=os.environ)
     say(f"{spec['label']}: building {spec['size']} documents")
-    with Sampler() as sampler:
-        t0 = perf_counter()
-        report = ingest(settings, INDEX, Path(spec["jsonl"]), profile=PROFILE)
-        build_s = perf_counter() - t0
-        at_end = proc_status()  # VmHWM before anything else allocates
+    t0 = perf_counter()
+    report = ingest(settings, INDEX, Path(spec["jsonl"]), profile=PROFILE)
+    build_s = perf_counter() - t0
+    at_end = proc_status()  # VmHWM before anything else allocates
     undo()
+    Path(BUILT).write_text(json.dumps(at_end))  # in the run's folder: the parent stops sampling
     say(f"{spec['label']}: built in {build_s:.1f} s, peak RSS {at_end['VmHWM'] / MIB:.0f} MiB; "
         f"phases: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in phases.items()))
     out: dict[str, Any] = {
         "engine": spec["engine"], "size": spec["size"], "build_s": build_s, "import_s": import_s,
         "baseline": base, "after_build": at_end, "peak_rss": at_end["VmHWM"],
-        "sampled_high": dict(sampler.high),
         "report": {k: getattr(report, k) for k in ("documents", "added", "updated", "unchanged",
                                                    "failed", "embedded", "reused", "truncated",
                                                    "seconds", "collection", "created_version")},
@@ -630,15 +640,22 @@ def spawn(kind: str, spec: dict[str, Any], cwd: Path, env: dict[str, str]) -> di
     cmd = [sys.executable, str(Path(__file__).resolve()), "--job", kind, str(spec_path),
            str(result_path)]
     t0 = perf_counter()
+    marker = cwd / (BUILT if kind == "build" else f"{BUILT}-never")
+    marker.unlink(missing_ok=True)
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     tail: collections.deque[str] = collections.deque(maxlen=80)
+    sampler = Sampler(proc.pid).__enter__()
     for line in proc.stderr:  # type: ignore[union-attr] - passed on as it comes
+        if marker.exists() and sampler._thread.is_alive():  # the build is over: stop sampling
+            sampler.__exit__()
         sys.stderr.write(line)
         sys.stderr.flush()
         tail.append(line)
     returncode = proc.wait()
-    run: dict[str, Any] = {"process_wall_s": perf_counter() - t0, "returncode": returncode}
+    sampler.__exit__()
+    run: dict[str, Any] = {"process_wall_s": perf_counter() - t0, "returncode": returncode,
+                           "sampled_high": dict(sampler.high)}
     if returncode == 0 and result_path.is_file():
         run["job"] = json.loads(result_path.read_text())
     else:
@@ -748,7 +765,10 @@ def figures(run: dict[str, Any]) -> dict[str, Any]:
         "filtered_recall_at_10": s["filtered"]["recall_at_10"],
         "filtered_hits_not_matching": s["filtered"]["hits_not_matching_filter"],
         "peak_rss_bytes": job["peak_rss"],
-        "peak_rss_anon_sampled_bytes": job["sampled_high"]["RssAnon"],
+        # Sampled by the parent (older result files: by a thread of the job, which
+        # stalled while Edge's optimize held the interpreter).
+        "peak_rss_anon_sampled_bytes": (run.get("sampled_high") or job["sampled_high"])["RssAnon"],
+        "peak_rss_file_sampled_bytes": (run.get("sampled_high") or job["sampled_high"])["RssFile"],
         "engine_disk_bytes": job["disk"]["engine"]["disk_bytes"],
         "engine_apparent_bytes": job["disk"]["engine"]["apparent_bytes"],
         "parquet_disk_bytes": job["disk"]["corpus"]["disk_bytes"]
@@ -800,7 +820,8 @@ ROWS = (
     ("filtered_recall_at_10", "filtered recall@10", 1, 4),
     ("filtered_hits_not_matching", "filtered hits not matching", 1, 0),
     ("peak_rss_bytes", "build peak RSS (MiB)", MIB, 0),
-    ("peak_rss_anon_sampled_bytes", "  of it anonymous, highest (MiB)", MIB, 0),
+    ("peak_rss_anon_sampled_bytes", "  anonymous, highest sample (MiB)", MIB, 0),
+    ("peak_rss_file_sampled_bytes", "  file-backed, highest sample (MiB)", MIB, 0),
     ("engine_disk_bytes", "engine on disk (MiB)", MIB, 1),
     ("engine_apparent_bytes", "engine apparent size (MiB)", MIB, 1),
     ("parquet_disk_bytes", "Parquet corpus+vectors (MiB)", MIB, 1),

@@ -197,7 +197,8 @@ def write_config(folder: Path, model_dir: Path, args: argparse.Namespace) -> Pat
     config = folder / "embedpipe.toml"
     qdrant = "".join(f"{key} = {value}\n" for key, value in (
         ("hnsw_ef", args.hnsw_ef), ("hnsw_m", args.hnsw_m),
-        ("hnsw_ef_construct", args.hnsw_ef_construct)) if value)
+        ("hnsw_ef_construct", args.hnsw_ef_construct),
+        ("quantization", f'"{args.quantization}"' if args.quantization else None)) if value)
     qdrant = f"\n[qdrant]\n{qdrant}" if qdrant else ""
     config.write_text(
         f'data_dir = "data"\ndefault_profile = "{PROFILE}"\n' + qdrant
@@ -631,8 +632,78 @@ def child_env(work: Path) -> dict[str, str]:
     return env
 
 
-def spawn(kind: str, spec: dict[str, Any], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Run one job in a fresh process (its progress goes to our stderr); its result."""
+class MemoryCap:
+    """A memory cgroup (v2 or v1) capping one job process from its first instruction: the
+    child writes its own pid into the group before it runs Python (``preexec_fn``).
+
+    The group's usage counts the page cache the job reads and writes as well as its
+    anonymous memory, and the kernel reclaims file-backed pages when the group reaches
+    its limit; an OOM kill (the job's exit -9) means the anonymous memory alone did not
+    fit. So a build that completes under ``--memory-limit 3G`` runs on a 3 GiB machine
+    or container, whatever its VmHWM (which counts every mapped page it touched)."""
+
+    V2 = Path("/sys/fs/cgroup")
+    V1 = Path("/sys/fs/cgroup/memory")
+
+    def __init__(self, limit: int, name: str) -> None:
+        self.limit = limit
+        if (self.V2 / "cgroup.controllers").is_file():
+            self.path, self.v2 = self.V2 / name, True
+        elif (self.V1 / "memory.limit_in_bytes").is_file():
+            self.path, self.v2 = self.V1 / name, False
+        else:
+            raise SystemExit("--memory-limit: no cgroup memory controller under /sys/fs/cgroup")
+        self.path.mkdir()
+        self._write("memory.max" if self.v2 else "memory.limit_in_bytes", str(limit))
+        if not self.v2 and (self.path / "memory.memsw.limit_in_bytes").is_file():
+            self._write("memory.memsw.limit_in_bytes", str(limit))  # no escape into swap
+        if self.v2 and (self.path / "memory.swap.max").is_file():
+            self._write("memory.swap.max", "0")
+
+    def _write(self, name: str, value: str) -> None:
+        (self.path / name).write_text(value)
+
+    def _read(self, name: str) -> str:
+        try:
+            return (self.path / name).read_text()
+        except OSError:
+            return ""
+
+    def enter(self) -> None:
+        """In the child, before exec: join the group."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def report(self) -> dict[str, Any]:
+        if self.v2:
+            events = dict(line.split() for line in self._read("memory.events").splitlines())
+            peak = self._read("memory.peak").strip()
+            return {"limit_bytes": self.limit, "peak_bytes": int(peak) if peak else None,
+                    "limit_hits": int(events.get("max", 0)),
+                    "oom_kills": int(events.get("oom_kill", 0))}
+        oom = dict(line.split() for line in self._read("memory.oom_control").splitlines())
+        return {"limit_bytes": self.limit,
+                "peak_bytes": int(self._read("memory.max_usage_in_bytes") or 0),
+                "limit_hits": int(self._read("memory.failcnt") or 0),
+                "oom_kills": int(oom.get("oom_kill", 0))}
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+
+
+def parse_size(text: str) -> int:
+    """``3G``, ``512M``, ``3221225472``: bytes (powers of 1024)."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def spawn(kind: str, spec: dict[str, Any], cwd: Path, env: dict[str, str],
+          memory_limit: int | None = None) -> dict[str, Any]:
+    """Run one job in a fresh process (its progress goes to our stderr); its result. With
+    ``memory_limit``, in a memory cgroup of that size (:class:`MemoryCap`)."""
     spec_path = cwd / f"job-{kind}.json"
     result_path = cwd / f"result-{kind}.json"
     result_path.unlink(missing_ok=True)
@@ -642,8 +713,10 @@ def spawn(kind: str, spec: dict[str, Any], cwd: Path, env: dict[str, str]) -> di
     t0 = perf_counter()
     marker = cwd / (BUILT if kind == "build" else f"{BUILT}-never")
     marker.unlink(missing_ok=True)
+    cap = MemoryCap(memory_limit, f"embedpipe-bench-{os.getpid()}-{kind}") if memory_limit else None
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=cap.enter if cap else None)
     tail: collections.deque[str] = collections.deque(maxlen=80)
     sampler = Sampler(proc.pid).__enter__()
     for line in proc.stderr:  # type: ignore[union-attr] - passed on as it comes
@@ -656,6 +729,9 @@ def spawn(kind: str, spec: dict[str, Any], cwd: Path, env: dict[str, str]) -> di
     sampler.__exit__()
     run: dict[str, Any] = {"process_wall_s": perf_counter() - t0, "returncode": returncode,
                            "sampled_high": dict(sampler.high)}
+    if cap:
+        run["memory_cap"] = cap.report()
+        cap.close()
     if returncode == 0 and result_path.is_file():
         run["job"] = json.loads(result_path.read_text())
     else:
@@ -682,11 +758,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-local", action="store_true", help="no local-mode run")
     parser.add_argument("--queries", type=int, default=200, help="timed queries (default 200)")
     parser.add_argument("--hnsw-ef", type=int, default=None,
-                        help="[qdrant] hnsw_ef of every run (default: the engine's)")
+                        help="[qdrant] hnsw_ef of every run (default: embedpipe's, 256)")
     parser.add_argument("--hnsw-m", type=int, default=None,
-                        help="[qdrant] hnsw_m of every run (default: embedpipe's, 16)")
+                        help="[qdrant] hnsw_m of every run (default: embedpipe's, 32)")
     parser.add_argument("--hnsw-ef-construct", type=int, default=None,
-                        help="[qdrant] hnsw_ef_construct of every run (default: embedpipe's, 100)")
+                        help="[qdrant] hnsw_ef_construct of every run (default: embedpipe's, 256)")
+    parser.add_argument("--quantization", choices=("int8", "none"), default=None,
+                        help="[qdrant] quantization of every run (default: embedpipe's, int8)")
+    parser.add_argument("--memory-limit", default=None,
+                        help="run each Edge job in a memory cgroup capped at this size "
+                             "(e.g. 3G; needs a writable cgroup v1 or v2 memory controller): "
+                             "does the build complete when the kernel must reclaim the "
+                             "file-backed pages of the memory-mapped segments?")
     parser.add_argument("--local-filtered", type=int, default=50,
                         help="filtered queries on local mode, which scans every point in "
                              "Python for each (default 50; the others get --queries)")
@@ -720,6 +803,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.ef_sweep = [int(v) for v in args.ef_sweep.split(",") if v.strip()]
     except ValueError:
         parser.error(f"--ef-sweep must be integers separated by commas, not {args.ef_sweep!r}")
+    if args.memory_limit is not None:
+        try:
+            args.memory_limit = parse_size(args.memory_limit)
+        except ValueError:
+            parser.error(f"--memory-limit must be a size such as 3G, not {args.memory_limit!r}")
     args.cranfield = args.cranfield.expanduser().resolve()
     if args.output is not None:
         args.output = args.output.expanduser().resolve()
@@ -777,10 +865,21 @@ def figures(run: dict[str, Any]) -> dict[str, Any]:
         "noop_resync_in_process_s": resync["seconds"] if resync else None,
         "noop_resync_embedded": resync["report"]["embedded"] if resync else None,
         "noop_resync_peak_rss_bytes": resync["peak_rss"] if resync else None,
+        **cap_figures(run),
         "exact_score_rank_1": hard["score_rank_1"], "exact_score_rank_10": hard["score_rank_10"],
         "doc_doc_cosine_mean": hard["doc_doc_cosine_mean"],
         **sweep,
     }
+
+
+def cap_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """With ``--memory-limit``: the build's cgroup, its peak usage (page cache included)
+    and whether the kernel had to reclaim or kill to keep the job under the limit."""
+    cap = run.get("memory_cap")
+    if not cap:
+        return {}
+    return {"memory_cap_bytes": cap["limit_bytes"], "memory_cap_peak_bytes": cap["peak_bytes"],
+            "memory_cap_limit_hits": cap["limit_hits"], "memory_cap_oom_kills": cap["oom_kills"]}
 
 
 def goals(per_run: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
@@ -794,8 +893,13 @@ def goals(per_run: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[
             "build_peak_rss_bytes": (large["peak_rss_bytes"], "<=", GOALS["peak_rss_bytes"]),
             "noop_resync_s": (large["noop_resync_process_s"], "<=", GOALS["noop_resync_s"]),
         }
+        if "memory_cap_bytes" in large:  # it completed (else "failed"): did it need a kill?
+            checks["build_completes_capped_at_3_gib"] = (
+                large["memory_cap_oom_kills"] == 0 and large["memory_cap_bytes"] <= GOALS["peak_rss_bytes"],
+                "==", True)
         for key, (value, op, goal) in checks.items():
-            met = value is not None and (value <= goal if op == "<=" else value >= goal)
+            met = value is not None and (value == goal if op == "==" else
+                                         value <= goal if op == "<=" else value >= goal)
             out[f"large_{key}"] = {"value": value, "goal": f"{op} {goal}", "met": met,
                                    "size": args.docs_large}
     edge, local = per_run.get(f"edge-{args.docs_small}"), per_run.get(f"local-{args.docs_small}")
@@ -822,6 +926,10 @@ ROWS = (
     ("peak_rss_bytes", "build peak RSS (MiB)", MIB, 0),
     ("peak_rss_anon_sampled_bytes", "  anonymous, highest sample (MiB)", MIB, 0),
     ("peak_rss_file_sampled_bytes", "  file-backed, highest sample (MiB)", MIB, 0),
+    ("memory_cap_bytes", "memory cgroup limit (MiB)", MIB, 0),
+    ("memory_cap_peak_bytes", "  cgroup peak, page cache incl. (MiB)", MIB, 0),
+    ("memory_cap_limit_hits", "  times at the limit (reclaim)", 1, 0),
+    ("memory_cap_oom_kills", "  OOM kills", 1, 0),
     ("engine_disk_bytes", "engine on disk (MiB)", MIB, 1),
     ("engine_apparent_bytes", "engine apparent size (MiB)", MIB, 1),
     ("parquet_disk_bytes", "Parquet corpus+vectors (MiB)", MIB, 1),
@@ -865,7 +973,8 @@ def print_table(per_run: dict[str, dict[str, Any]], result_goals: dict[str, Any]
         print("\ngoals")
         for key, g in result_goals.items():
             value = g["value"]
-            shown = "n/a" if value is None else (f"{value / MIB:,.0f} MiB" if "rss" in key
+            shown = "n/a" if value is None else str(value) if isinstance(value, bool) else (
+                f"{value / MIB:,.0f} MiB" if "rss" in key
                                                  else f"{value:,.4g}")
             goal = g["goal"] if "rss" not in key else f"<= {GOALS['peak_rss_bytes'] / MIB:,.0f} MiB"
             print(f"  {key:<34} {shown:>14}  (goal {goal}, {g['size']} docs): "
@@ -916,13 +1025,14 @@ def main(argv: list[str] | None = None) -> int:
                     "ef_sweep": args.ef_sweep if engine == "edge" else [],
                     "filtered_queries": args.queries if engine == "edge" else
                     min(args.queries, args.local_filtered)}
-            run = {"label": label, **spawn("build", spec, folder, env)}
+            cap = args.memory_limit if engine == "edge" else None
+            run = {"label": label, **spawn("build", spec, folder, env, cap)}
             runs[label] = run
             if run.get("error"):
                 say(f"{label}: FAILED (exit {run['returncode']})")
             elif engine == "edge":
                 say(f"{label}: no-op re-sync in a fresh process")
-                run["resync"] = spawn("resync", spec, folder, env)
+                run["resync"] = spawn("resync", spec, folder, env, cap)
                 r = run["resync"]
                 say(f"{label}: no-op re-sync "
                     + ("FAILED" if r.get("error") else

@@ -137,3 +137,32 @@ def test_edge_refuses_a_batch_with_a_wrong_dimension_before_writing_any_of_it(se
     with pytest.raises(EngineError, match=r"expected \(2, 384\)"):
         versions.upsert(version.collection, ["a", "b"], np.ones((2, 10), np.float32), [{"id": "a"}, {"id": "b"}])
     assert versions.count(version.collection) == 0
+
+
+@pytest.mark.parametrize("quantization", ["int8", "none"])
+def test_edge_searches_an_indexed_shard_with_exact_scores_whatever_its_quantization(
+        make_settings, quantization) -> None:
+    """Past Edge's indexing threshold the HNSW build runs; with int8 quantization the
+    graph walk compares int8 copies, and the answers are rescored with the stored
+    float32 vectors: the scores are the exact cosines, the best hit is the exact best."""
+    settings = make_settings(f'[qdrant]\nquantization = "{quantization}"\n')
+    versions = IndexVersions.open(settings)
+    version = versions.create_version("kb", settings.profile(), "ab" * 32)
+    n = 12_000  # 18 MB of float32 vectors: above the 10 MB past which Edge indexes
+    vectors = _unit(np.random.default_rng(5), n)
+    ids = [f"d{i}" for i in range(n)]
+    for start in range(0, n, 2_000):
+        versions.upsert(version.collection, ids[start:start + 2_000], vectors[start:start + 2_000],
+                        [{"id": i} for i in ids[start:start + 2_000]])
+    versions.build_index(version.collection)
+    edge_config = json.loads((settings.data_dir / "engine" / version.collection / "edge_config.json").read_text())
+    assert ("scalar" in json.dumps(edge_config.get("quantization_config"))) == (quantization == "int8")
+    assert versions.engine.info(version.collection).indexed == n
+    queries = vectors[:20] + 0.05 * _unit(np.random.default_rng(6), 20)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    row = {i: r for r, i in enumerate(ids)}
+    for q, query in enumerate(queries):
+        hits = versions.search(version.collection, query, 10)
+        assert hits[0].id == f"d{q}"
+        for hit in hits:
+            assert hit.score == pytest.approx(float(vectors[row[hit.id]] @ query), abs=1e-5)

@@ -178,13 +178,18 @@ class EdgeEngine:
             self._new_shard(space, int(manifest["dims"]), str(manifest["distance"]))
 
     def _new_shard(self, space: str, dims: int, distance: str) -> None:
-        from qdrant_edge import Distance, EdgeConfig, EdgeShard, EdgeVectorParams, HnswIndexConfig
+        from qdrant_edge import (Distance, EdgeConfig, EdgeShard, EdgeVectorParams,
+                                 HnswIndexConfig, ScalarQuantizationConfig, ScalarType)
 
         q = self.settings.qdrant
+        quantized = None
+        if q.quantization == "int8":  # 0.99: a few outlying components do not set the scale
+            quantized = ScalarQuantizationConfig(type=ScalarType.Int8, quantile=0.99, always_ram=True)
         config = EdgeConfig(
             vectors=EdgeVectorParams(size=dims, distance=getattr(Distance, _DISTANCES[distance])),
             hnsw_config=HnswIndexConfig(m=q.hnsw_m, ef_construct=q.hnsw_ef_construct,
                                         full_scan_threshold=10_000),
+            quantization_config=quantized,
         )
         path = self.root / space
         _check_room(self.root, 4 * 2**20)  # a new shard's files (its WAL is sparse)
@@ -388,13 +393,17 @@ class EdgeEngine:
 
     def _query(self, space: str, vector: np.ndarray, limit: int, where: Where | None,
                with_text: bool) -> list[Scored]:
-        from qdrant_edge import PayloadSelector, Query, QueryRequest, SearchParams
+        from qdrant_edge import (PayloadSelector, QuantizationSearchParams, Query, QueryRequest,
+                                 SearchParams)
 
-        ef = self.settings.qdrant.hnsw_ef
+        # Rescored: the candidates found on the int8 copies are ranked by their float32
+        # vectors (twice k of them), so a score is the same with or without quantization.
+        # A shard made without quantization ignores this.
         request = QueryRequest(
             limit=limit, query=Query.Nearest(vector.tolist()), filter=to_edge_filter(where),
             with_payload=True if with_text else PayloadSelector.Exclude(["text", BOOL_SHADOW]),
-            params=SearchParams(hnsw_ef=ef) if ef else None,
+            params=SearchParams(hnsw_ef=self.settings.qdrant.hnsw_ef,
+                                quantization=QuantizationSearchParams(rescore=True, oversampling=2.0)),
         )
         hits = self._edge(f"searching {space}", space, self._shard(space).query, request)
         return [Scored(str(h.id), float(h.score), h.payload or {}) for h in hits]

@@ -78,8 +78,9 @@ bench-query: dev
 	$(PY) bench/query_overhead.py --passes 3
 
 # 100k documents on Qdrant Edge and on the old local mode, then 1M on Edge (about 1.5 hours on 2 cores).
+# SCALE_FLAGS="--memory-limit 3G" builds in a 3 GiB memory cgroup (needs a writable cgroup).
 bench-scale: dev
-	$(PY) bench/scale.py --ef-sweep 128,256,512,1024
+	$(PY) bench/scale.py --ef-sweep 128,512,1024,2048 $(SCALE_FLAGS)
 
 clean:
 	rm -rf .embedpipe .pytest_cache

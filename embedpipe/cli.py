@@ -686,6 +686,27 @@ def rebuild(
         raise typer.Exit(3)
 
 
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option("--host", help="Address to listen on (default: [server] host, 127.0.0.1); loopback only until API keys exist.")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", min=0, max=65535, help="Port (default: [server] port, 8765; 0: any free port).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve the data directory over HTTP: search, documents, OpenAI-compatible embeddings
+    and chat. One server per data directory; it writes <data>/server.json (API docs at /docs)."""
+    if config is not None:
+        _state["config"] = config
+    from embedpipe.serve.runner import serve as run_server
+
+    settings = _settings()
+
+    def ready(info: Any) -> None:
+        typer.echo(f"embedpipe serve: {info.url} for {settings.data_dir} (API docs at {info.url}/docs; "
+                   "Ctrl-C stops)", err=True)
+
+    run_server(settings, host=host, port=port, on_ready=ready)
+
+
 gateway_app = typer.Typer(help="The chat gateway: routing, breakers, latency.", no_args_is_help=True)
 app.add_typer(gateway_app, name="gateway")
 

@@ -29,7 +29,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ChatBackendSettings", "ChatSettings", "IndexSettings", "MigrationSettings", "QdrantSettings", "Settings", "find_config", "load_settings"]
+__all__ = ["ChatBackendSettings", "ChatSettings", "IndexSettings", "MigrationSettings", "QdrantSettings",
+           "ServerSettings", "Settings", "find_config", "load_settings"]
 
 CONFIG_NAME = "embedpipe.toml"
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -174,6 +175,24 @@ class ChatSettings(BaseModel):
         return self
 
 
+class ServerSettings(BaseModel):
+    """``[server]``: where ``embedpipe serve`` listens and what one request may ask.
+
+    A request over a limit is refused with 413 before any work: a body over
+    ``max_body_bytes``, more than ``max_batch`` documents or embedding inputs, a ``k``
+    over ``max_k``. Writes (documents, deletes) take turns: one waits up to
+    ``write_wait_s`` for the one before it, then gets 409."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"  # loopback only until API keys exist (issue 19 item 3)
+    port: int = Field(default=8765, ge=0, le=65535)  # 0: any free port (server.json says which)
+    max_body_bytes: int = Field(default=32 * 2**20, gt=0)
+    max_batch: int = Field(default=2048, gt=0)  # OpenAI's own limit of inputs per embeddings call
+    max_k: int = Field(default=1000, gt=0)
+    write_wait_s: float = Field(default=30.0, ge=0)
+
+
 class Settings(BaseModel):
     """Everything embedpipe needs to know, resolved to absolute paths."""
 
@@ -190,6 +209,7 @@ class Settings(BaseModel):
     qdrant: QdrantSettings = QdrantSettings()
     migration: MigrationSettings = MigrationSettings()
     chat: ChatSettings = ChatSettings()
+    server: ServerSettings = ServerSettings()
     profiles: dict[str, Profile]
     indexes: dict[str, IndexSettings] = {}
 
@@ -271,7 +291,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         qdrant["api_key"] = secret
 
 
-_TABLES = ("qdrant", "migration", "chat")
+_TABLES = ("qdrant", "migration", "chat", "server")
 _TABLES_OF_TABLES = ("profiles", "indexes")
 
 

@@ -17,8 +17,10 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     ├── FingerprintMismatch         query embedder and index were made by different spaces
     ├── InputError                  bad documents; nothing was written
     │   ├── SourceUnavailable       an index's source is missing (unmounted?); nothing changed
-    │   └── MassDeleteRefused       a sync would delete too much of an index; nothing changed
+    │   ├── MassDeleteRefused       a sync would delete too much of an index; nothing changed
+    │   └── RequestTooLarge         a server request over a [server] limit (HTTP 413)
     ├── IndexNotFound               no such index (alias) exists
+    ├── DocumentNotFound            no document of that id in the index
     ├── StoreError                  the corpus or vector Parquet files are unusable
     ├── DataDirError                the data directory cannot be written; nothing more was
     │   │                           written, and a re-run resumes once it can be
@@ -47,6 +49,7 @@ __all__ = [
     "DataDirReadOnly",
     "DimensionMismatch",
     "DiskFull",
+    "DocumentNotFound",
     "EmbedpipeError",
     "EngineError",
     "ChatRequestRejected",
@@ -64,6 +67,7 @@ __all__ = [
     "PrefectUnavailable",
     "ProviderError",
     "QdrantUnavailable",
+    "RequestTooLarge",
     "ShardUnreadable",
     "SourceUnavailable",
     "SovereigntyError",
@@ -153,8 +157,19 @@ class MassDeleteRefused(InputError):
     exit_code = 5
 
 
+class RequestTooLarge(InputError):
+    """A request to ``embedpipe serve`` is over one of the ``[server]`` limits (body bytes,
+    batch size, ``k``); nothing was done. Send less, or raise the limit."""
+
+
 class IndexNotFound(EmbedpipeError):
     """No index (alias) of that name exists."""
+
+    exit_code = 2
+
+
+class DocumentNotFound(EmbedpipeError):
+    """The index's corpus holds no document of that id."""
 
     exit_code = 2
 

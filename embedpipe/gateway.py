@@ -299,6 +299,10 @@ class ChatStream:
     def __init__(self, gateway: Gateway, messages: Sequence[Message], sensitive: bool,
                  params: Mapping[str, Any]) -> None:
         self.result: ChatResult | None = None
+        # Known once the first delta came out (the route has been decided by then).
+        self.request_id = ""
+        self.backend: str | None = None
+        self.model: str | None = None
         self._events = self._run(gateway, messages, sensitive, params)
 
     def __iter__(self) -> Iterator[str]:
@@ -311,9 +315,11 @@ class ChatStream:
     def _run(self, gw: Gateway, messages: Sequence[Message], sensitive: bool,
              params: Mapping[str, Any]) -> Iterator[str]:
         record = gw._start("stream", sensitive)
+        self.request_id = record["id"]
         tried: list[dict[str, Any]] = []
         name, backend, started, (stream, first) = gw._first_answer(
             sensitive, record, tried, lambda b: _first_token(b, messages, params))
+        self.backend, self.model = name, backend.cfg.model
         ttft = time.perf_counter() - started
         try:
             yield from self._rest(gw, name, backend, stream, first, started, ttft, tried, record)

@@ -496,6 +496,36 @@ class Index:
         vector = embedder.embed_query(text)
         return self.versions.search(version.collection, vector, k, filter, group_by_doc=group_by_doc)
 
+    def search_vector(
+        self,
+        vector: Sequence[float] | np.ndarray,
+        k: int = 10,
+        filter: Mapping[str, Any] | Any | None = None,
+        group_by_doc: bool = False,
+        fingerprint: str | None = None,
+    ) -> list[Hit]:
+        """The ``k`` nearest points to a vector the caller embedded itself.
+
+        Nothing can tell which space a bare vector came from, so it must at least have
+        the live version's dimension and finite values; pass the ``fingerprint`` it was
+        made with (what ``/v1/embeddings`` and ``status`` report) to have that checked too.
+        """
+        import numpy as np
+
+        version, _ = self._pin()
+        if fingerprint is not None and fingerprint != version.fingerprint:
+            raise FingerprintMismatch(
+                f"the vector was made in space {fingerprint[:12]} but index {self.name!r} lives in "
+                f"{version.fingerprint[:12]} ({version.profile}); embed it with the index's own "
+                f"model (model \"index:{self.name}\" on /v1/embeddings)")
+        query = np.asarray(vector, dtype=np.float32)
+        if query.ndim != 1 or query.shape[0] != version.dims:
+            raise InputError(f"the vector has {query.size} values but index {self.name!r} holds "
+                             f"{version.dims}-dimensional vectors ({version.profile})")
+        if not np.isfinite(query).all():
+            raise InputError("the vector holds NaN or infinite values")
+        return self.versions.search(version.collection, query, k, filter, group_by_doc=group_by_doc)
+
     def answer(self, question: str, k: int = 5, sensitive: bool = False, **params: Any) -> Any:
         """A grounded answer from the ``k`` best documents through the chat gateway
         (``[chat]`` in embedpipe.toml), citing their ids; see ``embedpipe.rag``."""

@@ -44,7 +44,7 @@ from embedpipe.pipeline import PipelineStats, Work, embed_and_write
 from embedpipe.sources import FileError, SourceSpec, read_documents
 from embedpipe.vectors import VectorStore
 
-__all__ = ["IngestReport", "delete", "ingest"]
+__all__ = ["IngestReport", "delete", "ingest", "ingest_documents"]
 
 ProgressFactory = Callable[[int], Callable[[int], None]]
 log = logging.getLogger(__name__)
@@ -113,17 +113,7 @@ def ingest(
     skipped: list[FileError] = []
     invalid: list[FileError] | None = [] if skip_invalid else None
     documents = read_documents(Path(path), spec, skipped, invalid)
-    if dry_run:
-        report = _dry_run_staged(settings, index, corpus, documents, profile, started)
-    else:
-        staged = stage(corpus, documents)  # validates before any write
-        if staged is None:  # read_documents already refuses an empty input; belt and braces
-            raise InputError(f"{path} holds no documents")
-        try:
-            with index_lock(settings, index):
-                report = _ingest_staged(settings, index, corpus, staged, profile, progress, started)
-        finally:
-            staged.unlink(missing_ok=True)
+    report = _ingest(settings, index, corpus, documents, profile, progress, dry_run, started)
     report.skipped = [{"path": e.path, "reason": e.reason} for e in skipped]
     report.warnings += [f"skipped {e.path}: {e.reason}" for e in skipped]
     if invalid:
@@ -131,6 +121,39 @@ def ingest(
                            for e in invalid] + report.failures
         report.failed += len(invalid)
     return report
+
+
+def ingest_documents(
+    settings: Settings,
+    index: str,
+    documents: Iterable[Document],
+    profile: str | None = None,
+    progress: ProgressFactory | None = None,
+    dry_run: bool = False,
+) -> IngestReport:
+    """Ingest documents a caller already holds (``sources.documents_from_records`` checks
+    them as ``ingest`` checks a file's records): the same staging, diffing and
+    all-or-nothing write as :func:`ingest`. An iterable that raises part way (a bad
+    record) leaves corpus and index as they were."""
+    check_index_name(index)
+    corpus = CorpusStore.for_index(settings.data_dir, index)
+    return _ingest(settings, index, corpus, documents, profile, progress, dry_run, time.perf_counter())
+
+
+def _ingest(
+    settings: Settings, index: str, corpus: CorpusStore, documents: Iterable[Document],
+    profile: str | None, progress: ProgressFactory | None, dry_run: bool, started: float,
+) -> IngestReport:
+    if dry_run:
+        return _dry_run_staged(settings, index, corpus, documents, profile, started)
+    staged = stage(corpus, documents)  # validates before any write
+    if staged is None:  # read_documents already refuses an empty input; belt and braces
+        raise InputError("the input holds no documents")
+    try:
+        with index_lock(settings, index):
+            return _ingest_staged(settings, index, corpus, staged, profile, progress, started)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def _dry_run_staged(

@@ -13,6 +13,8 @@
       pending/<index>.json                 documents an ingest is writing (ingest.py)
       usage/ledger.jsonl                   hosted usage and cost (usage.py)
       gateway/audit.jsonl                  chat requests, no content (gateway.py)
+      server.json                          the running `embedpipe serve`: url, pid (serve/)
+      server.lock                          flock'ed by that server while it runs
 
 Every path that holds an index name is built by :class:`Layout`, and every one of its
 methods passes the name through :func:`check_index_name` first: the one check, so a name
@@ -147,3 +149,13 @@ class Layout:
     @property
     def audit_log(self) -> Path:
         return self.root / "gateway" / "audit.jsonl"
+
+    @property
+    def server_info(self) -> Path:
+        """``server.json``: where the server that owns this data directory listens."""
+        return self.root / "server.json"
+
+    @property
+    def server_lock(self) -> Path:
+        """Held (flock) by that server for as long as it runs: one per data directory."""
+        return self.root / "server.lock"

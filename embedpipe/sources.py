@@ -25,7 +25,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -34,7 +34,7 @@ from typing import Any
 from embedpipe.corpus import Document
 from embedpipe.errors import InputError, SourceUnavailable
 
-__all__ = ["FileError", "SourceScan", "SourceSpec", "read_documents"]
+__all__ = ["FileError", "SourceScan", "SourceSpec", "documents_from_records", "read_documents"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 HTML_SUFFIXES = (".html", ".htm")
@@ -118,6 +118,34 @@ def read_documents(
     if count == 0:
         raise InputError(f"{root} holds no documents" + (
             f" that are valid ({len(invalid)} invalid records skipped)" if invalid else ""))
+
+
+def documents_from_records(
+    records: Iterable[Mapping[str, Any]], where: str = "documents", source: str = "api",
+) -> list[Document]:
+    """Documents from records already parsed as ``{"id", "text", "metadata"}`` (the
+    server's documents endpoint): the checks :func:`read_documents` makes on a file's
+    records (an id that is a non-empty string or integer, a text that is not blank,
+    unique ids, strict JSON metadata), the first failure raised as an InputError that
+    names the record as ``where[i]``. All are checked before any is returned."""
+    seen: dict[str, str] = {}
+    out: list[Document] = []
+    for number, record in enumerate(records):
+        place = f"{where}[{number}]"
+        _check_encodable(dict(record), place)
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise InputError(f"{place}: 'text' must be a string")
+        metadata = record.get("metadata") or {}
+        if not isinstance(metadata, Mapping):
+            raise InputError(f"{place}: 'metadata' must be an object")
+        doc = Document(_coerce_id(record.get("id"), place), text,
+                       metadata={k: _finite(v, k, place) for k, v in metadata.items()}, source=source)
+        _check_document(doc, place, seen)
+        out.append(doc)
+    if not out:
+        raise InputError(f"{where}: no documents; send at least one")
+    return out
 
 
 def _invalid(exc: InputError, file: Path, where: str, doc: Document | InputError) -> FileError:

@@ -31,6 +31,7 @@ Counters (``LoopbackOpenAI.counters()``), all thread-safe:
 Other misbehaviour, set in ``ServerConfig``: ``trickle_s`` (send each reply body a
 byte at a time, pausing between bytes), ``keepalive_s`` (a stream sends SSE
 ``: keep-alive`` comments at this interval while its first token is delayed),
+``hold`` (embedding and chat requests wait until it is set false again),
 ``corrupt`` (a 200 that breaks the protocol: ``"empty_choices"`` for chat;
 ``"duplicate_index"``, ``"index_out_of_range"``, ``"nan"``, ``"inf"`` for embeddings;
 requests spared by ``faults_after_requests`` are answered correctly) and
@@ -121,6 +122,9 @@ class ServerConfig:
     trickle_s: float = 0.0
     corrupt: str | None = None  # one of CORRUPTIONS
     reply_headers: dict[str, str] = field(default_factory=dict)
+    # While true, embedding and chat requests wait (counted, before any work) until a
+    # test sets it false: an upstream that hangs exactly as long as the test needs.
+    hold: bool = False
 
     def __post_init__(self) -> None:
         self.model_path = Path(self.model_path)
@@ -643,8 +647,13 @@ class _Service:
         return np.asarray(vectors, dtype=np.float32)
 
     # -- endpoints --------------------------------------------------------------------
+    def wait_while_held(self) -> None:
+        while self.snapshot().hold:
+            time.sleep(0.01)
+
     def embeddings(self, body: bytes) -> _Reply:
         self.bump("embedding_requests")
+        self.wait_while_held()
         cfg = self.snapshot()
         req, error = None, None
         try:
@@ -672,6 +681,7 @@ class _Service:
 
     def chat(self, body: bytes) -> _Reply | _Stream:
         self.bump("chat_requests")
+        self.wait_while_held()
         cfg = self.snapshot()
         req, error = None, None
         try:
@@ -852,6 +862,7 @@ class LoopbackOpenAI:
     def stop(self) -> None:
         if self._httpd is None:
             return
+        self._service.configure(hold=False)  # held requests answer, then the server stops
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:

@@ -1,0 +1,23 @@
+"""``embedpipe serve``: one HTTP server owns a data directory's engine.
+
+An embedded engine (Qdrant Edge) belongs to one process. The server is that process:
+applications, other languages and several workers reach the indexes through it, and
+every query it embeds is embedded in the space of the index it searches.
+
+* ``app``: ``create_app(settings)``, the FastAPI application (routes stay thin: each
+  calls the library, ``ingest``, ``Index``, ``status``, the chat gateway);
+* ``openai_api``: ``/v1/embeddings``, ``/v1/chat/completions``, ``/v1/models`` in the
+  OpenAI protocol;
+* ``schemas``: request and response models; ``errors``: embedpipe errors as HTTP
+  statuses and one JSON error body; ``state``: what the server shares between requests;
+* ``runner``: ownership (``server.lock``, ``server.json``), uvicorn start and stop;
+* ``info``: reading ``server.json``, for clients; imports nothing heavy.
+
+Importing this package imports neither FastAPI nor uvicorn.
+"""
+
+from __future__ import annotations
+
+from embedpipe.serve.info import ServerInfo, read_info, running_server
+
+__all__ = ["ServerInfo", "read_info", "running_server"]

@@ -1,0 +1,156 @@
+"""The FastAPI application of ``embedpipe serve``: ``create_app(settings)``.
+
+Routes are thin: each calls the library and shapes its answer. Every route that
+touches the engine or a model is a plain ``def``, so FastAPI runs it in its
+threadpool: Qdrant Edge's binding holds the interpreter while it searches, and a
+model encodes on the CPU, so ``async`` would only block the event loop. Writes take
+the server's one write turn (``state.ServerState.write_turn``); searches do not wait
+for it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+
+from embedpipe.serve import errors
+from embedpipe.serve.schemas import (
+    DeleteResponse,
+    DocumentsRequest,
+    ErrorBody,
+    SearchRequest,
+    SearchResponse,
+)
+from embedpipe.serve.state import ServerState
+
+if TYPE_CHECKING:
+    from embedpipe.config import Settings
+
+__all__ = ["create_app"]
+
+DESCRIPTION = """\
+One server owns a data directory's vector engine; applications in any language and any
+number of processes search and write through it.
+
+Every query is embedded in the space of the index it searches: `search` embeds with
+the index's own model, `/v1/embeddings` with `model = "index:<name>"` returns vectors of
+that index's space and its fingerprint. `/v1/chat/completions` goes through the chat
+gateway (its route, fallback, breakers, sovereignty policy and audit log).
+
+Errors answer `{"error": {"type", "message", "param"}}`: 400 a bad request (`param`
+names the field), 403 refused by policy, 404 unknown index, document or model, 409 busy
+or another embedding space, 413 over a `[server]` limit, 503 no chat backend can answer.
+"""
+
+
+async def state_of(request: Request) -> ServerState:
+    """The server's shared state (async: no threadpool hop for a lookup)."""
+    return request.app.state.embedpipe  # type: ignore[no-any-return]
+
+
+State = Annotated[ServerState, Depends(state_of)]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 404, 409, 413, 500, 503)}
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["server"])
+async def healthz(state: State) -> dict[str, Any]:
+    """The server answers; which embedpipe, which process, whether a write is running."""
+    from embedpipe import __version__
+
+    return {"status": "ok", "version": __version__, "pid": os.getpid(),
+            "data_dir": str(state.settings.data_dir), "writing": state.writing}
+
+
+@router.get("/v1/indexes", tags=["indexes"], responses=ERRORS)
+def list_indexes(state: State) -> list[dict[str, Any]]:
+    """Every index: what `embedpipe status --json` prints."""
+    from embedpipe.status import index_status
+
+    return index_status(state.settings)
+
+
+@router.get("/v1/indexes/{name}", tags=["indexes"], responses=ERRORS)
+def get_index(name: str, state: State) -> dict[str, Any]:
+    """One index: its alias, corpus size, versions (profile, fingerprint, state, points)."""
+    from embedpipe.status import index_status
+
+    return index_status(state.settings, name)[0]
+
+
+@router.post("/v1/indexes/{name}/search", tags=["indexes"], response_model=SearchResponse,
+             responses=ERRORS)
+def search(name: str, body: SearchRequest, state: State) -> dict[str, Any]:
+    """Hits as `Index.search` returns them; the query is embedded with the index's model."""
+    from embedpipe.errors import RequestTooLarge
+
+    limit = state.settings.server.max_k
+    if body.k > limit:
+        raise RequestTooLarge(f"k = {body.k} is over [server] max_k = {limit}")
+    index = state.index(name)
+    version = index.live()
+    if body.query is not None:
+        hits = index.search(body.query, k=body.k, filter=body.filter, group_by_doc=body.group_by_doc,
+                            sensitive=body.sensitive)
+    else:
+        hits = index.search_vector(body.vector, k=body.k, filter=body.filter,  # type: ignore[arg-type]
+                                   group_by_doc=body.group_by_doc, fingerprint=body.fingerprint)
+    return {"index": name, "collection": version.collection, "profile": version.profile,
+            "fingerprint": version.fingerprint, "hits": [h.to_dict() for h in hits]}
+
+
+@router.post("/v1/indexes/{name}/documents", tags=["indexes"], responses=ERRORS)
+def add_documents(name: str, body: DocumentsRequest, state: State) -> dict[str, Any]:
+    """Add or update documents as `embedpipe ingest` does: the whole batch is checked
+    first (a bad one changes nothing), unchanged documents are not re-embedded, and a new
+    index goes live only once it holds them all. The report is `ingest --json`'s."""
+    from embedpipe.errors import RequestTooLarge
+    from embedpipe.ingest import ingest_documents
+    from embedpipe.layout import check_index_name
+    from embedpipe.sources import documents_from_records
+
+    check_index_name(name)
+    limit = state.settings.server.max_batch
+    if len(body.documents) > limit:
+        raise RequestTooLarge(f"documents: {len(body.documents)} in one request, over [server] "
+                              f"max_batch = {limit}; send smaller batches")
+    documents = documents_from_records(d.model_dump() for d in body.documents)
+    if body.dry_run:  # writes nothing, so it needs no turn
+        return ingest_documents(state.settings, name, documents, profile=body.profile,
+                                dry_run=True).to_dict()
+    with state.write_turn():
+        report = ingest_documents(state.settings, name, documents, profile=body.profile)
+    return report.to_dict()
+
+
+@router.delete("/v1/indexes/{name}/documents/{doc_id:path}", tags=["indexes"],
+               response_model=DeleteResponse, responses=ERRORS)
+def delete_document(name: str, doc_id: str, state: State) -> dict[str, Any]:
+    """Remove a document from every version of the index and from its corpus."""
+    from embedpipe.errors import DocumentNotFound
+    from embedpipe.ingest import delete
+
+    with state.write_turn():
+        held = delete(state.settings, name, [doc_id])
+    if not held:
+        raise DocumentNotFound(f"index {name!r} holds no document {doc_id!r}")
+    return {"index": name, "id": doc_id, "deleted": True}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The application for one data directory (``settings.data_dir``)."""
+    from embedpipe import __version__
+    from embedpipe.serve.openai_api import router as openai_router
+
+    app = FastAPI(title="embedpipe", version=__version__, description=DESCRIPTION,
+                  docs_url="/docs", redoc_url=None)
+    app.state.embedpipe = ServerState(settings)
+    errors.install(app)
+    app.add_middleware(errors.BodyLimit, max_bytes=settings.server.max_body_bytes)
+    app.include_router(router)
+    app.include_router(openai_router)
+    return app

@@ -64,6 +64,9 @@ def error_response(status: int, type_: str, message: str, param: str | None = No
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_UNION_MEMBERS = {"str", "int", "float", "bool", "none"}
+
+
 def _field(loc: tuple[Any, ...]) -> str | None:
     """``("body", "documents", 3, "text")`` as ``documents[3].text``."""
     parts = list(loc[1:] if loc and loc[0] in ("body", "path", "query") else loc)
@@ -71,7 +74,7 @@ def _field(loc: tuple[Any, ...]) -> str | None:
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif str(part).startswith(("function-", "list[", "str", "int", "union[")):
+        elif str(part) in _UNION_MEMBERS or str(part).startswith(("function-", "list[", "dict[", "literal[")):
             continue  # pydantic's name for a member of a union, not a field
         else:
             out += f".{part}" if out else str(part)
@@ -80,8 +83,8 @@ def _field(loc: tuple[Any, ...]) -> str | None:
 
 async def _embedpipe_error(request: Request, exc: e.EmbedpipeError) -> JSONResponse:
     status = status_of(exc)
-    if status >= 500:
-        log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    if status >= 500:  # the type only: a message can quote what the request sent
+        log.warning("%s %s answered %d %s", request.method, request.url.path, status, type(exc).__name__)
     return error_response(status, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
@@ -133,8 +136,14 @@ def install(app: FastAPI) -> None:
 
 
 class BodyLimit:
-    """Refuse a request body over ``max_bytes`` with 413, before it is read whole: at once
-    when ``Content-Length`` says so, else as soon as the bytes received pass the limit."""
+    """Refuse a request body over ``max_bytes`` with 413, before it is held in memory: at
+    once when ``Content-Length`` says so, else as soon as the bytes received pass the limit.
+
+    The rest of the body is read and dropped first (up to ``DRAIN_BYTES``): a server that
+    answers and closes while the client is still sending makes the client's next write
+    fail with a reset, and the client would never see the 413."""
+
+    DRAIN_BYTES = 256 * 2**20
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -146,7 +155,8 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+            await self._drain(receive, more=True)
+            await error_response(413, "RequestTooLarge", self._message())(scope, receive, send)
             return
         received = 0
 
@@ -155,6 +165,7 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
+                await self._drain(receive, more=message.get("more_body", False))
                 raise HTTPException(413, self._message())  # FastAPI passes it on as it is
             return message
 
@@ -164,6 +175,11 @@ class BodyLimit:
         return (f"the request body is over [server] max_body_bytes = {self.max_bytes:,}; send "
                 "smaller batches or raise the limit")
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, "RequestTooLarge", self._message())
-        await response(scope, receive, send)
+    async def _drain(self, receive: Receive, more: bool) -> None:
+        dropped = 0
+        while more and dropped < self.DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            dropped += len(message.get("body", b""))
+            more = message.get("more_body", False)

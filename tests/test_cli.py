@@ -84,3 +84,15 @@ def test_every_command_has_help(tmp_path: Path) -> None:
     for command in ("ingest", "search", "status", "models", "cost"):
         out = run(command, "--help", cwd=tmp_path)
         assert out.returncode == 0 and "--json" in out.stdout
+    out = run("serve", "--help", cwd=tmp_path)
+    assert out.returncode == 0 and all(o in out.stdout for o in ("--host", "--port", "--config"))
+
+
+def test_help_does_not_import_the_server() -> None:
+    code = ("import sys\nsys.argv = ['embedpipe', '--help']\nfrom embedpipe.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('loaded:', ','.join(m for m in ('fastapi', 'uvicorn', 'starlette', 'embedpipe.serve.app')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("loaded:")

@@ -63,6 +63,9 @@ def test_api_key_in_the_file_is_refused(tmp_path: Path) -> None:
         ('default_profile = "nope"\n', "unknown profile 'nope'"),
         ("no_such_key = 1\n", "no_such_key"),
         ('device = "tpu"\n', "device"),
+        ("[server]\nmax_k = 0\n", "server.max_k: Input should be greater than 0"),
+        ("[server]\nport = 70000\n", "server.port"),
+        ("[server]\nworkers = 4\n", "server.workers"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, body: str, match: str) -> None:
@@ -70,6 +73,16 @@ def test_bad_config_is_one_clear_error(tmp_path: Path, body: str, match: str) ->
     config.write_text(body)
     with pytest.raises(ConfigError, match=match):
         load_settings(config)
+
+
+def test_server_settings_and_their_defaults(tmp_path: Path) -> None:
+    defaults = load_settings(write_config(tmp_path)).server
+    assert (defaults.host, defaults.port, defaults.max_k, defaults.max_batch) == ("127.0.0.1", 8765, 1000, 2048)
+    assert defaults.max_body_bytes == 32 * 2**20 and defaults.write_wait_s == 30
+    body = "[server]\nport = 0\nmax_body_bytes = 1024\nmax_batch = 10\nmax_k = 5\nwrite_wait_s = 0\n"
+    server = load_settings(write_config(tmp_path, body)).server
+    assert (server.port, server.max_body_bytes, server.max_batch, server.max_k, server.write_wait_s) == (
+        0, 1024, 10, 5, 0)
 
 
 def test_missing_explicit_config(tmp_path: Path) -> None:
@@ -86,6 +99,7 @@ def test_missing_explicit_config(tmp_path: Path) -> None:
         ('[profiles]\nfoo = "x"\n', "profiles.foo must be a table"),
         ('[indexes]\nkb = 1\n', "indexes.kb must be a table"),
         ("[qdrant]\npath = 1\n", "qdrant.path must be a string"),
+        ('server = "x"\n', "server must be a table"),
         ("[profiles.local-minilm]\npath = 1\n", "path must be a string"),
     ],
 )

@@ -33,7 +33,8 @@ def test_every_error_derives_from_the_base() -> None:
 def test_import_and_help_do_not_load_torch() -> None:
     code = (
         "import sys, embedpipe, embedpipe.cli\n"
-        "heavy = [m for m in ('torch', 'sentence_transformers', 'prefect', 'transformers')"
+        "heavy = [m for m in ('torch', 'sentence_transformers', 'prefect', 'transformers', 'fastapi',"
+        " 'uvicorn')"
         " if m in sys.modules]\n"
         "print(','.join(heavy))"
     )

@@ -431,3 +431,29 @@ def test_on_invalid_skip_in_config_and_cli_exit_code(tmp_path: Path, static_mode
     code, out, err = cli(capsys, monkeypatch, "-c", str(config), "ingest", str(path), "--index", "kb",
                          "--fail-on-invalid")
     assert code not in (0, 3) and ":11: document 'empty' has empty text" in err
+
+
+def test_documents_a_caller_holds_are_ingested_like_a_file(static_model_dir, make_settings) -> None:
+    """``ingest_documents`` (what the server's documents endpoint calls): the records are
+    checked like a file's, the batch is diffed, and a bad record anywhere writes nothing."""
+    from embedpipe.ingest import ingest_documents
+    from embedpipe.sources import documents_from_records
+
+    settings = make_settings(static_profile_toml(static_model_dir))
+    records = [{"id": d["id"], "text": d["text"], "metadata": {"topic": d["topic"]}} for d in DOCS]
+    report = ingest_documents(settings, "api", documents_from_records(records), profile="static")
+    assert (report.added, report.embedded, report.created_version) == (4, 4, True)
+    hit = Index("api", settings).search("greenhouse effect on a planet", k=1)[0]
+    assert hit.id == "venus" and hit.metadata == {"topic": "space"}
+    assert ingest_documents(settings, "api", documents_from_records(records)).embedded == 0
+    before = _snapshot(settings, "api")
+    with pytest.raises(InputError, match=r"^documents\[1\]: duplicate id 'x'"):
+        documents_from_records([{"id": "x", "text": "a"}, {"id": "x", "text": "b"}])
+
+    def failing():  # a stream of documents that breaks part way
+        yield from documents_from_records([{"id": "new", "text": "A new document."}])
+        raise InputError("the source broke")
+
+    with pytest.raises(InputError, match="the source broke"):
+        ingest_documents(settings, "api", failing())
+    assert _snapshot(settings, "api") == before

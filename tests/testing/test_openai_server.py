@@ -408,6 +408,26 @@ def test_authorization_headers_are_counted_by_digest(server, raw) -> None:
     assert KEY not in repr(seen)
 
 
+def test_hold_keeps_requests_waiting_until_released(server, client) -> None:
+    import threading
+
+    server.configure(hold=True)
+    answers: list = []
+    waiting = threading.Thread(target=lambda: answers.append(
+        client.embeddings.create(model=EMBED, input="held", encoding_format="float")))
+    waiting.start()
+    try:
+        while server.counters()["embedding_requests"] == 0:
+            assert waiting.is_alive()
+            time.sleep(0.01)
+        waiting.join(timeout=0.3)
+        assert waiting.is_alive() and not answers and server.counters()["embedding_ok"] == 0
+    finally:
+        server.configure(hold=False)
+        waiting.join(timeout=10)
+    assert len(answers[0].data[0].embedding) == 256 and server.counters()["embedding_ok"] == 1
+
+
 def test_unknown_corruption_is_refused(server) -> None:
     with pytest.raises(ValueError, match="corrupt must be"):
         server.configure(corrupt="bogus")

@@ -12,8 +12,10 @@ import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +33,11 @@ log = logging.getLogger(__name__)
 
 # Loaded models shared within a process (an app that ingests and searches loads once).
 _MODELS: dict[tuple[str, str, int | None], SentenceTransformer] = {}
+# One caller at a time per model: a Hugging Face fast tokenizer is not thread-safe (two
+# threads encoding at once fail with "RuntimeError: Already borrowed" as one of them
+# resets its truncation), and on a CPU one encode already uses every core.
+_IN_USE: dict[tuple[str, str, int | None], threading.RLock] = {}
+_LOADING = threading.Lock()
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -97,30 +104,41 @@ class LocalEmbedder:
     @cached_property
     def model(self) -> SentenceTransformer:
         location = resolve_weights(self.profile)
+        key = (str(location.path), self.device, self.profile.max_tokens)
+        with _LOADING:  # threads asking at once load it once
+            model = _MODELS.get(key) or self._load(key, location.path)
+        self._in_use = _IN_USE[key]
+        self._check_against_profile(model)
+        return model
+
+    def _load(self, key: tuple[str, str, int | None], path: Path) -> SentenceTransformer:
         # The weights are on disk; never let a missing file turn into a hub download.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
-        key = (str(location.path), self.device, self.profile.max_tokens)
-        model = _MODELS.get(key)
-        if model is None:
-            log.info("loading %s from %s on %s", self.profile.name, location.path, self.device)
-            try:
-                with _quiet_transformers():
-                    model = SentenceTransformer(str(location.path), device=self.device)
-            except (OSError, ValueError, RuntimeError) as exc:
-                raise ModelError(
-                    f"cannot load weights for profile {self.profile.name!r} from "
-                    f"{location.path}: {exc}"
-                ) from exc
-            if self.device == "cuda":
-                model.half()
-            limit = self.profile.max_tokens
-            if limit and _finite(model.max_seq_length) > limit:
-                model.max_seq_length = limit
-            _MODELS[key] = model
-        self._check_against_profile(model)
+        log.info("loading %s from %s on %s", self.profile.name, path, self.device)
+        try:
+            with _quiet_transformers():
+                model = SentenceTransformer(str(path), device=self.device)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelError(
+                f"cannot load weights for profile {self.profile.name!r} from {path}: {exc}"
+            ) from exc
+        if self.device == "cuda":
+            model.half()
+        limit = self.profile.max_tokens
+        if limit and _finite(model.max_seq_length) > limit:
+            model.max_seq_length = limit
+        _MODELS[key] = model
+        _IN_USE[key] = threading.RLock()
         return model
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[SentenceTransformer]:
+        """The model, for this thread alone while the block runs."""
+        model = self.model
+        with self._in_use:
+            yield model
 
     def check(self) -> None:
         """Load the model and check it against the profile (dims, pooling)."""
@@ -164,7 +182,8 @@ class LocalEmbedder:
         limit = self.max_tokens
         if limit is None or tokenizer is None:
             return 0, None
-        lengths = [len(ids) for ids in _token_ids(tokenizer, [prompt + t for t in texts])]
+        with self._using():
+            lengths = [len(ids) for ids in _token_ids(tokenizer, [prompt + t for t in texts])]
         return sum(1 for n in lengths if n > limit), sum(min(n, limit) for n in lengths)
 
     def embed_query(self, text: str) -> np.ndarray:
@@ -189,7 +208,8 @@ class LocalEmbedder:
         }
         if prompt:
             kwargs["prompt"] = prompt
-        vectors = self.model.encode(texts, **kwargs)
+        with self._using() as model:
+            vectors = model.encode(texts, **kwargs)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
@@ -199,18 +219,20 @@ class LocalEmbedder:
         if tokenizer is None or not texts:
             return [0] * len(texts)
         prompt = self.profile.document_prompt
-        return [len(ids) for ids in _token_ids(tokenizer, [prompt + t for t in texts])]
+        with self._using():
+            return [len(ids) for ids in _token_ids(tokenizer, [prompt + t for t in texts])]
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         """Character offsets of the model tokenizer's tokens (words for a model without one)."""
         tokenizer = getattr(self.model, "tokenizer", None)
         if tokenizer is None:
             return [m.span() for m in re.finditer(r"\S+", text)]
-        if hasattr(tokenizer, "encode_batch"):  # a bare `tokenizers.Tokenizer` (static models)
-            return [tuple(o) for o in tokenizer.encode(text, add_special_tokens=False).offsets]
-        with _quiet_transformers():
-            enc = tokenizer(text, add_special_tokens=False, truncation=False,
-                            return_offsets_mapping=True)
+        with self._using():
+            if hasattr(tokenizer, "encode_batch"):  # a bare `tokenizers.Tokenizer` (static models)
+                return [tuple(o) for o in tokenizer.encode(text, add_special_tokens=False).offsets]
+            with _quiet_transformers():
+                enc = tokenizer(text, add_special_tokens=False, truncation=False,
+                                return_offsets_mapping=True)
         return [tuple(o) for o in enc["offset_mapping"]]
 
 

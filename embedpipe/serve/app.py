@@ -150,6 +150,7 @@ def create_app(settings: Settings) -> FastAPI:
                   docs_url="/docs", redoc_url=None)
     app.state.embedpipe = ServerState(settings)
     errors.install(app)
+    app.add_middleware(errors.Unexpected)  # inside the body limit: the last one added is outermost
     app.add_middleware(errors.BodyLimit, max_bytes=settings.server.max_body_bytes)
     app.include_router(router)
     app.include_router(openai_router)

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedpipe import errors as e
 
-__all__ = ["BodyLimit", "STATUS", "error_response", "install", "status_of"]
+__all__ = ["BodyLimit", "STATUS", "Unexpected", "error_response", "install", "status_of"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,37 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http)  # type: ignore[arg-type]
     app.add_exception_handler(OSError, _storage)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal)
+
+
+class Unexpected:
+    """A bug answers 500 ``InternalError`` (its traceback in the server's log) and the
+    client's connection stays open: left to Starlette's last-resort handler, the error is
+    raised on to uvicorn, which closes the connection under a client that may be about to
+    reuse it. Once a response has started (a stream) there is nothing to answer with: the
+    error goes on and the connection closes, which a streaming client must see."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            log.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=exc)
+            await error_response(500, "InternalError", "internal error; the server's log has the "
+                                 "details")(scope, receive, send)
 
 
 class BodyLimit:

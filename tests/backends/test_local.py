@@ -61,3 +61,36 @@ def test_asking_for_a_device_this_machine_lacks_is_a_config_error() -> None:
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="device 'cuda' is not available"):
         pick_device("cuda")
+
+
+def test_threads_can_share_one_model(settings) -> None:
+    """A server answers searches from many threads with one loaded model: a Hugging Face
+    fast tokenizer used by two threads at once fails ("Already borrowed") unless the
+    embedder takes turns; every answer must also equal the one-thread answer."""
+    import threading
+
+    embedders = [build_embedder(settings.profile("local-minilm"), device="cpu") for _ in range(2)]
+    texts = [" ".join(["wind tunnel"] * n) for n in (1, 40, 3, 300, 7, 120, 2, 500)]
+    expected = [embedders[0].embed_query(t) for t in texts]
+    errors: list[BaseException] = []
+    mismatches: list[int] = []
+
+    def work(seed: int) -> None:
+        try:
+            for round_ in range(6):
+                i = (seed + round_) % len(texts)
+                embedder = embedders[(seed + round_) % 2]  # two embedders, one shared model
+                if not np.allclose(embedder.embed_query(texts[i]), expected[i], atol=1e-5):
+                    mismatches.append(i)
+                embedder.count_tokens([texts[i]])
+                embedder.embed_documents([texts[i], texts[(i + 1) % len(texts)]])
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    assert not mismatches

@@ -233,6 +233,32 @@ def test_a_search_answers_while_a_documents_batch_is_written(http, kb, loopback,
     assert _count(http, "hkb") == 21 and _count(http, kb) == len(DOCS)
 
 
+def test_many_clients_search_at_once(served, kb) -> None:
+    """Eight clients, each its own connection, searching and embedding at the same time:
+    every answer is a 200 and the same as when asked alone."""
+    queries = {"how are fjords formed?": "fjord", "molten rock": "volcano",
+               "machine instructions": "compiler", "processor cache": "notes/cache.md"}
+    failures: list[str] = []
+
+    def client_thread(offset: int) -> None:
+        with served.client() as own:
+            for n in range(12):
+                query = list(queries)[(offset + n) % len(queries)]
+                answer = own.post(f"/v1/indexes/{kb}/search", json={"query": query, "k": 1})
+                if answer.status_code != 200 or answer.json()["hits"][0]["id"] != queries[query]:
+                    failures.append(answer.text)
+                vectors = own.post("/v1/embeddings", json={"model": "static", "input": [query] * (n + 1)})
+                if vectors.status_code != 200 or len(vectors.json()["data"]) != n + 1:
+                    failures.append(vectors.text)
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[:3]
+
+
 def test_docs_and_openapi(http) -> None:
     page = http.get("/docs")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]

@@ -46,8 +46,9 @@ __all__ = ["serve"]
 log = logging.getLogger(__name__)
 
 
-class _Stopped(Exception):
-    """SIGTERM, after uvicorn's graceful shutdown: leave by the cleanup path."""
+class _Stopped(BaseException):
+    """SIGTERM, after uvicorn's graceful shutdown: leave by the cleanup path (a BaseException,
+    like KeyboardInterrupt, so no `except Exception` on the way swallows it)."""
 
 
 def serve(

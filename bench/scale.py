@@ -115,6 +115,7 @@ GOALS = {"p50_ms": 10.0, "p95_ms": 40.0, "recall": 0.95, "peak_rss_bytes": 3 * 2
          "noop_resync_s": 60.0, "speedup_p50": 10.0}
 MIB = 2**20
 BUILT = "built.json"  # written by a build job into its folder once ingest() returned
+LIFTED = "cap-lifted"  # written by the parent once it lifted the build's memory cap
 PACKAGES = ("embedpipe", "qdrant-edge-py", "qdrant-client", "pyarrow", "numpy", "torch",
             "sentence-transformers", "model2vec")
 # embedpipe steps timed in the jobs (module, object in it or None, attribute); calls of
@@ -473,6 +474,10 @@ def job_build(spec: dict[str, Any]) -> dict[str, Any]:
     at_end = proc_status()  # VmHWM before anything else allocates
     undo()
     Path(BUILT).write_text(json.dumps(at_end))  # in the run's folder: the parent stops sampling
+    say(f"{spec['label']}: ingest returned")  # a line, so that the parent looks at once
+    deadline = perf_counter() + 60
+    while spec.get("capped") and not Path(LIFTED).exists() and perf_counter() < deadline:
+        time.sleep(0.05)  # the cap is the build's: wait until the parent lifted it
     say(f"{spec['label']}: built in {build_s:.1f} s, peak RSS {at_end['VmHWM'] / MIB:.0f} MiB; "
         f"phases: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in phases.items()))
     out: dict[str, Any] = {
@@ -686,6 +691,18 @@ class MemoryCap:
                 "limit_hits": int(self._read("memory.failcnt") or 0),
                 "oom_kills": int(oom.get("oom_kill", 0))}
 
+    def lift(self) -> dict[str, Any]:
+        """The figures so far, then no limit: the cap is for the build, not for the exact
+        search the benchmark itself runs afterwards (a 1 GB matrix at a million)."""
+        figures = self.report()
+        if self.v2:
+            self._write("memory.max", "max")
+            return figures
+        if (self.path / "memory.memsw.limit_in_bytes").is_file():  # memsw >= memory, always
+            self._write("memory.memsw.limit_in_bytes", "-1")
+        self._write("memory.limit_in_bytes", "-1")
+        return figures
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.path.rmdir()
@@ -703,7 +720,8 @@ def parse_size(text: str) -> int:
 def spawn(kind: str, spec: dict[str, Any], cwd: Path, env: dict[str, str],
           memory_limit: int | None = None) -> dict[str, Any]:
     """Run one job in a fresh process (its progress goes to our stderr); its result. With
-    ``memory_limit``, in a memory cgroup of that size (:class:`MemoryCap`)."""
+    ``memory_limit``, in a memory cgroup of that size (:class:`MemoryCap`) until the build
+    ends (a build job) or the job does (a re-sync)."""
     spec_path = cwd / f"job-{kind}.json"
     result_path = cwd / f"result-{kind}.json"
     result_path.unlink(missing_ok=True)
@@ -713,7 +731,9 @@ def spawn(kind: str, spec: dict[str, Any], cwd: Path, env: dict[str, str],
     t0 = perf_counter()
     marker = cwd / (BUILT if kind == "build" else f"{BUILT}-never")
     marker.unlink(missing_ok=True)
+    (cwd / LIFTED).unlink(missing_ok=True)
     cap = MemoryCap(memory_limit, f"embedpipe-bench-{os.getpid()}-{kind}") if memory_limit else None
+    capped = None  # the cap's figures when the build ended (then lifted)
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=cap.enter if cap else None)
@@ -722,6 +742,9 @@ def spawn(kind: str, spec: dict[str, Any], cwd: Path, env: dict[str, str],
     for line in proc.stderr:  # type: ignore[union-attr] - passed on as it comes
         if marker.exists() and sampler._thread.is_alive():  # the build is over: stop sampling
             sampler.__exit__()
+            if cap:
+                capped = cap.lift()
+                (cwd / LIFTED).write_text("")  # the job waits for this before it searches
         sys.stderr.write(line)
         sys.stderr.flush()
         tail.append(line)
@@ -730,7 +753,7 @@ def spawn(kind: str, spec: dict[str, Any], cwd: Path, env: dict[str, str],
     run: dict[str, Any] = {"process_wall_s": perf_counter() - t0, "returncode": returncode,
                            "sampled_high": dict(sampler.high)}
     if cap:
-        run["memory_cap"] = cap.report()
+        run["memory_cap"] = capped or cap.report()
         cap.close()
     if returncode == 0 and result_path.is_file():
         run["job"] = json.loads(result_path.read_text())
@@ -1026,6 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
                     "filtered_queries": args.queries if engine == "edge" else
                     min(args.queries, args.local_filtered)}
             cap = args.memory_limit if engine == "edge" else None
+            spec["capped"] = bool(cap)
             run = {"label": label, **spawn("build", spec, folder, env, cap)}
             runs[label] = run
             if run.get("error"):

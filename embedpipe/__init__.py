@@ -12,6 +12,9 @@ Heavy libraries (torch, sentence-transformers, prefect) are imported lazily, so
 from __future__ import annotations
 
 from embedpipe.errors import (
+    AccessDenied,
+    AccessError,
+    AuthenticationRequired,
     ChatRequestRejected,
     ConfigError,
     DataDirError,
@@ -26,6 +29,7 @@ from embedpipe.errors import (
     IndexBusy,
     IndexNotFound,
     InputError,
+    KeyFileInvalid,
     MassDeleteRefused,
     MigrationError,
     ModelDeprecated,
@@ -35,6 +39,7 @@ from embedpipe.errors import (
     PrefectUnavailable,
     ProviderError,
     QdrantUnavailable,
+    RateLimited,
     RequestTooLarge,
     ShardUnreadable,
     SourceUnavailable,
@@ -50,6 +55,9 @@ from embedpipe.index import Hit, Index
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessDenied",
+    "AccessError",
+    "AuthenticationRequired",
     "ChatRequestRejected",
     "ConfigError",
     "DataDirError",
@@ -66,6 +74,7 @@ __all__ = [
     "IndexBusy",
     "IndexNotFound",
     "InputError",
+    "KeyFileInvalid",
     "MassDeleteRefused",
     "MigrationError",
     "ModelDeprecated",
@@ -75,6 +84,7 @@ __all__ = [
     "PrefectUnavailable",
     "ProviderError",
     "QdrantUnavailable",
+    "RateLimited",
     "RequestTooLarge",
     "ShardUnreadable",
     "SourceUnavailable",

@@ -28,7 +28,7 @@ from typing import Any
 from embedpipe.errors import DataDirError, DataDirReadOnly, DiskFull
 
 __all__ = ["DIR_MODE", "FILE_MODE", "append_line", "create_private", "make_dir", "open_append",
-           "storage_error", "sync_dir", "write_json", "writing"]
+           "storage_error", "sync_dir", "write_json", "write_text_atomic", "writing"]
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -155,12 +155,18 @@ def append_line(path: Path, line: bytes) -> None:
 def write_json(path: Path, data: Any, durable: bool = False) -> Path:
     """Write JSON atomically (a temporary name, then a rename), 0600. ``durable`` also
     survives power loss: the file is synced before the rename and the folder after it."""
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str), durable)
+
+
+def write_text_atomic(path: Path, text: str, durable: bool = False) -> Path:
+    """Write text atomically (a temporary name, then a rename), 0600; ``durable`` as in
+    :func:`write_json`."""
     with writing(path.parent):
         make_dir(path.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with os.fdopen(create_private(tmp), "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+                fh.write(text)
                 if durable:
                     fh.flush()
                     os.fsync(fh.fileno())

@@ -688,7 +688,7 @@ def rebuild(
 
 @app.command()
 def serve(
-    host: Annotated[Optional[str], typer.Option("--host", help="Address to listen on (default: [server] host, 127.0.0.1); loopback only until API keys exist.")] = None,
+    host: Annotated[Optional[str], typer.Option("--host", help="Address to listen on (default: [server] host, 127.0.0.1); any other than loopback needs API keys (`embedpipe keys add`).")] = None,
     port: Annotated[Optional[int], typer.Option("--port", min=0, max=65535, help="Port (default: [server] port, 8765; 0: any free port).")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -705,6 +705,92 @@ def serve(
                    "Ctrl-C stops)", err=True)
 
     run_server(settings, host=host, port=port, on_ready=ready)
+
+
+keys_app = typer.Typer(
+    help="API keys of `embedpipe serve`: the key file holds their SHA-256 hashes only.",
+    no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("add")
+def keys_add(
+    name: Annotated[str, typer.Argument(help="A name for the key (logs and errors use it; letters, digits, '_', '.', '-').")],
+    index: Annotated[Optional[list[str]], typer.Option("--index", "-i", help="An index it may use (repeatable, or comma-separated); '*': every index.")] = None,
+    scope: Annotated[Optional[list[str]], typer.Option("--scope", "-s", help="read, write or chat (repeatable, or comma-separated).")] = None,
+    env: Annotated[bool, typer.Option("--env", help="Print an entry for $EMBEDPIPE_SERVER_KEYS (NAME:SCOPES:INDEXES:KEY) instead; writes nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a random key, print it once, and append its SHA-256 hash to the key file (0600).
+
+    The key goes to stdout alone (`KEY=$(embedpipe keys add app -i docs -s read)`); it is
+    written nowhere. A running server that has keys reloads the file at once."""
+    from embedpipe.errors import ConfigError
+    from embedpipe.serve.keys import SCOPES, add_key, env_key
+
+    if not index:
+        raise ConfigError("name the indexes the key may use: --index docs (repeatable), or --index '*' "
+                          "for every index")
+    if not scope:
+        raise ConfigError(f"name what the key may do: --scope {' / --scope '.join(SCOPES)} (repeatable)")
+    index = [i.strip() for value in index for i in value.split(",") if i.strip()]  # "-i a,b" too
+    scope = [v.strip() for value in scope for v in value.split(",") if v.strip()]
+    settings = _settings()
+    if env:
+        entry, made = env_key(name, index, scope, settings.server.keys_env)
+        if as_json:
+            _print_json({"name": name, "entry": entry, "sha256": made.sha256, "indexes": list(made.indexes),
+                         "scopes": list(made.scopes), "variable": settings.server.keys_env})
+            return
+        typer.echo(entry)
+        typer.echo(f"add it to ${settings.server.keys_env} (entries separated by ';'); the key is shown "
+                   "only now and nothing was written", err=True)
+        return
+    key, added = add_key(settings.key_file, name, index, scope)
+    if as_json:
+        _print_json({"name": name, "key": key, "sha256": added.sha256, "indexes": list(added.indexes),
+                     "scopes": list(added.scopes), "key_file": str(settings.key_file)})
+        return
+    typer.echo(key)
+    typer.echo(f"added key {added.tag} to {settings.key_file}: indexes {', '.join(added.indexes)}; "
+               f"scopes {', '.join(added.scopes)}. The key is shown only now: store it. Clients send "
+               "'Authorization: Bearer <key>'.", err=True)
+
+
+@keys_app.command("list")
+def keys_list(as_json: JsonOpt = False) -> None:
+    """The keys a server would accept: names, indexes, scopes, hash prefixes (never a key)."""
+    from embedpipe.serve.keys import parse_env, read_key_file
+
+    settings = _settings()
+    keys = read_key_file(settings.key_file) if settings.key_file.exists() else []
+    secret = settings.server.env_keys
+    if secret is not None:
+        keys = parse_env(secret.get_secret_value(), settings.server.keys_env) + keys
+    if as_json:
+        _print_json([{**k.to_dict(), "rate_limit_per_minute": settings.server.rate_limit_of(k.name)}
+                     for k in keys])
+        return
+    if not keys:
+        typer.echo(f"no API keys ({settings.key_file} holds none, ${settings.server.keys_env} is unset); "
+                   "add one with `embedpipe keys add NAME --index INDEX --scope read`")
+        return
+    typer.echo(f"{'name':<20} {'scopes':<16} {'indexes':<24} {'sha256':<12}  source")
+    for k in keys:
+        typer.echo(f"{k.name:<20} {','.join(k.scopes):<16} {','.join(k.indexes):<24} {k.sha256[:12]:<12}  "
+                   f"{k.source}")
+
+
+@keys_app.command("remove")
+def keys_remove(name: Annotated[str, typer.Argument(help="The key's name (`embedpipe keys list`).")]) -> None:
+    """Revoke a key: remove its entry from the key file. A running server refuses it from
+    the next request on. (A key in $EMBEDPIPE_SERVER_KEYS goes by removing it there and
+    restarting the server.)"""
+    from embedpipe.serve.keys import remove_key
+
+    settings = _settings()
+    gone = remove_key(settings.key_file, name)
+    typer.echo(f"removed key {gone.tag} from {settings.key_file}", err=True)
 
 
 gateway_app = typer.Typer(help="The chat gateway: routing, breakers, latency.", no_args_is_help=True)

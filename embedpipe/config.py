@@ -8,16 +8,19 @@ Environment overrides (they win over the file):
     EMBEDPIPE_DATA_DIR, EMBEDPIPE_DEFAULT_PROFILE, EMBEDPIPE_DEVICE,
     EMBEDPIPE_QDRANT_URL, EMBEDPIPE_QDRANT_API_KEY, EMBEDPIPE_SOVEREIGN
 Secrets are never read from the file: the Qdrant key comes from the environment
-(``EMBEDPIPE_QDRANT_API_KEY`` or the variable named by ``qdrant.api_key_env``).
+(``EMBEDPIPE_QDRANT_API_KEY`` or the variable named by ``qdrant.api_key_env``), and
+``embedpipe serve``'s API keys from the variable named by ``server.keys_env``
+(``EMBEDPIPE_SERVER_KEYS``) or, as SHA-256 hashes only, from ``server.key_file``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
@@ -175,22 +178,55 @@ class ChatSettings(BaseModel):
         return self
 
 
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # an API key's name (never the key)
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
 class ServerSettings(BaseModel):
-    """``[server]``: where ``embedpipe serve`` listens and what one request may ask.
+    """``[server]``: where ``embedpipe serve`` listens, what one request may ask, and
+    who may ask it.
 
     A request over a limit is refused with 413 before any work: a body over
     ``max_body_bytes``, more than ``max_batch`` documents or embedding inputs, a ``k``
     over ``max_k``. Writes (documents, deletes) take turns: one waits up to
-    ``write_wait_s`` for the one before it, then gets 409."""
+    ``write_wait_s`` for the one before it, then gets 409.
+
+    API keys (``embedpipe.serve.keys``): once any key is configured, in the key file or
+    in the environment, every request but ``/healthz``, ``/docs`` and ``/openapi.json``
+    needs one, on any address; an address other than loopback is refused without keys.
+    The config file never holds a key."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    host: str = "127.0.0.1"  # loopback only until API keys exist (issue 19 item 3)
+    host: str = "127.0.0.1"  # anything but loopback needs API keys
     port: int = Field(default=8765, ge=0, le=65535)  # 0: any free port (server.json says which)
     max_body_bytes: int = Field(default=32 * 2**20, gt=0)
     max_batch: int = Field(default=2048, gt=0)  # OpenAI's own limit of inputs per embeddings call
     max_k: int = Field(default=1000, gt=0)
     write_wait_s: float = Field(default=30.0, ge=0)
+    # SHA-256 hashes of API keys with their scopes (`embedpipe keys add` appends to it);
+    # relative to the config file. None: <data_dir>/keys.toml, if it exists.
+    key_file: Path | None = None
+    # The environment variable holding keys themselves: "NAME:SCOPES:INDEXES:KEY", entries
+    # separated by ";" or newlines (README "Access: API keys").
+    keys_env: str = Field(default="EMBEDPIPE_SERVER_KEYS", pattern=ENV_NAME_PATTERN)
+    env_keys: SecretStr | None = Field(default=None, exclude=True, repr=False)  # its value
+    # Requests per minute per key, a token bucket holding one minute's worth (so a burst
+    # of this many, then one every 60/N s); 0: no limit. `rate_limits` overrides it for
+    # keys by name (0: no limit for that key).
+    rate_limit_per_minute: int = Field(default=0, ge=0)
+    rate_limits: dict[str, Annotated[int, Field(ge=0)]] = {}
+
+    @model_validator(mode="after")
+    def _rate_limits_name_keys(self) -> ServerSettings:
+        bad = [name for name in self.rate_limits if not re.match(KEY_NAME_PATTERN, name)]
+        if bad:
+            raise ValueError(f"rate_limits: {bad[0]!r} is not a key name (letters, digits, '_', '.', '-')")
+        return self
+
+    def rate_limit_of(self, key_name: str) -> int:
+        """Requests per minute for the key of that name (0: no limit)."""
+        return self.rate_limits.get(key_name, self.rate_limit_per_minute)
 
 
 class Settings(BaseModel):
@@ -216,6 +252,12 @@ class Settings(BaseModel):
     @property
     def qdrant_path(self) -> Path:
         return self.qdrant.path or self.data_dir / "qdrant"
+
+    @property
+    def key_file(self) -> Path:
+        """Where ``embedpipe serve`` reads API key hashes (``[server] key_file``, else
+        ``<data_dir>/keys.toml``)."""
+        return self.server.key_file or self.data_dir / "keys.toml"
 
     def profile(self, name: str | None = None) -> Profile:
         """A profile by name (the default profile when None); unknown names list the known."""
@@ -289,6 +331,10 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     secret = env.get("EMBEDPIPE_QDRANT_API_KEY") or env.get(key_var)
     if secret:
         qdrant["api_key"] = secret
+    server = raw.setdefault("server", {})
+    keys_var = server.get("keys_env", "EMBEDPIPE_SERVER_KEYS")
+    if isinstance(keys_var, str) and env.get(keys_var, "").strip():
+        server["env_keys"] = env[keys_var]
 
 
 _TABLES = ("qdrant", "migration", "chat", "server")
@@ -313,6 +359,12 @@ def _check_shape(raw: Mapping[str, Any], path: Path | None) -> None:
             raise ConfigError(f"{where}: {key} must be a string (a folder path)")
     if "path" in raw.get("qdrant", {}) and not isinstance(raw["qdrant"]["path"], str):
         raise ConfigError(f"{where}: qdrant.path must be a string (a folder path)")
+    key_file = raw.get("server", {}).get("key_file")
+    if key_file is not None and not (isinstance(key_file, str) and key_file.strip()):
+        raise ConfigError(f"{where}: server.key_file must be a file path (a non-empty string)")
+    if "rate_limits" in raw.get("server", {}) and not isinstance(raw["server"]["rate_limits"], dict):
+        raise ConfigError(f"{where}: server.rate_limits must be a table ([server.rate_limits], "
+                          "key name = requests per minute)")
 
 
 def load_settings(
@@ -329,6 +381,12 @@ def load_settings(
             "(or the variable named by qdrant.api_key_env) instead"
         )
     _check_shape(raw, path)
+    in_file = sorted({"keys", "api_keys", "api_key", "env_keys"} & set(raw.get("server", {})))
+    if in_file:
+        raise ConfigError(
+            f"do not put server.{in_file[0]} in the config file: API keys go in the key file as "
+            "SHA-256 hashes (`embedpipe keys add NAME`) or in $EMBEDPIPE_SERVER_KEYS (or the "
+            "variable named by server.keys_env)")
     base_dir = path.parent if path else Path.cwd()
     _apply_env(raw, env)
     profiles = merge_profiles(load_catalogue(), raw.pop("profiles", {}) or {}, base_dir)
@@ -339,6 +397,9 @@ def load_settings(
     qdrant = raw.get("qdrant", {})
     if qdrant.get("path"):
         qdrant["path"] = (base_dir / Path(qdrant["path"]).expanduser()).resolve()
+    server = raw.get("server", {})
+    if server.get("key_file"):
+        server["key_file"] = (base_dir / Path(server["key_file"]).expanduser()).resolve()
     try:
         settings = Settings.model_validate(
             {**raw, "config_path": path, "data_dir": data_dir.resolve(), "profiles": profiles}

@@ -8,7 +8,9 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     EmbedpipeError
     ├── ConfigError                 bad or missing configuration
     │   ├── UnknownProfile          a profile name that is not in the catalogue
-    │   └── SovereigntyError        sovereign mode or a sensitive request refuses a hosted profile
+    │   ├── SovereigntyError        sovereign mode or a sensitive request refuses a hosted profile
+    │   └── KeyFileInvalid          the server's API key file (or key variable) is unreadable or
+    │                               malformed (a running server answers 503 until it is fixed)
     ├── ModelError                  a model cannot be used
     │   ├── WeightsNotFound         local weights missing (says where it looked)
     │   ├── DimensionMismatch       model output width differs from the profile
@@ -32,6 +34,10 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     │   └── QdrantUnavailable       the Qdrant server cannot be reached
     ├── IndexBusy                   another ingest or migration holds the index
     ├── PrefectUnavailable          the Prefect server in PREFECT_API_URL cannot be reached
+    ├── AccessError                 embedpipe serve refused the request's API key; nothing was done
+    │   ├── AuthenticationRequired  no key, or one the server does not know (HTTP 401)
+    │   ├── AccessDenied            the key lacks the scope or the index asked for (HTTP 403)
+    │   └── RateLimited             the key is over its requests per minute (HTTP 429)
     ├── GatewayError                a chat request could not be served
     │   ├── NoBackendAvailable      every allowed backend failed, or policy left none
     │   ├── ChatRequestRejected     a backend refused the request itself (400): not retried elsewhere
@@ -44,6 +50,9 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
 from __future__ import annotations
 
 __all__ = [
+    "AccessDenied",
+    "AccessError",
+    "AuthenticationRequired",
     "ConfigError",
     "DataDirError",
     "DataDirReadOnly",
@@ -58,6 +67,7 @@ __all__ = [
     "IndexBusy",
     "IndexNotFound",
     "InputError",
+    "KeyFileInvalid",
     "MassDeleteRefused",
     "MigrationError",
     "ModelDeprecated",
@@ -67,6 +77,7 @@ __all__ = [
     "PrefectUnavailable",
     "ProviderError",
     "QdrantUnavailable",
+    "RateLimited",
     "RequestTooLarge",
     "ShardUnreadable",
     "SourceUnavailable",
@@ -106,6 +117,13 @@ class UnknownProfile(ConfigError):
 class SovereigntyError(ConfigError):
     """Sovereign mode is on, or the request is sensitive, and a profile would send text
     to a hosted API; nothing was sent."""
+
+
+class KeyFileInvalid(ConfigError):
+    """``embedpipe serve``'s API keys cannot be used: the key file is unreadable, not TOML,
+    or has an invalid entry, or the key variable is malformed. At start the server
+    refuses to run; a running server whose key file turns invalid refuses the keys it
+    held (503) until the file is fixed, rather than keep a key that was meant to go."""
 
 
 class ModelError(EmbedpipeError):
@@ -225,6 +243,33 @@ class IndexBusy(EmbedpipeError):
 
 class PrefectUnavailable(EmbedpipeError):
     """The Prefect server named by ``PREFECT_API_URL`` does not answer."""
+
+
+class AccessError(EmbedpipeError):
+    """``embedpipe serve`` refused a request because of its API key; nothing was done.
+    Messages name the key (by its name, never the key itself), the scope or index it
+    lacks and how to get one that has it."""
+
+    exit_code = 77  # EX_NOPERM
+
+
+class AuthenticationRequired(AccessError):
+    """No API key, a malformed ``Authorization`` header, or a key the server does not
+    know (HTTP 401 with ``WWW-Authenticate: Bearer``)."""
+
+
+class AccessDenied(AccessError):
+    """The key is valid but not for this scope (read, write, chat) or this index (HTTP 403)."""
+
+
+class RateLimited(AccessError):
+    """The key is over its requests per minute (HTTP 429, ``Retry-After`` seconds)."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class GatewayError(EmbedpipeError):

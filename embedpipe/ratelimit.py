@@ -5,6 +5,10 @@ flight. It holds two token buckets (requests and tokens per minute) and a pause 
 server can impose: a 429's ``Retry-After`` (or ``retry-after-ms``) or an exhausted
 ``x-ratelimit-remaining-*`` header stops *every* worker until the reset, not just the
 one that was told, so the fleet does not keep hammering a limit it already hit.
+
+``embedpipe serve`` uses the same limiter the other way round, one per API key, with a
+full minute's burst: :meth:`RateLimiter.try_acquire` never waits, it says how long the
+caller would have to, which becomes the 429's ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -88,11 +92,12 @@ def backoff_delay(
 
 class _Bucket:
     """A token bucket refilled continuously; a request larger than the bucket may pass
-    when the bucket is full, leaving it in debt, so nothing is unsatisfiable."""
+    when the bucket is full, leaving it in debt, so nothing is unsatisfiable. It holds
+    ``burst_s`` seconds of budget (at least one)."""
 
-    def __init__(self, per_minute: float) -> None:
+    def __init__(self, per_minute: float, burst_s: float = BURST_S) -> None:
         self.rate = per_minute / 60.0
-        self.capacity = max(1.0, self.rate * BURST_S)
+        self.capacity = max(1.0, self.rate * burst_s)
         self.level = self.capacity
         self.stamp = time.monotonic()
 
@@ -107,11 +112,16 @@ class _Bucket:
 
 
 class RateLimiter:
-    """Requests-per-minute and tokens-per-minute budgets plus server-imposed pauses."""
+    """Requests-per-minute and tokens-per-minute budgets plus server-imposed pauses.
 
-    def __init__(self, requests_per_minute: int | None = None, tokens_per_minute: int | None = None) -> None:
-        self._requests = _Bucket(requests_per_minute) if requests_per_minute else None
-        self._tokens = _Bucket(tokens_per_minute) if tokens_per_minute else None
+    ``burst_s``: how many seconds of budget the buckets hold; a provider's limiter keeps
+    a few (``BURST_S``), a server's per-key limiter a whole minute (60: "3 per minute"
+    admits 3 at once, then one every 20 s)."""
+
+    def __init__(self, requests_per_minute: int | None = None, tokens_per_minute: int | None = None,
+                 burst_s: float = BURST_S) -> None:
+        self._requests = _Bucket(requests_per_minute, burst_s) if requests_per_minute else None
+        self._tokens = _Bucket(tokens_per_minute, burst_s) if tokens_per_minute else None
         self._paused_until = 0.0
         self._lock = threading.Lock()
 
@@ -120,21 +130,29 @@ class RateLimiter:
         """The largest request the token budget admits without going into debt."""
         return int(self._tokens.capacity) if self._tokens else None
 
+    def try_acquire(self, tokens: int = 0) -> float:
+        """Take a request of ``tokens`` from the budgets if it fits now and return 0.0;
+        else take nothing and return the seconds until it would fit. Never waits."""
+        with self._lock:
+            now = time.monotonic()
+            delay = max(0.0, self._paused_until - now)
+            for bucket, amount in ((self._requests, 1), (self._tokens, tokens)):
+                if bucket is not None:
+                    delay = max(delay, bucket.wait_for(amount, now))
+            if delay > 0:
+                return delay
+            for bucket, amount in ((self._requests, 1), (self._tokens, tokens)):
+                if bucket is not None:
+                    bucket.take(amount)
+            return 0.0
+
     def acquire(self, tokens: int) -> float:
         """Block until a request of ``tokens`` fits the budgets; returns seconds waited."""
         waited = 0.0
         while True:
-            with self._lock:
-                now = time.monotonic()
-                delay = max(0.0, self._paused_until - now)
-                for bucket, amount in ((self._requests, 1), (self._tokens, tokens)):
-                    if bucket is not None:
-                        delay = max(delay, bucket.wait_for(amount, now))
-                if delay <= 0:
-                    for bucket, amount in ((self._requests, 1), (self._tokens, tokens)):
-                        if bucket is not None:
-                            bucket.take(amount)
-                    return waited
+            delay = self.try_acquire(tokens)
+            if delay <= 0:
+                return waited
             time.sleep(min(delay, 1.0))
             waited += min(delay, 1.0)
 

@@ -66,6 +66,10 @@ def test_api_key_in_the_file_is_refused(tmp_path: Path) -> None:
         ("[server]\nmax_k = 0\n", "server.max_k: Input should be greater than 0"),
         ("[server]\nport = 70000\n", "server.port"),
         ("[server]\nworkers = 4\n", "server.workers"),
+        ("[server]\nrate_limit_per_minute = -1\n", "server.rate_limit_per_minute: Input should be greater than or equal to 0"),
+        ("[server.rate_limits]\napp = -5\n", "server.rate_limits.app"),
+        ('[server.rate_limits]\n"no spaces" = 5\n', "rate_limits: 'no spaces' is not a key name"),
+        ('[server]\nkeys_env = "MY KEYS"\n', "server.keys_env"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, body: str, match: str) -> None:
@@ -83,6 +87,37 @@ def test_server_settings_and_their_defaults(tmp_path: Path) -> None:
     server = load_settings(write_config(tmp_path, body)).server
     assert (server.port, server.max_body_bytes, server.max_batch, server.max_k, server.write_wait_s) == (
         0, 1024, 10, 5, 0)
+
+
+def test_server_access_settings(tmp_path: Path) -> None:
+    defaults = load_settings(write_config(tmp_path))
+    assert defaults.key_file == tmp_path / "data" / "keys.toml" and defaults.server.key_file is None
+    assert defaults.server.keys_env == "EMBEDPIPE_SERVER_KEYS" and defaults.server.env_keys is None
+    assert defaults.server.rate_limit_per_minute == 0 and defaults.server.rate_limit_of("any") == 0
+    body = ('[server]\nkey_file = "secrets/keys.toml"\nkeys_env = "APP_KEYS"\nrate_limit_per_minute = 60\n'
+            "[server.rate_limits]\nbatch-job = 600\nunlimited = 0\n")
+    settings = load_settings(write_config(tmp_path, body), env={"APP_KEYS": "app:read:*:ep_0123456789abcdef"})
+    server = settings.server
+    assert settings.key_file == tmp_path / "secrets" / "keys.toml"  # relative to the config file
+    assert server.rate_limit_of("batch-job") == 600 and server.rate_limit_of("unlimited") == 0
+    assert server.rate_limit_of("app") == 60
+    assert server.env_keys is not None and server.env_keys.get_secret_value() == "app:read:*:ep_0123456789abcdef"
+    assert "ep_0123" not in repr(settings) and "ep_0123" not in str(settings.model_dump())
+    unread = load_settings(write_config(tmp_path, body), env={"EMBEDPIPE_SERVER_KEYS": "x:read:*:ep_0123456789abcdef"})
+    assert unread.server.env_keys is None  # only the variable keys_env names
+
+
+@pytest.mark.parametrize("field", ["keys", "api_keys", "api_key", "env_keys"])
+def test_server_keys_in_the_config_file_are_refused(tmp_path: Path, field: str) -> None:
+    config = write_config(tmp_path, f'[server]\n{field} = "ep_0123456789abcdef"\n')
+    with pytest.raises(ConfigError, match=f"do not put server.{field} in the config file.*embedpipe keys add"):
+        load_settings(config)
+
+
+@pytest.mark.parametrize("value", ["1", '""', "[]"])
+def test_a_key_file_that_is_not_a_path_is_refused(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match="server.key_file must be a file path"):
+        load_settings(write_config(tmp_path, f"[server]\nkey_file = {value}\n"))
 
 
 def test_missing_explicit_config(tmp_path: Path) -> None:

@@ -86,3 +86,22 @@ def test_a_non_finite_retry_after_is_no_hint(value: str) -> None:
     assert retry_after({"retry-after": value}) is None
     assert retry_after({"retry-after-ms": value, "retry-after": "2"}) == 2.0
     assert parse_duration(value) is None
+
+
+def test_try_acquire_never_waits_and_says_how_long_it_would() -> None:
+    """The server's per-key use: a whole minute's burst, then the wait, nothing taken."""
+    limiter = RateLimiter(requests_per_minute=3, burst_s=60)  # 3 at once, then one per 20 s
+    assert [limiter.try_acquire() for _ in range(3)] == [0.0, 0.0, 0.0]
+    bucket = limiter._requests
+    assert bucket is not None and bucket.capacity == 3
+    wait = limiter.try_acquire()
+    assert 19.0 < wait <= 20.0  # one request refills in 20 s
+    assert bucket.level == pytest.approx(0, abs=0.05)  # a refusal takes nothing
+    bucket.stamp -= 20.0  # as if 20 s went by
+    assert limiter.try_acquire() == 0.0
+    assert limiter.try_acquire() > 0.0
+
+
+def test_the_default_burst_is_a_few_seconds() -> None:
+    assert RateLimiter(requests_per_minute=600)._requests.capacity == pytest.approx(10 * BURST_S)  # type: ignore[union-attr]
+    assert RateLimiter(requests_per_minute=600, burst_s=60)._requests.capacity == 600  # type: ignore[union-attr]

@@ -5,7 +5,9 @@ touches the engine or a model is a plain ``def``, so FastAPI runs it in its
 threadpool: Qdrant Edge's binding holds the interpreter while it searches, and a
 model encodes on the CPU, so ``async`` would only block the event loop. Writes take
 the server's one write turn (``state.ServerState.write_turn``); searches do not wait
-for it.
+for it. With API keys, each route first asks the request's grant for the scope and index
+it needs (``auth``): read for searches and index listings, write for documents and
+deletes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 
 from embedpipe.serve import errors
+from embedpipe.serve.auth import Authenticate, GrantDep
 from embedpipe.serve.schemas import (
     DeleteResponse,
     DocumentsRequest,
@@ -27,6 +30,7 @@ from embedpipe.serve.state import ServerState
 
 if TYPE_CHECKING:
     from embedpipe.config import Settings
+    from embedpipe.serve.keys import KeyRing
 
 __all__ = ["create_app"]
 
@@ -39,9 +43,16 @@ the index's own model, `/v1/embeddings` with `model = "index:<name>"` returns ve
 that index's space and its fingerprint. `/v1/chat/completions` goes through the chat
 gateway (its route, fallback, breakers, sovereignty policy and audit log).
 
+Once the server has API keys every route but `/healthz`, `/docs` and `/openapi.json` needs
+one: `Authorization: Bearer <key>` (the openai SDK's `api_key`; "Authorize" above). A key
+is scoped to indexes and to `read` (search, index listings, embeddings), `write`
+(documents, deletes) and `chat`; `/v1/models` takes any valid key.
+
 Errors answer `{"error": {"type", "message", "param"}}`: 400 a bad request (`param`
-names the field), 403 refused by policy, 404 unknown index, document or model, 409 busy
-or another embedding space, 413 over a `[server]` limit, 503 no chat backend can answer.
+names the field), 401 no or an unknown API key, 403 the key lacks the scope or index (or
+policy refused a hosted model), 404 unknown index, document or model, 409 busy or
+another embedding space, 413 over a `[server]` limit, 429 over the key's requests per
+minute (`Retry-After`), 503 no chat backend can answer.
 """
 
 
@@ -52,42 +63,48 @@ async def state_of(request: Request) -> ServerState:
 
 State = Annotated[ServerState, Depends(state_of)]
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 404, 409, 413, 500, 503)}
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 429, 500, 503)}
 
 router = APIRouter()
 
 
 @router.get("/healthz", tags=["server"])
-async def healthz(state: State) -> dict[str, Any]:
-    """The server answers; which embedpipe, which process, whether a write is running."""
+async def healthz(state: State, grant: GrantDep) -> dict[str, Any]:
+    """The server answers; which embedpipe, which process, whether a write is running.
+    Needs no key; once the server has keys, only a valid key sees more than the status."""
     from embedpipe import __version__
 
+    if grant.anonymous:
+        return {"status": "ok"}
     return {"status": "ok", "version": __version__, "pid": os.getpid(),
             "data_dir": str(state.settings.data_dir), "writing": state.writing}
 
 
 @router.get("/v1/indexes", tags=["indexes"], responses=ERRORS)
-def list_indexes(state: State) -> list[dict[str, Any]]:
-    """Every index: what `embedpipe status --json` prints."""
+def list_indexes(state: State, grant: GrantDep) -> list[dict[str, Any]]:
+    """Every index the key may read: what `embedpipe status --json` prints."""
     from embedpipe.status import index_status
 
-    return index_status(state.settings)
+    grant.require("read", what="listing indexes")
+    return [e for e in index_status(state.settings) if grant.may("read", e["index"])]
 
 
 @router.get("/v1/indexes/{name}", tags=["indexes"], responses=ERRORS)
-def get_index(name: str, state: State) -> dict[str, Any]:
+def get_index(name: str, state: State, grant: GrantDep) -> dict[str, Any]:
     """One index: its alias, corpus size, versions (profile, fingerprint, state, points)."""
     from embedpipe.status import index_status
 
+    grant.require("read", name)
     return index_status(state.settings, name)[0]
 
 
 @router.post("/v1/indexes/{name}/search", tags=["indexes"], response_model=SearchResponse,
              responses=ERRORS)
-def search(name: str, body: SearchRequest, state: State) -> dict[str, Any]:
+def search(name: str, body: SearchRequest, state: State, grant: GrantDep) -> dict[str, Any]:
     """Hits as `Index.search` returns them; the query is embedded with the index's model."""
     from embedpipe.errors import RequestTooLarge
 
+    grant.require("read", name, what="search")
     limit = state.settings.server.max_k
     if body.k > limit:
         raise RequestTooLarge(f"k = {body.k} is over [server] max_k = {limit}")
@@ -104,7 +121,7 @@ def search(name: str, body: SearchRequest, state: State) -> dict[str, Any]:
 
 
 @router.post("/v1/indexes/{name}/documents", tags=["indexes"], responses=ERRORS)
-def add_documents(name: str, body: DocumentsRequest, state: State) -> dict[str, Any]:
+def add_documents(name: str, body: DocumentsRequest, state: State, grant: GrantDep) -> dict[str, Any]:
     """Add or update documents as `embedpipe ingest` does: the whole batch is checked
     first (a bad one changes nothing), unchanged documents are not re-embedded, and a new
     index goes live only once it holds them all. The report is `ingest --json`'s."""
@@ -113,6 +130,7 @@ def add_documents(name: str, body: DocumentsRequest, state: State) -> dict[str, 
     from embedpipe.layout import check_index_name
     from embedpipe.sources import documents_from_records
 
+    grant.require("write", name, what="documents")
     check_index_name(name)
     limit = state.settings.server.max_batch
     if len(body.documents) > limit:
@@ -129,11 +147,12 @@ def add_documents(name: str, body: DocumentsRequest, state: State) -> dict[str, 
 
 @router.delete("/v1/indexes/{name}/documents/{doc_id:path}", tags=["indexes"],
                response_model=DeleteResponse, responses=ERRORS)
-def delete_document(name: str, doc_id: str, state: State) -> dict[str, Any]:
+def delete_document(name: str, doc_id: str, state: State, grant: GrantDep) -> dict[str, Any]:
     """Remove a document from every version of the index and from its corpus."""
     from embedpipe.errors import DocumentNotFound
     from embedpipe.ingest import delete
 
+    grant.require("write", name, what="deleting documents")
     with state.write_turn():
         held = delete(state.settings, name, [doc_id])
     if not held:
@@ -141,17 +160,22 @@ def delete_document(name: str, doc_id: str, state: State) -> dict[str, Any]:
     return {"index": name, "id": doc_id, "deleted": True}
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The application for one data directory (``settings.data_dir``)."""
+def create_app(settings: Settings, keys: KeyRing | None = None) -> FastAPI:
+    """The application for one data directory (``settings.data_dir``); ``keys``: the API
+    keys it accepts (default: those ``settings`` configure)."""
     from embedpipe import __version__
+    from embedpipe.serve.keys import KeyRing
     from embedpipe.serve.openai_api import router as openai_router
 
+    keys = KeyRing(settings) if keys is None else keys
     app = FastAPI(title="embedpipe", version=__version__, description=DESCRIPTION,
                   docs_url="/docs", redoc_url=None)
-    app.state.embedpipe = ServerState(settings)
+    app.state.embedpipe = ServerState(settings, keys)
     errors.install(app)
-    app.add_middleware(errors.Unexpected)  # inside the body limit: the last one added is outermost
+    # The last one added is outermost: keys are checked first, before any body is read.
+    app.add_middleware(errors.Unexpected)
     app.add_middleware(errors.BodyLimit, max_bytes=settings.server.max_body_bytes)
+    app.add_middleware(Authenticate, keys=keys, server=settings.server)
     app.include_router(router)
     app.include_router(openai_router)
     return app

@@ -14,6 +14,7 @@ The statuses (the first class that matches wins, so subclasses come first):
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,11 +25,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedpipe import errors as e
 
-__all__ = ["BodyLimit", "STATUS", "Unexpected", "error_response", "install", "status_of"]
+__all__ = ["BodyLimit", "STATUS", "Unexpected", "drain", "error_response", "headers_of", "install",
+           "response_of", "status_of"]
 
 log = logging.getLogger(__name__)
 
 STATUS: tuple[tuple[type[e.EmbedpipeError], int], ...] = (
+    (e.AuthenticationRequired, 401),  # with WWW-Authenticate: Bearer
+    (e.AccessDenied, 403),
+    (e.RateLimited, 429),  # with Retry-After
+    (e.KeyFileInvalid, 503),  # the server's key file turned invalid; its keys wait for a fix
     (e.RequestTooLarge, 413),
     (e.IndexNotFound, 404),
     (e.DocumentNotFound, 404),
@@ -58,6 +64,21 @@ def status_of(exc: e.EmbedpipeError) -> int:
     return next(code for cls, code in STATUS if isinstance(exc, cls))
 
 
+def headers_of(exc: e.EmbedpipeError) -> dict[str, str] | None:
+    """The headers an error's status calls for: a 401's challenge, a 429's wait."""
+    if isinstance(exc, e.AuthenticationRequired):
+        return {"WWW-Authenticate": 'Bearer realm="embedpipe"'}
+    if isinstance(exc, e.RateLimited):
+        return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    return None
+
+
+def response_of(exc: e.EmbedpipeError) -> JSONResponse:
+    """The one error body for an embedpipe error, with its status and headers."""
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return error_response(status_of(exc), type(exc).__name__, message, headers=headers_of(exc))
+
+
 def error_response(status: int, type_: str, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"type": type_, "message": message, "param": param}}
@@ -85,7 +106,7 @@ async def _embedpipe_error(request: Request, exc: e.EmbedpipeError) -> JSONRespo
     status = status_of(exc)
     if status >= 500:  # the type only: a message can quote what the request sent
         log.warning("%s %s answered %d %s", request.method, request.url.path, status, type(exc).__name__)
-    return error_response(status, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return response_of(exc)
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -207,10 +228,16 @@ class BodyLimit:
                 "smaller batches or raise the limit")
 
     async def _drain(self, receive: Receive, more: bool) -> None:
-        dropped = 0
-        while more and dropped < self.DRAIN_BYTES:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            dropped += len(message.get("body", b""))
-            more = message.get("more_body", False)
+        await drain(receive, more, self.DRAIN_BYTES)
+
+
+async def drain(receive: Receive, more: bool, limit: int) -> None:
+    """Read and drop the rest of a request body (up to ``limit`` bytes) before answering
+    without it, so a client still sending reads the answer instead of a reset."""
+    dropped = 0
+    while more and dropped < limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        dropped += len(message.get("body", b""))
+        more = message.get("more_body", False)

@@ -8,6 +8,11 @@ fingerprint, in the ``X-Embedpipe-Fingerprint`` header and the ``fingerprint`` f
 sends them. ``input_type = "query"`` applies the profile's query prompt instead of its
 document prompt (an extension; OpenAI's own models have no prompts).
 
+With API keys: embeddings need the read scope, for ``index:<name>`` on that index, for
+a profile name on every index (``*``: a key kept to some indexes uses their own models);
+chat needs the chat scope; the model list any valid key (it lists only the indexes the
+key may read).
+
 Chat goes through the gateway, with its route, fallback, breakers, policy and audit;
 ``model`` is accepted but the route picks the backend, and the reply names the one that
 answered (``model``, the ``X-Embedpipe-Backend`` header, ``embedpipe.backend``). A
@@ -31,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from embedpipe.errors import EmbedpipeError, InputError, ProviderError, RequestTooLarge
 from embedpipe.serve.app import ERRORS, State
+from embedpipe.serve.auth import GrantDep
 from embedpipe.serve.schemas import ChatRequest, EmbeddingsRequest, EmbeddingsResponse
 from embedpipe.serve.state import INDEX_MODEL
 
@@ -51,8 +57,12 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 @router.post("/embeddings", response_model=EmbeddingsResponse, responses=ERRORS)
-def embeddings(body: EmbeddingsRequest, state: State) -> JSONResponse:
+def embeddings(body: EmbeddingsRequest, state: State, grant: GrantDep) -> JSONResponse:
     """OpenAI-compatible embeddings of a profile's model or of an index's own model."""
+    if body.model.startswith(INDEX_MODEL):
+        grant.require("read", body.model[len(INDEX_MODEL):], what="embeddings")
+    else:
+        grant.require("read", every_index=True, what=f"embeddings with profile {body.model!r}")
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     if not texts:
         raise InputError("input: no texts; send a string or a non-empty list of strings")
@@ -103,8 +113,9 @@ def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
 
 
 @router.get("/models")
-def models(state: State) -> dict[str, Any]:
-    """Embedding profiles, each live index (``index:<name>``) and the chat backends."""
+def models(state: State, grant: GrantDep) -> dict[str, Any]:
+    """Embedding profiles, each live index the key may read (``index:<name>``) and the
+    chat backends."""
     from embedpipe.index import IndexVersions
     from embedpipe.status import profile_status
 
@@ -115,7 +126,7 @@ def models(state: State) -> dict[str, Any]:
     versions = IndexVersions.open(settings)
     aliases = versions.aliases()
     for version in versions.versions():
-        if aliases.get(version.index) == version.collection:
+        if aliases.get(version.index) == version.collection and grant.may("read", version.index):
             cards.append(_card(f"{INDEX_MODEL}{version.index}", "embedding", {
                 "profile": version.profile, "dims": version.dims, "fingerprint": version.fingerprint}))
     for name in settings.chat.route:
@@ -133,8 +144,9 @@ def _card(name: str, kind: str, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.post("/chat/completions", responses=ERRORS)
-def chat_completions(body: ChatRequest, state: State) -> Any:
+def chat_completions(body: ChatRequest, state: State, grant: GrantDep) -> Any:
     """OpenAI-compatible chat through the gateway; ``stream: true`` answers server-sent events."""
+    grant.require("chat", what="chat completions")
     gateway = state.gateway()
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     if not body.stream:

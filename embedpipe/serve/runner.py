@@ -2,8 +2,9 @@
 
 In order, each step failing with one line and nothing left behind:
 
-1. refuse any address but loopback (API keys, which other addresses need, are not
-   built yet);
+1. read the API keys (``keys.KeyRing``: the key file and the key variable; an invalid
+   one stops here), and refuse an address other than loopback unless there are keys
+   (``check_host``);
 2. take ``<data>/server.lock`` (flock): a second server on the same data directory
    stops here with IndexBusy naming the running one (its ``server.json``). The kernel
    drops the lock with the process, so a killed server never blocks the next;
@@ -11,7 +12,8 @@ In order, each step failing with one line and nothing left behind:
    holding it stops the server with IndexBusy naming that process;
 4. bind the socket (port 0: any free one), so the URL written next is the real one;
 5. once uvicorn accepts connections, write ``<data>/server.json`` ({url, pid, started,
-   version}, atomically, 0600); a stale one (its process gone) is replaced.
+   version}, atomically, 0600); a stale one (its process gone) is replaced. Its URL is
+   one a client on this machine can use: loopback for a wildcard address (0.0.0.0, ::).
 
 SIGTERM and Ctrl-C stop it gracefully: uvicorn finishes the requests in flight (a
 documents batch completes, or never began), then ``server.json`` is removed, the engine
@@ -40,8 +42,9 @@ from embedpipe.serve.info import ServerInfo, pid_alive, read_info
 
 if TYPE_CHECKING:
     from embedpipe.config import Settings
+    from embedpipe.serve.keys import KeyRing
 
-__all__ = ["serve"]
+__all__ = ["check_host", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +62,12 @@ def serve(
 ) -> None:
     """Serve the data directory of ``settings`` until SIGTERM or Ctrl-C (see the module
     docstring). ``on_ready`` is called with what ``server.json`` says once it is written."""
+    from embedpipe.serve.keys import KeyRing
+
     host = host or settings.server.host
     port = settings.server.port if port is None else port
-    _require_loopback(host)
+    keys = KeyRing(settings)
+    check_host(host, keys.required, settings)
     layout = Layout(settings.data_dir)
     make_dir(layout.root)
     with _own(layout):
@@ -72,7 +78,7 @@ def serve(
             IndexVersions.open(settings)  # the engine is ours now (and earlier data converted)
             sock = _bind(host, port)
             try:
-                _run(settings, sock, layout, on_ready)
+                _run(settings, keys, sock, layout, on_ready)
             finally:
                 sock.close()
         finally:
@@ -80,16 +86,20 @@ def serve(
             close_all()
 
 
-def _require_loopback(host: str) -> None:
+def check_host(host: str, keyed: bool, settings: Settings) -> bool:
+    """Whether ``host`` is loopback only; an address any other machine may reach is
+    refused (ConfigError saying how to add keys) unless the server has API keys."""
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
     except socket.gaierror as exc:
         raise ConfigError(f"--host {host!r} does not resolve ({exc.strerror})") from None
-    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+    loopback = all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+    if not loopback and not keyed:
         raise ConfigError(
-            f"--host {host}: embedpipe serve listens on loopback only (127.0.0.1, ::1, "
-            "localhost) until it has API keys; put a reverse proxy that authenticates in front "
-            "to reach it from elsewhere")
+            f"--host {host} is not loopback, and listening there needs API keys: add one with "
+            f"`embedpipe keys add NAME --index '*' --scope read` (hashed into {settings.key_file}) or "
+            f"set ${settings.server.keys_env} (NAME:SCOPES:INDEXES:KEY); or listen on 127.0.0.1")
+    return loopback
 
 
 @contextlib.contextmanager
@@ -141,11 +151,14 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _url(sock: socket.socket) -> str:
+    """The URL a client on this machine uses: a wildcard address is reached on loopback."""
     host, port = sock.getsockname()[:2]
+    if ipaddress.ip_address(host.split("%")[0]).is_unspecified:
+        host = "::1" if ":" in host else "127.0.0.1"
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _run(settings: Settings, sock: socket.socket, layout: Layout,
+def _run(settings: Settings, keys: KeyRing, sock: socket.socket, layout: Layout,
          on_ready: Callable[[ServerInfo], None] | None) -> None:
     import uvicorn
 
@@ -156,6 +169,11 @@ def _run(settings: Settings, sock: socket.socket, layout: Layout,
                       started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
     def announce() -> None:
+        server_log = logging.getLogger("uvicorn.error")  # configured by uvicorn: in the server's log
+        server_log.info("%s", keys.describe())
+        if not loopback:
+            server_log.warning("listening on %s: plain HTTP, so API keys cross the network in clear; "
+                               "put a TLS-terminating proxy in front", listening)
         write_json(layout.server_info, info.to_dict())
         if on_ready is not None:
             on_ready(info)
@@ -167,7 +185,9 @@ def _run(settings: Settings, sock: socket.socket, layout: Layout,
                 announce()
 
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="info",
+    listening = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
+    config = uvicorn.Config(create_app(settings, keys), host=host, port=port, log_level="info",
                             server_header=False, lifespan="on")
     with _sigterm_stops():
         try:

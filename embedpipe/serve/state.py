@@ -1,5 +1,5 @@
-"""What the server shares between requests: its settings, one write turn, open indexes,
-embedders and the chat gateway.
+"""What the server shares between requests: its settings, its API keys, one write turn,
+open indexes, embedders and the chat gateway.
 
 * **Writes take turns.** Documents and deletes go through one lock: a write waits up
   to ``[server] write_wait_s`` for the one before it, then is refused with IndexBusy
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from embedpipe.config import Settings
     from embedpipe.gateway import Gateway
     from embedpipe.index import Index
+    from embedpipe.serve.keys import KeyRing
 
 __all__ = ["INDEX_MODEL", "ServerState"]
 
@@ -35,8 +36,9 @@ INDEX_MODEL = "index:"  # /v1/embeddings model "index:<name>": that index's own 
 class ServerState:
     """One per application; see the module docstring."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, keys: KeyRing) -> None:
         self.settings = settings
+        self.keys = keys  # the API keys it accepts (keys.required: whether it asks for one)
         self.started = time.time()
         self._writes = threading.Lock()
         self._lock = threading.Lock()  # the caches below

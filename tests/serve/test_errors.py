@@ -22,6 +22,11 @@ EXPECTED = {
     e.StreamInterrupted: 502, e.ModelDeprecated: 410, e.ProviderError: 502, e.WeightsNotFound: 500,
     e.ShardUnreadable: 503, e.QdrantUnavailable: 503, e.DiskFull: 507, e.DataDirReadOnly: 507,
     e.StoreError: 500, e.EngineError: 500, e.EmbedpipeError: 500,
+    e.AuthenticationRequired: 401, e.AccessDenied: 403, e.RateLimited: 429, e.KeyFileInvalid: 503,
+}
+HEADERS = {  # what a status calls for
+    e.AuthenticationRequired: ("www-authenticate", 'Bearer realm="embedpipe"'),
+    e.RateLimited: ("retry-after", "3"),  # 2.2 s, rounded up to whole seconds
 }
 
 
@@ -40,7 +45,11 @@ def app_url(tmp_path_factory) -> Iterator[str]:
     @app.get("/raise/{name}")
     def raise_(name: str) -> None:
         cls = getattr(e, name)
-        raise cls("unknown profile") if cls is not e.UnknownProfile else cls("nope", ["a"])
+        if cls is e.UnknownProfile:
+            raise cls("nope", ["a"])
+        if cls is e.RateLimited:
+            raise cls("over the limit", retry_after_s=2.2)
+        raise cls("unknown profile")
 
     @app.get("/bug")
     def bug() -> None:
@@ -83,6 +92,9 @@ def test_each_error_has_its_status_and_the_one_body(app_url, cls) -> None:
     assert answer.status == EXPECTED.get(cls, 404)
     assert body == {"error": {"type": cls.__name__, "message": body["error"]["message"], "param": None}}
     assert body["error"]["message"]
+    if cls in HEADERS:
+        name, value = HEADERS[cls]
+        assert answer.getheader(name) == value
 
 
 def test_a_bug_is_a_500_without_detail_and_the_connection_stays_open(app_url) -> None:

@@ -1,6 +1,7 @@
 """Owning a data directory: ``server.json`` written and removed, one server per data
 directory, a killed server's leftovers replaced, and the one-line refusals (a second
-server, an engine another process holds, an address that is not loopback, a port in use)."""
+server, an engine another process holds, an address that is not loopback without API keys,
+a port in use)."""
 
 from __future__ import annotations
 
@@ -83,10 +84,11 @@ def test_a_killed_server_leaves_server_json_and_the_next_replaces_it(tmp_path) -
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])
-def test_an_address_other_than_loopback_is_refused(tmp_path, host) -> None:
+def test_an_address_other_than_loopback_is_refused_without_keys(tmp_path, host) -> None:
     config = write_config(tmp_path)
     code, err = _refused(serve_command(config, "--host", host), tmp_path)
-    assert code == 2 and f"--host {host}" in err and "loopback only" in err
+    assert code == 2 and f"--host {host} is not loopback, and listening there needs API keys" in err
+    assert "embedpipe keys add" in err and "$EMBEDPIPE_SERVER_KEYS" in err
     assert not (tmp_path / "data" / "server.json").exists()
 
 

@@ -72,12 +72,13 @@ def serve_command(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "embedpipe.cli", "serve", "--config", str(config), "--port", "0", *extra]
 
 
-def start_server(config: Path, data_dir: Path) -> Served:
-    """Start ``embedpipe serve`` and wait for the server.json that names its process."""
+def start_server(config: Path, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> Served:
+    """Start ``embedpipe serve`` (``args``: more options, ``env``: more variables) and wait
+    for the server.json that names its process."""
     folder = config.parent
     log = folder / f"serve-{time.monotonic_ns()}.log"
     with log.open("wb") as out:  # a file, not a pipe: a full pipe would stall the server
-        proc = subprocess.Popen(serve_command(config), cwd=folder, env=server_env(folder),
+        proc = subprocess.Popen(serve_command(config, *args), cwd=folder, env={**server_env(folder), **(env or {})},
                                 stdout=out, stderr=subprocess.STDOUT)
     info = data_dir / "server.json"
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -93,6 +94,16 @@ def start_server(config: Path, data_dir: Path) -> Served:
         time.sleep(0.05)
     proc.kill()
     pytest.fail(f"embedpipe serve wrote no server.json in {START_TIMEOUT_S} s:\n{log.read_text()}")
+
+
+def refused(command: list[str], folder: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run a command that must fail in one line (``error: ...``, no traceback):
+    (exit code, stderr)."""
+    done = subprocess.run(command, cwd=folder, env={**server_env(folder), **(env or {})}, capture_output=True,
+                          text=True, timeout=300)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    return done.returncode, done.stderr
 
 
 def free_port() -> int:
@@ -112,12 +123,13 @@ def loopback(static_model_dir: Path) -> Iterator[object]:
         yield server
 
 
-def package_config(folder: Path, static_model_dir: Path, loopback_url: str) -> Path:
+def package_config(folder: Path, static_model_dir: Path, loopback_url: str, server: str = "") -> Path:
+    """The served configuration (see the module docstring); ``server``: more ``[server]`` lines."""
     dead = f"http://127.0.0.1:{free_port()}/v1"
     body = (
         'data_dir = "data"\n'
         f"[server]\nmax_batch = {MAX_BATCH}\nmax_k = {MAX_K}\nmax_body_bytes = {MAX_BODY}\n"
-        "write_wait_s = 0.2\n"
+        "write_wait_s = 0.2\n" + server +
         '[chat]\nroute = ["dead", "loop"]\nbreaker_failures = 1000\n'
         f'[chat.backends.dead]\nbase_url = "{dead}"\nmodel = "llama-local"\nhosted = false\n'
         'api_key_env = ""\ntimeout_s = 2\nconnect_timeout_s = 0.5\n'

@@ -19,15 +19,7 @@ import pytest
 import embedpipe
 from conftest import cli, write_config
 
-from .conftest import serve_command, server_env, start_server
-
-
-def _refused(command: list[str], folder: Path) -> tuple[int, str]:
-    done = subprocess.run(command, cwd=folder, env=server_env(folder), capture_output=True, text=True,
-                          timeout=300)
-    assert "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
-    return done.returncode, done.stderr
+from .conftest import refused, serve_command, server_env, start_server
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
@@ -50,12 +42,12 @@ def test_server_json_is_written_while_it_runs_and_removed_when_it_stops(tmp_path
     assert code == 0, err
 
 
-def test_a_second_server_on_the_same_data_directory_is_refused(tmp_path, capsys, monkeypatch) -> None:
+def test_a_second_server_on_the_same_data_directory_isrefused(tmp_path, capsys, monkeypatch) -> None:
     config = write_config(tmp_path)
     first = start_server(config, tmp_path / "data")
     try:
         before = (tmp_path / "data" / "server.json").read_text()
-        code, err = _refused(serve_command(config), tmp_path)
+        code, err = refused(serve_command(config), tmp_path)
         assert code == 75
         assert err.startswith(f"error: embedpipe serve is already running for {tmp_path / 'data'} at "
                               f"{first.url} (pid {first.proc.pid}, since ")
@@ -86,20 +78,20 @@ def test_a_killed_server_leaves_server_json_and_the_next_replaces_it(tmp_path) -
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])
 def test_an_address_other_than_loopback_is_refused_without_keys(tmp_path, host) -> None:
     config = write_config(tmp_path)
-    code, err = _refused(serve_command(config, "--host", host), tmp_path)
+    code, err = refused(serve_command(config, "--host", host), tmp_path)
     assert code == 2 and f"--host {host} is not loopback, and listening there needs API keys" in err
     assert "embedpipe keys add" in err and "$EMBEDPIPE_SERVER_KEYS" in err
     assert not (tmp_path / "data" / "server.json").exists()
 
 
-def test_a_port_in_use_is_refused(tmp_path) -> None:
+def test_a_port_in_use_isrefused(tmp_path) -> None:
     config = write_config(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         command = [sys.executable, "-m", "embedpipe.cli", "serve", "--config", str(config), "--port", str(port)]
-        code, err = _refused(command, tmp_path)
+        code, err = refused(command, tmp_path)
     assert code == 2 and f"port {port} on 127.0.0.1 is in use" in err
     assert not (tmp_path / "data" / "server.json").exists()
 
@@ -114,14 +106,14 @@ HOLD = (
 )
 
 
-def test_an_engine_another_process_holds_is_refused(tmp_path) -> None:
+def test_an_engine_another_process_holds_isrefused(tmp_path) -> None:
     """An ingest or an application with the engine open: the server does not start."""
     config = write_config(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(config)], cwd=tmp_path,
                               env=server_env(tmp_path), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        code, err = _refused(serve_command(config), tmp_path)
+        code, err = refused(serve_command(config), tmp_path)
         assert code == 75 and f"pid {holder.pid}" in err and "open in another process" in err
         assert not (tmp_path / "data" / "server.json").exists()
     finally:

@@ -86,6 +86,23 @@ def test_every_command_has_help(tmp_path: Path) -> None:
         assert out.returncode == 0 and "--json" in out.stdout
     out = run("serve", "--help", cwd=tmp_path)
     assert out.returncode == 0 and all(o in out.stdout for o in ("--host", "--port", "--config"))
+    for command in (("keys", "add"), ("keys", "list")):
+        out = run(*command, "--help", cwd=tmp_path)
+        assert out.returncode == 0 and "--json" in out.stdout
+    out = run("keys", "add", "--help", cwd=tmp_path)
+    assert all(o in out.stdout for o in ("--index", "--scope", "--env"))
+    assert run("keys", "remove", "--help", cwd=tmp_path).returncode == 0
+
+
+def test_keys_add_does_not_import_the_server(tmp_path: Path) -> None:
+    write_config(tmp_path)
+    code = ("import sys\nsys.argv = ['embedpipe', 'keys', 'add', 'app', '-i', 'docs', '-s', 'read']\n"
+            "from embedpipe.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('loaded:', ','.join(m for m in ('fastapi', 'uvicorn', 'starlette', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and "added key 'app'" in out.stderr, out.stderr
+    assert out.stdout.strip().endswith("loaded:")
 
 
 def test_help_does_not_import_the_server() -> None:

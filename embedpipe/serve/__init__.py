@@ -10,7 +10,12 @@ every query it embeds is embedded in the space of the index it searches.
   OpenAI protocol;
 * ``schemas``: request and response models; ``errors``: embedpipe errors as HTTP
   statuses and one JSON error body; ``state``: what the server shares between requests;
-* ``runner``: ownership (``server.lock``, ``server.json``), uvicorn start and stop;
+* ``keys``: API keys (the hashed key file, ``$EMBEDPIPE_SERVER_KEYS``, scopes, the
+  checks) and what ``embedpipe keys`` writes; imports nothing heavy;
+* ``auth``: the key check in front of every route (401, 429) and the grant each route
+  asks for its scope and index (403);
+* ``runner``: ownership (``server.lock``, ``server.json``), who may be served (an
+  address other than loopback needs keys), uvicorn start and stop;
 * ``info``: reading ``server.json``, for clients; imports nothing heavy.
 
 Importing this package imports neither FastAPI nor uvicorn.

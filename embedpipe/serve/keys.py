@@ -136,7 +136,7 @@ class ApiKey:
             raise AccessDenied(
                 f"API key {self.name!r} may not use index {index!r}{doing}; it may use "
                 f"{', '.join(self.indexes)}. Use a key for {index!r} (`embedpipe keys add NAME "
-                f"--index {index} ...`)")
+                f"--index {index!r} ...`)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "sha256_prefix": self.sha256[:12], "indexes": list(self.indexes),

@@ -199,3 +199,15 @@ def payloads(settings: Settings, collection: str, fields: list[str] | None = Non
 
     engine = IndexVersions.open(settings).engine
     return [p for page in engine.scroll(collection, fields or True) for _, p in page]
+
+
+# A process that opens the engine of the data directory of the config file it is given
+# (argv[1]), says "held" and keeps it until killed: the holder other processes meet.
+HOLD_ENGINE = (
+    "import sys, time\n"
+    "from embedpipe.config import load_settings\n"
+    "from embedpipe.engine import connect\n"
+    "connect(load_settings(sys.argv[1]))\n"
+    "print('held', flush=True)\n"
+    "time.sleep(300)\n"
+)

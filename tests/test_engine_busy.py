@@ -11,21 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import cli, write_config
-
-HOLD = (
-    "import sys, time\n"
-    "from embedpipe.config import load_settings\n"
-    "from embedpipe.engine import connect\n"
-    "connect(load_settings(sys.argv[1]))\n"
-    "print('held', flush=True)\n"
-    "time.sleep(120)\n"
-)
+from conftest import HOLD_ENGINE, cli, write_config
 
 
 def test_an_engine_held_by_another_process_exits_75_at_once(tmp_path: Path, capsys, monkeypatch) -> None:
     config = write_config(tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(config)], stdout=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_ENGINE, str(config)], stdout=subprocess.PIPE,
                               text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 import embedpipe
-from conftest import cli, write_config
+from conftest import HOLD_ENGINE, cli, write_config
 
 from .conftest import refused, serve_command, server_env, start_server
 
@@ -95,20 +95,11 @@ def test_a_port_in_use_isrefused(tmp_path) -> None:
     assert not (tmp_path / "data" / "server.json").exists()
 
 
-HOLD = (
-    "import sys, time\n"
-    "from embedpipe.config import load_settings\n"
-    "from embedpipe.engine import connect\n"
-    "connect(load_settings(sys.argv[1]))\n"
-    "print('held', flush=True)\n"
-    "time.sleep(300)\n"
-)
-
 
 def test_an_engine_another_process_holds_isrefused(tmp_path) -> None:
     """An ingest or an application with the engine open: the server does not start."""
     config = write_config(tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(config)], cwd=tmp_path,
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_ENGINE, str(config)], cwd=tmp_path,
                               env=server_env(tmp_path), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # (or a plain `torch` requirement resolved first) pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install dev demo test test-all bench bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-query bench-extra clean
+.PHONY: install dev demo test test-all bench bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-query bench-serve bench-extra clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,9 +43,9 @@ test: dev
 test-all: dev
 	$(PY) -m pytest -m ''
 
-# Every benchmark, one after the other (about 2.5 hours on 2 cores, 1.5 of them bench-scale); each prints a table
+# Every benchmark, one after the other (about 1.6 hours on 2 cores, 35 minutes of them bench-scale); each prints a table
 # and writes JSON with the machine info under bench/results/.
-bench: bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-query bench-scale
+bench: bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-query bench-serve bench-scale
 
 bench-extra: dev
 	$(PIP) install -q -e '.[dev,bench]'
@@ -76,6 +76,11 @@ bench-journal: dev
 
 bench-query: dev
 	$(PY) bench/query_overhead.py --passes 3
+
+# Search through `embedpipe serve` against Index.search in-process, then 32 clients with and
+# without a documents writer (about 7 minutes on 2 cores).
+bench-serve: dev
+	$(PY) bench/serve.py
 
 # 100k documents on Qdrant Edge and on the old local mode, then 1M on Edge (about 1.5 hours on 2 cores).
 # SCALE_FLAGS="--memory-limit 3G" builds in a 3 GiB memory cgroup (needs a writable cgroup).

@@ -78,7 +78,7 @@ bench-query: dev
 	$(PY) bench/query_overhead.py --passes 3
 
 # Search through `embedpipe serve` against Index.search in-process, then 32 clients with and
-# without a documents writer (about 7 minutes on 2 cores).
+# without a documents writer (11 minutes on a busy 2-core machine, half of it the MiniLM searches of part 1).
 bench-serve: dev
 	$(PY) bench/serve.py
 

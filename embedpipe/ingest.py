@@ -11,7 +11,10 @@ The order of steps is what keeps the invariants:
 4. only then are the embedded rows committed as a corpus segment. A crash before
    that leaves the corpus untouched, and the re-run redoes idempotent work
    (deterministic point ids, vectors already in the vector store); failed documents
-   stay out of the corpus, so the next run retries them.
+   stay out of the corpus, so the next run retries them. Writes into a live version
+   are journaled (``pending/<index>.json``) until the corpus has them: the next run
+   repairs what a crash left, and ``settle`` does it without a run (``embedpipe serve``
+   settles every index when it starts, so a batch cut by kill -9 is whole or absent).
 
 A new index is built as version 1 in state ``building`` and the alias points at
 it only once it holds every document.
@@ -44,7 +47,7 @@ from embedpipe.pipeline import PipelineStats, Work, embed_and_write
 from embedpipe.sources import FileError, SourceSpec, read_documents
 from embedpipe.vectors import VectorStore
 
-__all__ = ["IngestReport", "delete", "ingest", "ingest_documents"]
+__all__ = ["IngestReport", "delete", "ingest", "ingest_documents", "settle", "unsettled"]
 
 ProgressFactory = Callable[[int], Callable[[int], None]]
 log = logging.getLogger(__name__)
@@ -362,7 +365,8 @@ class _Journal:
     A run killed mid-write can leave a document half-written (some of its chunks new,
     some old) or written but not in the corpus; the corpus alone cannot tell, since it
     only moves on after the writes. The next run reads the journal and rewrites those
-    documents, or deletes them from every version when they are gone.
+    documents, or deletes them from every version when they are gone; ``settle`` does the
+    same with the corpus alone.
     """
 
     def __init__(self, settings: Settings, index: str) -> None:
@@ -381,6 +385,78 @@ class _Journal:
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def unsettled(settings: Settings) -> list[str]:
+    """Indexes whose journal (``pending/<index>.json``) says a write was interrupted, or is
+    running now."""
+    folder = Layout(settings.data_dir).root / "pending"
+    try:
+        return sorted(p.stem for p in folder.glob("*.json"))
+    except OSError:
+        return []
+
+
+def settle(settings: Settings, index: str) -> str | None:
+    """Put the live version of ``index`` back in agreement with its corpus after a write
+    was interrupted (its journal lists the documents it was writing): a document the
+    corpus never received is deleted from every version, and one the corpus holds is
+    rewritten from the corpus (its vector reused from the vector store, so usually no
+    model is called). An interrupted batch is thus whole (it reached the corpus) or
+    absent (it did not), as the corpus says, without waiting for the next write.
+
+    Returns a one-line account, or None when nothing was pending. A document that could
+    not be rewritten (its model failed) stays in the journal, and the next ingest of the
+    index retries it; ``EmbedpipeError`` is raised for it.
+    """
+    check_index_name(index)
+    journal = _Journal(settings, index)
+    if not journal.path.exists():
+        return None
+    corpus = CorpusStore.for_index(settings.data_dir, index)
+    with index_lock(settings, index):
+        pending = journal.read()
+        versions = IndexVersions.open(settings)
+        versions.repair_states(index)
+        live = versions.live(index)
+        if not pending or live is None:  # a journal is only kept for a live version
+            journal.clear()
+            return None
+        known = corpus.known()
+        gone = sorted(pending - known.keys())
+        for version in versions.versions(index) if gone else []:
+            versions.delete_documents(version.collection, gone)
+        redo = pending & known.keys()
+        failures: dict[str, str] = {}
+        if redo:
+            profile = settings.profile(live.profile)
+            embedder = build_embedder(profile, settings)
+            check_fingerprint(live, embedder.fingerprint, profile.name)
+            chunker = chunker_for(live, embedder)
+            store = VectorStore(settings.data_dir, live.fingerprint, profile.dims, profile.name)
+            store_text = settings.index_store_text(index)
+            held = _held_before(versions, live, chunker, False, redo)
+            written: set[str] = set()
+
+            def write(ids: list[str], vectors: Any, payloads: list[dict[str, Any]]) -> None:
+                versions.upsert(live.collection, ids, vectors, payloads)
+                written.update(point_id(i) for i in ids)
+
+            items = (work for batch in corpus.iter_batches() for row in batch.to_pylist()
+                     if row["id"] in redo for work in works_for_row(row, store_text, chunker))
+            stats = embed_and_write(items, embedder, write, store, window=settings.window)
+            _drop_leftovers(versions, live, held, written, stats)
+            failures = stats.failures
+        versions.refresh_index(live.collection)
+        if failures:
+            write_json(journal.path, sorted(failures))
+            reason = sorted(failures.items())[0][1]  # no document id: the server logs this
+            raise EmbedpipeError(
+                f"index {index!r}: {len(failures)} documents an interrupted write left could not be "
+                f"rewritten from the corpus ({reason}); the next ingest retries them")
+        journal.clear()
+    return (f"index {index!r}: an interrupted write left {len(pending)} documents unsettled; "
+            f"removed {len(gone)} the corpus never received, rewrote {len(redo)} from the corpus")
 
 
 def _repair(

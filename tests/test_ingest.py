@@ -457,3 +457,38 @@ def test_documents_a_caller_holds_are_ingested_like_a_file(static_model_dir, mak
     with pytest.raises(InputError, match="the source broke"):
         ingest_documents(settings, "api", failing())
     assert _snapshot(settings, "api") == before
+
+
+def test_settle_keeps_the_journal_when_the_model_cannot_rewrite(make_settings, openai_server, monkeypatch) -> None:
+    """``settle`` rewrites documents from the corpus with stored vectors; when it must
+    embed and the model fails, the journal stays (the next ingest retries), and a later
+    settle completes."""
+    import shutil
+
+    import embedpipe.ingest as ingest_mod
+    from conftest import hosted_profile_toml
+    from embedpipe.errors import EmbedpipeError
+    from embedpipe.ingest import ingest_documents, settle, unsettled
+    from embedpipe.layout import Layout
+    from embedpipe.sources import documents_from_records
+
+    settings = make_settings(hosted_profile_toml(openai_server.base_url, limits="max_retries = 0"))
+    records = [{"id": d["id"], "text": d["text"]} for d in DOCS]
+    ingest_documents(settings, "kb", documents_from_records(records), profile="hosted")
+    versions = IndexVersions.open(settings)
+    live = versions.require_live("kb")
+    before = versions.contents(live.collection)
+
+    with monkeypatch.context() as patched, pytest.raises(RuntimeError):
+        patched.setattr(ingest_mod, "_commit_corpus", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
+        ingest_documents(settings, "kb", documents_from_records([{"id": "bread", "text": "Rye bread is dense."}]))
+    assert versions.contents(live.collection) != before  # the engine has the new text, the corpus not
+    shutil.rmtree(Layout(settings.data_dir).vectors(live.fingerprint))  # so the rewrite must embed
+    openai_server.configure(rate_500=1.0)
+    with pytest.raises(EmbedpipeError, match="index 'kb': 1 documents an interrupted write left could not be "
+                                             "rewritten from the corpus"):
+        settle(settings, "kb")
+    assert unsettled(settings) == ["kb"]
+    openai_server.configure(rate_500=0.0)
+    assert settle(settings, "kb").endswith("removed 0 the corpus never received, rewrote 1 from the corpus")
+    assert versions.contents(live.collection) == before and unsettled(settings) == []

@@ -361,6 +361,37 @@ def test_a_run_killed_mid_write_is_repaired_by_the_next(cfg, src: Path, monkeypa
     assert not (cfg.data_dir / "pending" / "docs.json").exists()
 
 
+def test_settle_puts_the_live_version_back_to_its_corpus_without_another_run(cfg, src: Path, monkeypatch) -> None:
+    """What `embedpipe serve` does when it starts after a kill: the documents a cut run was
+    writing are made as the corpus says, at once, not at the next sync."""
+    import embedpipe.ingest as ingest_mod
+    from embedpipe.ingest import settle, unsettled
+
+    sync(cfg, "docs")
+    collection = _versions(cfg).require_live("docs").collection
+    before, chunks = _whole(cfg, collection), _chunk_ids(cfg, collection)
+    assert before == _corpus(cfg) and unsettled(cfg) == [] and settle(cfg, "docs") is None
+    # A shrinking edit and a new document, both written into the live version; the run
+    # dies before the corpus has either.
+    _write(src, {"long.txt": LONG[: len(LONG) // 3], "new.txt": "A short-lived note about comets."})
+    monkeypatch.setattr(ingest_mod, "_commit_corpus", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError):
+        sync(cfg, "docs")
+    monkeypatch.undo()
+    assert unsettled(cfg) == ["docs"]
+    held = _whole(cfg, collection)
+    assert "new.txt" in held and held["long.txt"] != before["long.txt"] and _corpus(cfg) == before
+
+    said = settle(cfg, "docs")
+    assert said == ("index 'docs': an interrupted write left 2 documents unsettled; removed 1 the corpus "
+                    "never received, rewrote 1 from the corpus")
+    assert _whole(cfg, collection) == _corpus(cfg) == before  # the old text, whole, each document once
+    assert _chunk_ids(cfg, collection) == chunks  # the shrunk text's chunks back, none left over
+    assert unsettled(cfg) == [] and settle(cfg, "docs") is None
+    report = sync(cfg, "docs")  # the files still hold the edit: the next run applies it
+    assert (report.added, report.updated) == (1, 1) and not report.warnings
+
+
 def test_a_document_that_fails_to_embed_keeps_its_old_chunks(make_settings, openai_server, src: Path) -> None:
     from conftest import hosted_profile_toml
 

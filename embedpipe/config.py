@@ -189,7 +189,8 @@ class ServerSettings(BaseModel):
     A request over a limit is refused with 413 before any work: a body over
     ``max_body_bytes``, more than ``max_batch`` documents or embedding inputs, a ``k``
     over ``max_k``. Writes (documents, deletes) take turns: one waits up to
-    ``write_wait_s`` for the one before it, then gets 409.
+    ``write_wait_s`` for the one before it, then gets 409. On SIGTERM the requests in
+    flight are finished, for up to ``shutdown_wait_s``.
 
     API keys (``embedpipe.serve.keys``): once any key is configured, in the key file or
     in the environment, every request but ``/healthz``, ``/docs`` and ``/openapi.json``
@@ -204,6 +205,11 @@ class ServerSettings(BaseModel):
     max_batch: int = Field(default=2048, gt=0)  # OpenAI's own limit of inputs per embeddings call
     max_k: int = Field(default=1000, gt=0)
     write_wait_s: float = Field(default=30.0, ge=0)
+    # SIGTERM or Ctrl-C: how long the requests in flight (a documents batch) are waited for
+    # before the server leaves without them; a batch cut short is then settled, whole or
+    # absent, when the server starts again. Keep it under your service manager's own kill
+    # timeout (systemd: 90 s; Kubernetes: terminationGracePeriodSeconds, 30 s).
+    shutdown_wait_s: float = Field(default=25.0, gt=0)
     # SHA-256 hashes of API keys with their scopes (`embedpipe keys add` appends to it);
     # relative to the config file. None: <data_dir>/keys.toml, if it exists.
     key_file: Path | None = None

@@ -70,6 +70,7 @@ def test_api_key_in_the_file_is_refused(tmp_path: Path) -> None:
         ("[server.rate_limits]\napp = -5\n", "server.rate_limits.app"),
         ('[server.rate_limits]\n"no spaces" = 5\n', "rate_limits: 'no spaces' is not a key name"),
         ('[server]\nkeys_env = "MY KEYS"\n', "server.keys_env"),
+        ("[server]\nshutdown_wait_s = 0\n", "server.shutdown_wait_s: Input should be greater than 0"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, body: str, match: str) -> None:
@@ -83,10 +84,12 @@ def test_server_settings_and_their_defaults(tmp_path: Path) -> None:
     defaults = load_settings(write_config(tmp_path)).server
     assert (defaults.host, defaults.port, defaults.max_k, defaults.max_batch) == ("127.0.0.1", 8765, 1000, 2048)
     assert defaults.max_body_bytes == 32 * 2**20 and defaults.write_wait_s == 30
-    body = "[server]\nport = 0\nmax_body_bytes = 1024\nmax_batch = 10\nmax_k = 5\nwrite_wait_s = 0\n"
+    assert defaults.shutdown_wait_s == 25
+    body = ("[server]\nport = 0\nmax_body_bytes = 1024\nmax_batch = 10\nmax_k = 5\nwrite_wait_s = 0\n"
+            "shutdown_wait_s = 2.5\n")
     server = load_settings(write_config(tmp_path, body)).server
-    assert (server.port, server.max_body_bytes, server.max_batch, server.max_k, server.write_wait_s) == (
-        0, 1024, 10, 5, 0)
+    assert (server.port, server.max_body_bytes, server.max_batch, server.max_k, server.write_wait_s,
+            server.shutdown_wait_s) == (0, 1024, 10, 5, 0, 2.5)
 
 
 def test_server_access_settings(tmp_path: Path) -> None:

@@ -9,15 +9,20 @@ In order, each step failing with one line and nothing left behind:
    stops here with IndexBusy naming the running one (its ``server.json``). The kernel
    drops the lock with the process, so a killed server never blocks the next;
 3. open the engine (Qdrant Edge's ``engine.lock``): a CLI command or an application
-   holding it stops the server with IndexBusy naming that process;
+   holding it stops the server with IndexBusy naming that process; then settle what a
+   killed writer left (``ingest.settle``: a documents batch cut short by kill -9 is made
+   whole or absent, as the corpus says, before any client can search);
 4. bind the socket (port 0: any free one), so the URL written next is the real one;
 5. once uvicorn accepts connections, write ``<data>/server.json`` ({url, pid, started,
    version}, atomically, 0600); a stale one (its process gone) is replaced. Its URL is
    one a client on this machine can use: loopback for a wildcard address (0.0.0.0, ::).
 
-SIGTERM and Ctrl-C stop it gracefully: uvicorn finishes the requests in flight (a
-documents batch completes, or never began), then ``server.json`` is removed, the engine
-closed and the lock released.
+SIGTERM and Ctrl-C stop it gracefully: the socket stops accepting, idle connections are
+closed, uvicorn finishes the requests in flight (a documents batch completes, or never
+began) and closes their connections, then ``server.json`` is removed, the engine closed
+and the lock released. The wait is bounded by ``[server] shutdown_wait_s``: past it the
+server logs what it leaves, removes ``server.json`` and exits 1 at once, as a kill
+would; the next start settles the batch it cut short.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ def serve(
 
         try:
             IndexVersions.open(settings)  # the engine is ours now (and earlier data converted)
+            _settle(settings)
             sock = _bind(host, port)
             try:
                 _run(settings, keys, sock, layout, on_ready)
@@ -84,6 +90,23 @@ def serve(
         finally:
             _forget(layout)
             close_all()
+
+
+def _settle(settings: Settings) -> None:
+    """Settle every index a killed writer left a journal for (``ingest.settle``); one
+    that cannot be settled now (its model fails) is logged, and its next ingest retries."""
+    from embedpipe.errors import EmbedpipeError
+    from embedpipe.ingest import settle, unsettled
+
+    for index in unsettled(settings):
+        try:
+            said = settle(settings, index)
+        except EmbedpipeError as exc:
+            log.warning("could not settle index %r (an interrupted write left documents the live "
+                        "version and the corpus disagree on): %s", index, str(exc).splitlines()[0])
+            continue
+        if said:
+            log.warning("%s", said)
 
 
 def check_host(host: str, keyed: bool, settings: Settings) -> bool:
@@ -178,11 +201,17 @@ def _run(settings: Settings, keys: KeyRing, sock: socket.socket, layout: Layout,
         if on_ready is not None:
             on_ready(info)
 
+    deadline = _Deadline(settings.server.shutdown_wait_s, layout)
+
     class Announcing(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets=sockets)
             if self.started and not self.should_exit:
                 announce()
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            deadline.start()
 
     host, port = sock.getsockname()[:2]
     listening = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -194,6 +223,41 @@ def _run(settings: Settings, keys: KeyRing, sock: socket.socket, layout: Layout,
             Announcing(config).run(sockets=[sock])
         except (KeyboardInterrupt, _Stopped):
             pass  # uvicorn has shut down gracefully; the caller cleans up
+        finally:
+            deadline.cancel()
+
+
+class _Deadline:
+    """The bound on a graceful shutdown. uvicorn waits for every request in flight with no
+    limit of its own, and even its own limit could not stop a request running in the
+    threadpool (a documents batch embedding on a hung upstream): a thread cannot be
+    cancelled, and the interpreter would wait for it at exit. Past ``wait_s`` this leaves
+    at once (``os._exit``), as a kill -9 would: the engine's write-ahead log keeps what it
+    acknowledged, and the next start settles the cut batch (``ingest.settle``)."""
+
+    def __init__(self, wait_s: float, layout: Layout) -> None:
+        self.wait_s = wait_s
+        self.layout = layout
+        self._timer: threading.Timer | None = None
+
+    def start(self) -> None:
+        """Called on each stop signal; the first starts the clock."""
+        if self._timer is None:
+            self._timer = threading.Timer(self.wait_s, self._leave)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _leave(self) -> None:
+        logging.getLogger("uvicorn.error").error(
+            "stopping: requests still running after %g s ([server] shutdown_wait_s); leaving without "
+            "them (a documents batch cut short is settled, whole or absent, when the server starts "
+            "again)", self.wait_s)
+        _forget(self.layout)
+        os._exit(1)
 
 
 @contextlib.contextmanager

@@ -72,14 +72,16 @@ def serve_command(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "embedpipe.cli", "serve", "--config", str(config), "--port", "0", *extra]
 
 
-def start_server(config: Path, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> Served:
-    """Start ``embedpipe serve`` (``args``: more options, ``env``: more variables) and wait
-    for the server.json that names its process."""
+def start_server(config: Path, data_dir: Path, *args: str, env: dict[str, str] | None = None,
+                 command: list[str] | None = None) -> Served:
+    """Start ``embedpipe serve`` (``args``: more options, ``env``: more variables;
+    ``command``: another command line that serves, e.g. the CLI behind a test's hook) and
+    wait for the server.json that names its process."""
     folder = config.parent
     log = folder / f"serve-{time.monotonic_ns()}.log"
     with log.open("wb") as out:  # a file, not a pipe: a full pipe would stall the server
-        proc = subprocess.Popen(serve_command(config, *args), cwd=folder, env={**server_env(folder), **(env or {})},
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command or serve_command(config, *args), cwd=folder,
+                                env={**server_env(folder), **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
     info = data_dir / "server.json"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:

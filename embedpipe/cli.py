@@ -121,6 +121,63 @@ def _progress(enabled: bool, label: str) -> Iterator[Callable[[int], Callable[[i
         yield start
 
 
+CancelOpt = Annotated[bool, typer.Option(
+    "--cancel-on-interrupt",
+    help="Through a server: Ctrl-C cancels the job (at its next batch boundary) instead of leaving it running.")]
+
+
+def _server(settings: Any) -> Any:
+    """The client of the server that owns the data directory (or ``[server] url``), or None:
+    then the command opens the engine itself."""
+    from embedpipe.serve.client import server_for
+
+    return server_for(settings)
+
+
+def _job(client: Any, kind: str, index: str, label: str, show: bool, cancel_on_interrupt: bool,
+         **params: Any) -> dict[str, Any]:
+    """Run a command as a job of the server: follow its progress (a bar on a terminal)
+    and return its report, or raise its error. Ctrl-C detaches, leaving the job running,
+    unless ``cancel_on_interrupt``."""
+    from embedpipe.serve.client import job_result
+
+    job = client.start_job(kind, index, **params)
+    if show:
+        typer.echo(f"job {job['id']} runs in embedpipe serve at {client.url} (Ctrl-C detaches)", err=True)
+    try:
+        with _progress(show, label) as start:
+            job = client.follow(job, _bar_updater(start))
+    except KeyboardInterrupt:
+        job_id = job["id"]
+        if cancel_on_interrupt:
+            client.cancel(job_id)
+            typer.echo(f"cancelling job {job_id}: it stops at its next batch boundary, keeping what it "
+                       f"wrote; `embedpipe jobs show {job_id}` says when", err=True)
+        else:
+            typer.echo(f"detached: job {job_id} goes on in embedpipe serve at {client.url}; "
+                       f"`embedpipe jobs follow {job_id}` watches it, `embedpipe jobs cancel {job_id}` "
+                       "stops it", err=True)
+        raise typer.Exit(130) from None
+    return job_result(job)
+
+
+def _bar_updater(start: Any) -> Callable[[dict[str, Any]], None]:
+    """Move a progress bar as a followed job's ``progress`` moves (a new bar per step)."""
+    bar: dict[str, Any] = {"step": 0, "advance": None, "done": 0}
+
+    def update(job: dict[str, Any]) -> None:
+        p = job["progress"]
+        if start is None or not p["step"]:
+            return
+        if p["step"] != bar["step"]:
+            bar.update(step=p["step"], advance=start(p["total"]), done=0)
+        if p["done"] > bar["done"]:
+            bar["advance"](p["done"] - bar["done"])
+            bar["done"] = p["done"]
+
+    return update
+
+
 @app.command()
 def ingest(
     path: Annotated[Path, typer.Argument(help="A .jsonl file, a .parquet file or a directory of .txt/.md files.")],
@@ -129,45 +186,56 @@ def ingest(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and diff only: say what would be embedded, write nothing.")] = False,
     skip_invalid: Annotated[Optional[bool], typer.Option("--skip-invalid/--fail-on-invalid", help="Report invalid records (file, line, reason) and ingest the rest, exit 3; default: the index's on_invalid (refuse the whole input).")] = None,
     as_json: JsonOpt = False,
+    cancel_on_interrupt: CancelOpt = False,
 ) -> None:
-    """Add or update documents in an index; unchanged documents are not re-embedded."""
+    """Add or update documents in an index; unchanged documents are not re-embedded.
+    With a server running, it reads PATH and does the work (the path must be one it can read)."""
     from embedpipe.ingest import ingest as run_ingest
 
     settings = _settings()
     show = not as_json and not dry_run and sys.stderr.isatty()
-    with _progress(show, f"embedding into {index}") as progress:
-        report = run_ingest(settings, index, path, profile=profile, progress=progress, dry_run=dry_run,
-                            skip_invalid=skip_invalid)
+    client = _server(settings)
+    if client is not None:
+        report = _job(client, "ingest", index, f"embedding into {index}", show, cancel_on_interrupt,
+                      path=str(path.resolve()), profile=profile, dry_run=dry_run, skip_invalid=skip_invalid)
+    else:
+        with _progress(show, f"embedding into {index}") as progress:
+            report = run_ingest(settings, index, path, profile=profile, progress=progress, dry_run=dry_run,
+                                skip_invalid=skip_invalid).to_dict()
+    _print_ingest(report, dry_run, as_json)
+
+
+def _print_ingest(r: dict[str, Any], dry_run: bool, as_json: bool) -> None:
     if as_json:
-        _print_json(report.to_dict())
-        _exit_if_failures(report)
+        _print_json(r)
+        _exit_if_failures(r)
         return
     if dry_run:
         typer.echo(
-            f"dry run, nothing written: {report.index} -> {report.collection}: "
-            f"{report.documents} documents, {report.added} to add, {report.updated} to update, "
-            f"{report.unchanged} unchanged; {report.embedded} texts to embed, "
-            f"{report.reused} vectors reusable"
-            + (f"; {report.tokens:,} tokens" if report.tokens is not None else "")
-            + (f", about ${report.estimated_usd:.4f}" if report.estimated_usd is not None else "")
-            + (f"; {report.failed} invalid records left out" if report.failed else "")
+            f"dry run, nothing written: {r['index']} -> {r['collection']}: "
+            f"{r['documents']} documents, {r['added']} to add, {r['updated']} to update, "
+            f"{r['unchanged']} unchanged; {r['embedded']} texts to embed, "
+            f"{r['reused']} vectors reusable"
+            + (f"; {r['tokens']:,} tokens" if r.get("tokens") is not None else "")
+            + (f", about ${r['estimated_usd']:.4f}" if r.get("estimated_usd") is not None else "")
+            + (f"; {r['failed']} invalid records left out" if r["failed"] else "")
         )
-        _print_failures(report.failures)
-        _exit_if_failures(report)
+        _print_failures(r["failures"])
+        _exit_if_failures(r)
         return
-    rate = f" ({report.embedded / report.seconds:,.0f} docs/s)" if report.embedded else ""
+    rate = f" ({r['embedded'] / r['seconds']:,.0f} docs/s)" if r["embedded"] and r["seconds"] else ""
     typer.echo(
-        f"{report.index} -> {report.collection}: {report.documents} documents, "
-        f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
-        f"{report.failed} failed; {report.embedded} embedded, {report.reused} reused"
-        + (f", {report.truncated} truncated" if report.truncated else "")
-        + (f", {report.chunked} chunked" if report.chunked else "")
-        + f" in {report.seconds:.1f}s{rate}"
+        f"{r['index']} -> {r['collection']}: {r['documents']} documents, "
+        f"{r['added']} added, {r['updated']} updated, {r['unchanged']} unchanged, "
+        f"{r['failed']} failed; {r['embedded']} embedded, {r['reused']} reused"
+        + (f", {r['truncated']} truncated" if r.get("truncated") else "")
+        + (f", {r['chunked']} chunked" if r.get("chunked") else "")
+        + f" in {r['seconds']:.1f}s{rate}"
     )
-    _print_failures(report.failures)
-    for warning in report.warnings:
+    _print_failures(r["failures"])
+    for warning in r.get("warnings") or []:
         typer.echo(f"warning: {warning}", err=True)
-    _exit_if_failures(report)
+    _exit_if_failures(r)
 
 
 def _print_failures(failures: list[dict[str, Any]]) -> None:
@@ -189,13 +257,31 @@ def sync(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and diff only: say what would be added, updated, deleted and embedded.")] = False,
     prefect: Annotated[Optional[bool], typer.Option("--prefect/--no-prefect", help="Run as a Prefect flow (default: when PREFECT_API_URL is set).")] = None,
     as_json: JsonOpt = False,
+    cancel_on_interrupt: CancelOpt = False,
 ) -> None:
     """Sync an index with its configured source: embed what is new or changed, delete
     what is gone. Unchanged documents are not re-embedded."""
     settings = _settings()
     show = not as_json and not dry_run and sys.stderr.isatty()
+    as_flow = prefect if prefect is not None else bool(os.environ.get("PREFECT_API_URL"))
+    client = _server(settings)
+    if client is not None:
+        report = _job(client, "sync", index, f"syncing {index}", show, cancel_on_interrupt,
+                      allow_mass_delete=allow_mass_delete, dry_run=dry_run, prefect=as_flow)
+    else:
+        report = _sync_here(settings, index, allow_mass_delete, dry_run, as_flow, show)
+    if as_json:
+        _print_json(report)
+    else:
+        _print_sync(report)
+    if report["failed"]:
+        raise typer.Exit(PARTIAL_EXIT)
+
+
+def _sync_here(settings: Any, index: str, allow_mass_delete: bool, dry_run: bool, as_flow: bool,
+               show: bool) -> dict[str, Any]:
     with _progress(show, f"syncing {index}") as progress:
-        if prefect if prefect is not None else bool(os.environ.get("PREFECT_API_URL")):
+        if as_flow:
             from embedpipe.flows.ingest import run_sync
 
             _quiet_run_logs()
@@ -206,12 +292,7 @@ def sync(
 
             report = run(settings, index, allow_mass_delete=allow_mass_delete, dry_run=dry_run,
                          progress=progress).to_dict()
-    if as_json:
-        _print_json(report)
-    else:
-        _print_sync(report)
-    if report["failed"]:
-        raise typer.Exit(PARTIAL_EXIT)
+    return report  # type: ignore[no-any-return]
 
 
 def _print_sync(r: dict[str, Any]) -> None:
@@ -254,8 +335,8 @@ def schedule(
 PARTIAL_EXIT = 3  # some documents failed; the rest were ingested
 
 
-def _exit_if_failures(report: Any) -> None:
-    if report.failed:
+def _exit_if_failures(report: dict[str, Any]) -> None:
+    if report["failed"]:
         raise typer.Exit(PARTIAL_EXIT)
 
 
@@ -283,8 +364,11 @@ def search(
 ) -> None:
     """Search an index; the query is embedded with the index's own model."""
     from embedpipe.index import Index
+    from embedpipe.serve.client import RemoteIndex
 
-    idx = Index(index, _settings())
+    settings = _settings()
+    client = _server(settings)
+    idx = RemoteIndex(index, client) if client is not None else Index(index, settings)
     hits = idx.search(text, k=k, filter=_parse_filters(filter), group_by_doc=group_by_doc)
     if as_json:
         _print_json([{k: v for k, v in h.to_dict().items() if k != "text"} for h in hits])
@@ -309,7 +393,8 @@ def status(
     unsafe = mode_warning(settings.data_dir, log_it=False)  # said here, once, not logged too
     if unsafe:
         typer.echo(f"warning: {unsafe}", err=True)
-    data = index_status(settings, index)
+    client = _server(settings)
+    data = client.indexes(index) if client is not None else index_status(settings, index)
     if as_json:
         _print_json(data)
         return
@@ -431,7 +516,11 @@ def _resolve_index(settings: Any, index: str | None) -> str:
     from embedpipe.errors import ConfigError
     from embedpipe.index import IndexVersions
 
-    names = sorted({v.index for v in IndexVersions.open(settings).versions()})
+    client = _server(settings)
+    if client is not None:
+        names = sorted(e["index"] for e in client.indexes())
+    else:
+        names = sorted({v.index for v in IndexVersions.open(settings).versions()})
     if len(names) == 1:
         return names[0]
     raise ConfigError(
@@ -458,8 +547,7 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _print_plan(plan: Any) -> None:
-    p = plan.to_dict()
+def _print_plan(p: dict[str, Any]) -> None:
     tokens = "-" if p["tokens"] is None else f"{p['tokens']:,}" + (
         " (exact, billed)" if p["tokens_exact"] else " (model tokenizer)")
     usd = "-" if p["estimated_usd"] is None else f"${p['estimated_usd']:.4f}"
@@ -534,13 +622,13 @@ def migrate(
     force: Annotated[bool, typer.Option("--force", help="Cut over even if validation fails (recorded in the report).")] = False,
     tolerance: Annotated[Optional[float], typer.Option("--tolerance", min=0.0, max=1.0, help="Allowed metric drop, new vs old (default: migration.tolerance).")] = None,
     as_json: JsonOpt = False,
+    cancel_on_interrupt: CancelOpt = False,
 ) -> None:
     """Re-index into a new version with another model, validate it, and move the alias.
 
     Resumable: after a crash or kill, the same command continues where it stopped.
     """
-    from embedpipe.errors import MigrationError, NothingToMigrate
-    from embedpipe.migration import plan_migration
+    from embedpipe.errors import MigrationError
 
     settings = _settings()
     name = _resolve_index(settings, index)
@@ -548,20 +636,21 @@ def migrate(
         from embedpipe.evaluation import read_golden
 
         read_golden(golden)  # a bad golden file fails before anything is spent
-    if not dry_run:
-        from embedpipe.flows._prefect import check_prefect
-
-        check_prefect()  # an unreachable server fails before the model is even loaded
-    try:
-        plan = plan_migration(settings, name, to, dry_run=dry_run, probe=True if probe else None)
-    except NothingToMigrate as exc:  # re-running a finished migration is not an error
+    client = _server(settings)
+    if client is None:
+        planned, keep_probe = _plan_here(settings, name, to, dry_run, probe)
+    else:  # the server stores a probe's vectors as it plans: they were paid for
+        planned, keep_probe = _job(client, "plan", name, "planning", False, False, to=to,
+                                   dry_run=dry_run, probe=probe), (lambda: None)
+    if planned["status"] == "nothing_to_do":  # re-running a finished migration is not an error
         if as_json:
-            _print_json({"status": "nothing_to_do", "index": name, "to_profile": to, "detail": str(exc)})
+            _print_json(planned)
         else:
-            typer.echo(str(exc))
+            typer.echo(planned["detail"])
         return
+    plan = planned["plan"]
     if as_json and dry_run:
-        _print_json({"status": "planned", "plan": plan.to_dict()})
+        _print_json(planned)
         return
     if not as_json:
         _print_plan(plan)
@@ -569,15 +658,22 @@ def migrate(
         typer.echo("dry run: nothing was written")
         return
     _confirm(yes, f"Migrate index {name!r} to {to!r}?")
-    plan.keep_probe(settings)  # the probe's vectors are not embedded twice
-    from embedpipe.flows.migrate import run_migration
-
-    _quiet_run_logs()
+    kept = keep_probe()  # the probe's vectors are not embedded twice
+    if kept:
+        plan["probe_kept"] = kept
     show = not as_json and sys.stderr.isatty()
     try:
-        with _progress(show, f"building {name} on {to}") as progress:
-            report = run_migration(settings, name, to, golden=golden, force=force,
-                                   tolerance=tolerance, plan=plan.to_dict(), progress=progress)
+        if client is not None:
+            report = _job(client, "migrate", name, f"building {name} on {to}", show, cancel_on_interrupt,
+                          to=to, golden=str(golden.resolve()) if golden else None, force=force,
+                          tolerance=tolerance, plan=plan)
+        else:
+            from embedpipe.flows.migrate import run_migration
+
+            _quiet_run_logs()
+            with _progress(show, f"building {name} on {to}") as progress:
+                report = run_migration(settings, name, to, golden=golden, force=force,
+                                       tolerance=tolerance, plan=plan, progress=progress)
     except MigrationError as exc:
         failed = getattr(exc, "report", None)
         if failed and as_json:
@@ -602,19 +698,42 @@ def migrate(
     )
 
 
+def _plan_here(settings: Any, name: str, to: str, dry_run: bool,
+               probe: bool) -> tuple[dict[str, Any], Callable[[], Any]]:
+    """The migration's plan, made in this process (as a server's ``plan`` job makes it),
+    and what stores a hosted probe's vectors once the user says yes."""
+    from embedpipe.errors import NothingToMigrate
+    from embedpipe.migration import plan_migration
+
+    if not dry_run:
+        from embedpipe.flows._prefect import check_prefect
+
+        check_prefect()  # an unreachable server fails before the model is even loaded
+    try:
+        plan = plan_migration(settings, name, to, dry_run=dry_run, probe=True if probe else None)
+    except NothingToMigrate as exc:
+        return {"status": "nothing_to_do", "index": name, "to_profile": to, "detail": str(exc)}, lambda: None
+    return {"status": "planned", "plan": plan.to_dict()}, lambda: plan.keep_probe(settings)
+
+
 @app.command()
 def rollback(
     index: IndexOpt,
     force: Annotated[bool, typer.Option("--force", help="Roll back even if the standby's model can no longer embed queries.")] = False,
     as_json: JsonOpt = False,
+    cancel_on_interrupt: CancelOpt = False,
 ) -> None:
     """Point the index's alias back at its standby version (caught up with the corpus first)."""
     from embedpipe.migration import rollback as run_rollback
 
     settings = _settings()
     show = not as_json and sys.stderr.isatty()
-    with _progress(show, f"catching up {index}") as progress:
-        result = run_rollback(settings, index, progress=progress, force=force)
+    client = _server(settings)
+    if client is not None:
+        result = _job(client, "rollback", index, f"catching up {index}", show, cancel_on_interrupt, force=force)
+    else:
+        with _progress(show, f"catching up {index}") as progress:
+            result = run_rollback(settings, index, progress=progress, force=force)
     if as_json:
         _print_json(result)
         return
@@ -640,7 +759,15 @@ def retire(
     from embedpipe.migration import retire as run_retire
 
     settings = _settings()
-    planned = run_retire(settings, index, keep=keep, dry_run=True, abandon=abandon)
+    client = _server(settings)
+
+    def run(dry: bool) -> dict[str, Any]:
+        if client is not None:
+            return _job(client, "retire", index, "retiring", False, False, keep=keep, abandon=abandon,
+                        dry_run=dry)
+        return run_retire(settings, index, keep=keep, dry_run=dry, abandon=abandon)
+
+    planned = run(True)
     doomed = planned["deleted"] + ([planned["removed_local_mode"]] if planned["removed_local_mode"] else [])
     if dry_run or not doomed:
         result = planned
@@ -648,7 +775,7 @@ def retire(
         if not as_json:
             typer.echo(f"will delete: {', '.join(doomed)}")
         _confirm(yes, f"Delete {', '.join(doomed)} of {index!r}?")
-        result = run_retire(settings, index, keep=keep, abandon=abandon)
+        result = run(False)
     if as_json:
         _print_json(result)
         return
@@ -793,6 +920,96 @@ def keys_remove(name: Annotated[str, typer.Argument(help="The key's name (`embed
     typer.echo(f"removed key {gone.tag} from {settings.key_file}", err=True)
 
 
+jobs_app = typer.Typer(help="Jobs of the running embedpipe serve: ingest, sync, migrate, "
+                       "rollback, retire started through it.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+JobArg = Annotated[str, typer.Argument(help="The job's id (`embedpipe jobs list`).")]
+
+
+def _jobs_client() -> Any:
+    from embedpipe.errors import ServerUnavailable
+
+    settings = _settings()
+    client = _server(settings)
+    if client is None:
+        raise ServerUnavailable(f"no embedpipe serve runs for {settings.data_dir} (no live server.json) "
+                                "and [server] url is unset: jobs exist only in a server")
+    return client
+
+
+def _job_line(job: dict[str, Any]) -> str:
+    p = job["progress"]
+    done = f" {p['done']:,}/{p['total']:,}" if p["total"] else (f" {p['done']:,}" if p["done"] else "")
+    why = f": {job['error']['message']}" if job.get("error") and job["state"] != "succeeded" else ""
+    return f"{job['id']}  {job['kind']:<8} {job['index']:<16} {job['state']}{done}{why}"
+
+
+@jobs_app.command("list")
+def jobs_list(
+    index: Annotated[Optional[str], typer.Option("--index", "-i", help="Only this index's jobs.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The server's jobs, oldest first: running ones and the last finished ones."""
+    found = _jobs_client().jobs(index)
+    if as_json:
+        _print_json(found)
+        return
+    if not found:
+        typer.echo("no jobs")
+    for job in found:
+        typer.echo(_job_line(job))
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: JobArg, as_json: JsonOpt = False) -> None:
+    """One job: state, progress, and its report or error."""
+    job = _jobs_client().job(job_id)
+    if as_json:
+        _print_json(job)
+    else:
+        typer.echo(_job_line(job))
+
+
+@jobs_app.command("follow")
+def jobs_follow(
+    job_id: JobArg,
+    as_json: JsonOpt = False,
+    cancel_on_interrupt: CancelOpt = False,
+) -> None:
+    """Follow a job until it ends (Ctrl-C detaches again); exits as its command would."""
+    from embedpipe.serve.client import job_result
+
+    client = _jobs_client()
+    job = client.job(job_id)
+    show = not as_json and sys.stderr.isatty()
+    try:
+        with _progress(show, f"{job['kind']} {job['index']}") as start:
+            job = client.follow(job, _bar_updater(start))
+    except KeyboardInterrupt:
+        if cancel_on_interrupt:
+            client.cancel(job_id)
+        typer.echo(f"{'cancelling' if cancel_on_interrupt else 'detached from'} job {job_id}", err=True)
+        raise typer.Exit(130) from None
+    if as_json:
+        _print_json(job)
+    else:
+        typer.echo(_job_line(job))
+    job_result(job)  # a failed job exits with its error's code
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: JobArg, as_json: JsonOpt = False) -> None:
+    """Ask a job to stop at its next batch boundary; what it wrote is kept, and running its
+    command again resumes it."""
+    job = _jobs_client().cancel(job_id)
+    if as_json:
+        _print_json(job)
+    elif job["state"] in ("queued", "running"):
+        typer.echo(f"job {job_id} stops at its next batch boundary (`embedpipe jobs show {job_id}`)")
+    else:
+        typer.echo(f"job {job_id} had already ended: {job['state']}")
+
+
 gateway_app = typer.Typer(help="The chat gateway: routing, breakers, latency.", no_args_is_help=True)
 app.add_typer(gateway_app, name="gateway")
 
@@ -848,8 +1065,12 @@ def ask(
 ) -> None:
     """Answer from an index: retrieve with its own model, answer through the gateway, cite ids."""
     from embedpipe.index import Index
+    from embedpipe.serve.client import RemoteIndex
 
-    result = Index(index, _settings()).answer(question, k=k, sensitive=sensitive)
+    settings = _settings()
+    client = _server(settings)
+    idx = RemoteIndex(index, client) if client is not None else Index(index, settings)
+    result = idx.answer(question, k=k, sensitive=sensitive)
     if as_json:
         _print_json(result.to_dict())
         return

@@ -20,7 +20,7 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
@@ -222,6 +222,11 @@ class ServerSettings(BaseModel):
     # keys by name (0: no limit for that key).
     rate_limit_per_minute: int = Field(default=0, ge=0)
     rate_limits: dict[str, Annotated[int, Field(ge=0)]] = {}
+    # Clients: the server the CLI and Index.open go through (any machine); unset, they go
+    # through the server <data>/server.json names, if one runs. $EMBEDPIPE_SERVER_URL
+    # overrides it. The client's key is read from the variable client_key_env names.
+    url: Optional[str] = Field(default=None, pattern=r"^https?://[^\s/]+(/\S*)?$")
+    client_key_env: str = Field(default="EMBEDPIPE_API_KEY", pattern=ENV_NAME_PATTERN)
 
     @model_validator(mode="after")
     def _rate_limits_name_keys(self) -> ServerSettings:

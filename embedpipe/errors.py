@@ -23,6 +23,7 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     │   └── RequestTooLarge         a server request over a [server] limit (HTTP 413)
     ├── IndexNotFound               no such index (alias) exists
     ├── DocumentNotFound            no document of that id in the index
+    ├── JobNotFound                 the server holds no job of that id
     ├── StoreError                  the corpus or vector Parquet files are unusable
     ├── DataDirError                the data directory cannot be written; nothing more was
     │   │                           written, and a re-run resumes once it can be
@@ -34,6 +35,9 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     │   └── QdrantUnavailable       the Qdrant server cannot be reached
     ├── IndexBusy                   another ingest or migration holds the index
     ├── PrefectUnavailable          the Prefect server in PREFECT_API_URL cannot be reached
+    ├── ServerUnavailable           the embedpipe server to go through does not answer
+    ├── JobCancelled                a server job was cancelled (or stopped with the server);
+    │                               what it wrote is kept, and re-running it resumes
     ├── AccessError                 embedpipe serve refused the request's API key; nothing was done
     │   ├── AuthenticationRequired  no key, or one the server does not know (HTTP 401)
     │   ├── AccessDenied            the key lacks the scope or the index asked for (HTTP 403)
@@ -66,6 +70,8 @@ __all__ = [
     "GatewayError",
     "IndexBusy",
     "IndexNotFound",
+    "JobCancelled",
+    "JobNotFound",
     "InputError",
     "KeyFileInvalid",
     "MassDeleteRefused",
@@ -79,6 +85,7 @@ __all__ = [
     "QdrantUnavailable",
     "RateLimited",
     "RequestTooLarge",
+    "ServerUnavailable",
     "ShardUnreadable",
     "SourceUnavailable",
     "SovereigntyError",
@@ -192,6 +199,12 @@ class DocumentNotFound(EmbedpipeError):
     exit_code = 2
 
 
+class JobNotFound(EmbedpipeError):
+    """``embedpipe serve`` holds no job of that id (``embedpipe jobs`` lists them)."""
+
+    exit_code = 2
+
+
 class StoreError(EmbedpipeError):
     """A Parquet store under the data directory is corrupt or unreadable."""
 
@@ -243,6 +256,21 @@ class IndexBusy(EmbedpipeError):
 
 class PrefectUnavailable(EmbedpipeError):
     """The Prefect server named by ``PREFECT_API_URL`` does not answer."""
+
+
+class ServerUnavailable(EmbedpipeError):
+    """The embedpipe server named by ``[server] url`` or ``<data>/server.json`` does not
+    answer; nothing was sent."""
+
+    exit_code = 69  # EX_UNAVAILABLE
+
+
+class JobCancelled(EmbedpipeError):
+    """A job of ``embedpipe serve`` was cancelled, or the server stopped, at a batch
+    boundary: every batch acknowledged before is kept, and running the command again
+    resumes (a migration from its checkpoint, an ingest or sync re-diffs)."""
+
+    exit_code = 130  # as a shell reports an interrupted command
 
 
 class AccessError(EmbedpipeError):

@@ -12,13 +12,14 @@ which.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from embedpipe.engine.filters import Typed, Where, where_from
-from embedpipe.errors import FingerprintMismatch, IndexNotFound, InputError
+from embedpipe.errors import EngineError, FingerprintMismatch, IndexNotFound, InputError
 from embedpipe.points import HOLDING_FIELDS, Holding, holding, point_id, summary
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from embedpipe.config import Settings
     from embedpipe.engine import Engine
     from embedpipe.profiles import Profile
+    from embedpipe.serve.client import RemoteIndex
 
 __all__ = ["Hit", "Holding", "Index", "IndexVersions", "Version", "Typed", "point_id"]
 
@@ -434,11 +436,31 @@ class Index:
         self._pinned_at = 0.0
 
     @classmethod
-    def open(cls, name: str, config: str | None = None) -> Index:
-        """Open an index; the config is found like the CLI finds it."""
-        from embedpipe.config import load_settings
+    def open(cls, name: str, config: str | None = None, url: str | None = None,
+             api_key: str | None = None) -> Index | RemoteIndex:
+        """Open an index; the config is found like the CLI finds it.
 
+        When ``embedpipe serve`` owns the data directory (its ``server.json``), or
+        ``[server] url`` names a server, the index is searched through that server: a
+        :class:`~embedpipe.serve.client.RemoteIndex`, with the same ``search``,
+        ``search_vector``, ``answer`` and ``live``. ``url`` names a server directly (no
+        config is read), from any machine; ``api_key`` defaults to ``$EMBEDPIPE_API_KEY``.
+        """
+        from embedpipe.config import load_settings
+        from embedpipe.serve.client import Client, RemoteIndex, server_for
+
+        if url is not None:
+            remote = RemoteIndex(name, Client(url, api_key or os.environ.get("EMBEDPIPE_API_KEY")))
+            remote.live()  # an unknown index, a missing key or a dead server fails here
+            return remote
         settings = load_settings(config)
+        client = server_for(settings)
+        if client is not None:
+            if api_key is not None:
+                client = Client(client.url, api_key, via=client.via)
+            remote = RemoteIndex(name, client)
+            remote.live()
+            return remote
         index = cls(name, settings)
         index.live()
         return index
@@ -490,11 +512,28 @@ class Index:
         """
         if not text or not text.strip():
             raise InputError("the query is empty; pass some text to search for")
+
+        def run(version: Version, embedder: Embedder) -> list[Hit]:
+            if sensitive:
+                check_private(embedder.profile, "the request is sensitive")
+            vector = embedder.embed_query(text)
+            return self.versions.search(version.collection, vector, k, filter, group_by_doc=group_by_doc)
+
+        return self._pinned_search(run)
+
+    def _pinned_search(self, run: Callable[[Version, Embedder], list[Hit]]) -> list[Hit]:
+        """``run`` on the pinned version; if the engine fails there because the alias has
+        moved on since the pin (a cutover, a rollback, then ``retire`` dropped the pinned
+        version), once more on the live one, with its own embedder."""
         version, embedder = self._pin()
-        if sensitive:
-            check_private(embedder.profile, "the request is sensitive")
-        vector = embedder.embed_query(text)
-        return self.versions.search(version.collection, vector, k, filter, group_by_doc=group_by_doc)
+        try:
+            return run(version, embedder)
+        except EngineError:
+            self._pinned_at = 0.0  # re-read the alias now
+            fresh = self._pin()
+            if fresh[0].collection == version.collection:
+                raise
+            return run(*fresh)
 
     def search_vector(
         self,
@@ -512,7 +551,16 @@ class Index:
         """
         import numpy as np
 
-        version, _ = self._pin()
+        def run(version: Version, _: Embedder) -> list[Hit]:
+            query = self._checked_vector(version, vector, fingerprint)
+            return self.versions.search(version.collection, query, k, filter, group_by_doc=group_by_doc)
+
+        return self._pinned_search(run)
+
+    def _checked_vector(self, version: Version, vector: Sequence[float] | np.ndarray,
+                        fingerprint: str | None) -> np.ndarray:
+        import numpy as np
+
         if fingerprint is not None and fingerprint != version.fingerprint:
             raise FingerprintMismatch(
                 f"the vector was made in space {fingerprint[:12]} but index {self.name!r} lives in "
@@ -524,7 +572,7 @@ class Index:
                              f"{version.dims}-dimensional vectors ({version.profile})")
         if not np.isfinite(query).all():
             raise InputError("the vector holds NaN or infinite values")
-        return self.versions.search(version.collection, query, k, filter, group_by_doc=group_by_doc)
+        return query
 
     def answer(self, question: str, k: int = 5, sensitive: bool = False, **params: Any) -> Any:
         """A grounded answer from the ``k`` best documents through the chat gateway

@@ -15,6 +15,7 @@
       gateway/audit.jsonl                  chat requests, no content (gateway.py)
       server.json                          the running `embedpipe serve`: url, pid (serve/)
       server.lock                          flock'ed by that server while it runs
+      jobs/<id>.json                       that server's jobs: ingest, sync, migrate... (serve/jobs.py)
 
 Every path that holds an index name is built by :class:`Layout`, and every one of its
 methods passes the name through :func:`check_index_name` first: the one check, so a name
@@ -154,6 +155,11 @@ class Layout:
     def server_info(self) -> Path:
         """``server.json``: where the server that owns this data directory listens."""
         return self.root / "server.json"
+
+    @property
+    def jobs(self) -> Path:
+        """The server's job records, one ``<id>.json`` each."""
+        return self.root / "jobs"
 
     @property
     def server_lock(self) -> Path:

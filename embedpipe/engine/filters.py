@@ -6,7 +6,8 @@ Above the storage boundary a filter is a :class:`Where`: conditions on payload p
 * a mapping ``{"lang": "en", "year": [2023, 2024]}`` matches ``metadata.<key>``:
   strings, integers and booleans exactly, a list any of its strings or integers, a
   float that number (a range of one point, since Qdrant has no float equality), a
-  :class:`Typed` value the text or what it spells;
+  :class:`Typed` value the text or what it spells (in JSON, ``{"typed": "2024"}``: what
+  a command line's value becomes on its way to ``embedpipe serve``);
 * a ``qdrant_client.models.Filter`` made of field matches and ranges (what
   applications wrote before the engine layer), converted condition by condition;
 * a :class:`Where` as it is.
@@ -91,6 +92,8 @@ def _metadata_condition(key: str, value: Any) -> Condition:
     path = f"metadata.{key}"
     if isinstance(value, Typed):
         return _typed(path, value)
+    if isinstance(value, Mapping) and list(value) == ["typed"] and isinstance(value["typed"], str):
+        return _typed(path, Typed(value["typed"]))
     if isinstance(value, (str, bool, int)):
         return Match(path, value)
     if isinstance(value, float) and value == value:  # not NaN
@@ -101,8 +104,8 @@ def _metadata_condition(key: str, value: Any) -> Condition:
     ):
         return MatchAny(path, tuple(value))
     raise InputError(
-        f"filter {key}={value!r}: match a string, integer, boolean, number or a "
-        "non-empty list of strings or of integers"
+        f"filter {key}={value!r}: match a string, integer, boolean, number, a "
+        'non-empty list of strings or of integers, or {"typed": "text"}'
     )
 
 

@@ -23,8 +23,9 @@ from embedpipe.flows._prefect import check_prefect, slug
 
 __all__ = ["SERVED_ENV", "artifact_markdown", "check_served_parameters", "run_sync", "sync_flow"]
 
-# Set by run_sync for the CLI's progress bar; tasks run in the flow's process.
-_progress: ProgressFactory | None = None
+# Set by run_sync for the caller's progress (the CLI's bar, a server job's record), by
+# index: a server may sync several indexes at once. Tasks run in the flow's process.
+_progress: dict[str, ProgressFactory] = {}
 
 _task = task(cache_policy=NONE, persist_result=False, retries=0)
 
@@ -37,7 +38,7 @@ def read_task(settings: Any, index: str, dry_run: bool = False) -> Staged:
 @_task(name="apply-changes", task_run_name="apply-changes-{index}")
 def apply_task(settings: Any, index: str, staged: Staged, allow_mass_delete: bool, dry_run: bool) -> SyncReport:
     return apply(settings, index, staged, allow_mass_delete=allow_mass_delete, dry_run=dry_run,
-                 progress=_progress)
+                 progress=_progress.get(index))
 
 
 @flow(name="sync-index", flow_run_name="sync-{index}", persist_result=False, validate_parameters=False)
@@ -126,9 +127,9 @@ def run_sync(
     progress: ProgressFactory | None = None,
 ) -> dict[str, Any]:
     """Run :func:`sync_flow` in this process (reporting to PREFECT_API_URL's server)."""
-    global _progress
     check_prefect()
-    _progress = progress
+    if progress is not None:
+        _progress[index] = progress
     try:
         return sync_flow(
             index=index,
@@ -137,4 +138,4 @@ def run_sync(
             dry_run=dry_run,
         )
     finally:
-        _progress = None
+        _progress.pop(index, None)

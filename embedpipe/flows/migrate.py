@@ -29,8 +29,10 @@ from embedpipe.flows._prefect import check_prefect, slug
 
 __all__ = ["check_prefect", "migrate_flow", "run_migration"]
 
-# Set by run_migration for the CLI's progress bar; tasks run in the flow's process.
-_progress: ProgressFactory | None = None
+# Set by run_migration for the caller's progress (the CLI's bar, a server job's record),
+# by index: a server may run migrations of two indexes at once; one index has one
+# migration at a time (its migrate lock). Tasks run in the flow's process.
+_progress: dict[str, ProgressFactory] = {}
 
 _task = task(cache_policy=NONE, persist_result=False, retries=0)
 
@@ -98,10 +100,11 @@ def migrate_flow(
     settings = load_settings(config)
     with migration_lock(settings, index):
         m = Migration(settings, index, to, force=force)
-        m.progress = _progress
+        progress = _progress.get(index)
+        m.progress = progress
         plan = plan or plan_task(m)
         todo = prepare_task(m)
-        advance = _progress(len(todo)) if _progress and todo else None
+        advance = progress(len(todo)) if progress and todo else None
         for number, ids in enumerate(m.slices(todo), start=1):
             backfill_task(m, ids, number, advance)
         catch_up_task(m)
@@ -126,9 +129,9 @@ def run_migration(
     progress: ProgressFactory | None = None,
 ) -> dict[str, Any]:
     """Run :func:`migrate_flow` in this process; errors propagate as embedpipe errors."""
-    global _progress
     check_prefect()
-    _progress = progress
+    if progress is not None:
+        _progress[index] = progress
     try:
         return migrate_flow(
             index=index,
@@ -140,4 +143,4 @@ def run_migration(
             plan=plan,
         )
     finally:
-        _progress = None
+        _progress.pop(index, None)

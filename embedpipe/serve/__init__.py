@@ -16,9 +16,14 @@ every query it embeds is embedded in the space of the index it searches.
   asks for its scope and index (403);
 * ``runner``: ownership (``server.lock``, ``server.json``), who may be served (an
   address other than loopback needs keys), uvicorn start and stop;
-* ``info``: reading ``server.json``, for clients; imports nothing heavy.
+* ``jobs``: long work the server runs for its clients (ingest, sync, migrate, rollback,
+  retire), cancelled at batch boundaries, recorded under ``<data>/jobs``;
+* ``info``: reading ``server.json``, for clients; imports nothing heavy;
+* ``client``: the other side: which server to go through (``[server] url``, or the
+  live ``server.json``), ``Client`` (errors come back as embedpipe's own) and
+  ``RemoteIndex``, what ``Index.open`` returns when a server owns the data directory.
 
-Importing this package imports neither FastAPI nor uvicorn.
+Importing this package imports neither FastAPI nor uvicorn (nor httpx).
 """
 
 from __future__ import annotations

@@ -13,16 +13,19 @@ deletes.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 
 from embedpipe.serve import errors
 from embedpipe.serve.auth import Authenticate, GrantDep
 from embedpipe.serve.schemas import (
+    AnswerRequest,
     DeleteResponse,
     DocumentsRequest,
     ErrorBody,
+    JobOut,
+    JobRequest,
     SearchRequest,
     SearchResponse,
 )
@@ -43,10 +46,15 @@ the index's own model, `/v1/embeddings` with `model = "index:<name>"` returns ve
 that index's space and its fingerprint. `/v1/chat/completions` goes through the chat
 gateway (its route, fallback, breakers, sovereignty policy and audit log).
 
+Long work runs as jobs (`/v1/jobs`): ingest a file or folder, sync, plan and run a
+migration, roll back, retire old versions, each as the `embedpipe` command of that name
+runs it (that is what the CLI does when a server owns the data directory). Searches keep
+answering while jobs run; a cancelled job stops at a batch boundary, keeping what it wrote.
+
 Once the server has API keys every route but `/healthz`, `/docs` and `/openapi.json` needs
 one: `Authorization: Bearer <key>` (the openai SDK's `api_key`; "Authorize" above). A key
 is scoped to indexes and to `read` (search, index listings, embeddings), `write`
-(documents, deletes) and `chat`; `/v1/models` takes any valid key.
+(documents, deletes, jobs) and `chat`; `/v1/models` takes any valid key.
 
 Errors answer `{"error": {"type", "message", "param"}}`: 400 a bad request (`param`
 names the field), 401 no or an unknown API key, 403 the key lacks the scope or index (or
@@ -120,6 +128,23 @@ def search(name: str, body: SearchRequest, state: State, grant: GrantDep) -> dic
             "fingerprint": version.fingerprint, "hits": [h.to_dict() for h in hits]}
 
 
+@router.post("/v1/indexes/{name}/answer", tags=["indexes"], responses=ERRORS)
+def answer(name: str, body: AnswerRequest, state: State, grant: GrantDep) -> dict[str, Any]:
+    """A grounded answer (`Index.answer`, `embedpipe ask`): the `k` best documents, the
+    question embedded with the index's model, answered through the chat gateway, citing
+    document ids. Needs `read` on the index and `chat`."""
+    from embedpipe.errors import RequestTooLarge
+    from embedpipe.rag import answer as grounded
+
+    grant.require("read", name, what="search")
+    grant.require("chat", what="chat")
+    if body.k > state.settings.server.max_k:
+        raise RequestTooLarge(f"k = {body.k} is over [server] max_k = {state.settings.server.max_k}")
+    params = {n: v for n in ("max_tokens", "temperature") if (v := getattr(body, n)) is not None}
+    return grounded(state.index(name), body.question, k=body.k, gateway=state.gateway(),
+                    sensitive=body.sensitive, **params).to_dict()
+
+
 @router.post("/v1/indexes/{name}/documents", tags=["indexes"], responses=ERRORS)
 def add_documents(name: str, body: DocumentsRequest, state: State, grant: GrantDep) -> dict[str, Any]:
     """Add or update documents as `embedpipe ingest` does: the whole batch is checked
@@ -158,6 +183,46 @@ def delete_document(name: str, doc_id: str, state: State, grant: GrantDep) -> di
     if not held:
         raise DocumentNotFound(f"index {name!r} holds no document {doc_id!r}")
     return {"index": name, "id": doc_id, "deleted": True}
+
+
+@router.post("/v1/jobs", tags=["jobs"], status_code=202, response_model=JobOut, responses=ERRORS)
+def start_job(body: JobRequest, state: State, grant: GrantDep) -> dict[str, Any]:
+    """Start an ingest, sync, plan, migrate, rollback or retire in the server, as the CLI
+    command of that name would run it; answers at once (202) with the job to follow.
+    The command's own refusals (a busy index, an unknown profile) land in the job's
+    `error`, with the exit code the command would have."""
+    from embedpipe.layout import check_index_name
+
+    grant.require("write", body.index, what=f"{body.kind} jobs")
+    check_index_name(body.index)
+    return state.jobs.start(body.kind, body.index, body.params()).to_dict()
+
+
+@router.get("/v1/jobs", tags=["jobs"], response_model=list[JobOut], responses=ERRORS)
+def list_jobs(state: State, grant: GrantDep, index: Optional[str] = None) -> list[dict[str, Any]]:
+    """The server's jobs, oldest first (running ones and the last finished ones), of the
+    indexes the key may read."""
+    grant.require("read", index, what="listing jobs")
+    return [j.to_dict() for j in state.jobs.list()
+            if (index is None or j.index == index) and grant.may("read", j.index)]
+
+
+@router.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=ERRORS)
+def get_job(job_id: str, state: State, grant: GrantDep) -> dict[str, Any]:
+    """One job: its state, progress (`done` of `total` in bar `step`), result or error."""
+    job = state.jobs.get(job_id)
+    grant.require("read", job.index, what="jobs")
+    return job.to_dict()
+
+
+@router.post("/v1/jobs/{job_id}/cancel", tags=["jobs"], status_code=202, response_model=JobOut,
+             responses=ERRORS)
+def cancel_job(job_id: str, state: State, grant: GrantDep) -> dict[str, Any]:
+    """Ask a job to stop at its next batch boundary. What it wrote is kept; the command
+    run again resumes it. A finished job is answered as it ended."""
+    job = state.jobs.get(job_id)
+    grant.require("write", job.index, what="cancelling jobs")
+    return state.jobs.cancel(job_id).to_dict()
 
 
 def create_app(settings: Settings, keys: KeyRing | None = None) -> FastAPI:

@@ -38,12 +38,14 @@ STATUS: tuple[tuple[type[e.EmbedpipeError], int], ...] = (
     (e.RequestTooLarge, 413),
     (e.IndexNotFound, 404),
     (e.DocumentNotFound, 404),
+    (e.JobNotFound, 404),
     (e.UnknownProfile, 404),  # OpenAI answers an unknown model 404 too
     (e.SovereigntyError, 403),  # policy refused a hosted model; nothing was sent
     (e.ConfigError, 400),  # an invalid index name, a profile the index is not on
     (e.InputError, 400),
     (e.ChatRequestRejected, 400),
     (e.IndexBusy, 409),
+    (e.JobCancelled, 409),
     (e.FingerprintMismatch, 409),
     (e.MigrationError, 409),
     (e.NoBackendAvailable, 503),
@@ -54,6 +56,7 @@ STATUS: tuple[tuple[type[e.EmbedpipeError], int], ...] = (
     (e.ShardUnreadable, 503),  # `embedpipe rebuild` mends it
     (e.QdrantUnavailable, 503),
     (e.PrefectUnavailable, 503),
+    (e.ServerUnavailable, 503),
     (e.DataDirError, 507),
     (e.EmbedpipeError, 500),
 )

@@ -17,7 +17,9 @@ from typing import Any
 
 from embedpipe.layout import Layout
 
-__all__ = ["ServerInfo", "pid_alive", "read_info", "running_server"]
+__all__ = ["ServerInfo", "mark_serving", "pid_alive", "read_info", "running_server", "serving"]
+
+_serving = False  # set in the server's own process: it never goes through a server
 
 
 @dataclass(frozen=True)
@@ -60,3 +62,15 @@ def running_server(data_dir: Path) -> ServerInfo | None:
     """The server ``server.json`` names, if its process is alive (None: no server)."""
     info = read_info(data_dir)
     return info if info is not None and pid_alive(info.pid) else None
+
+
+def mark_serving() -> None:
+    """Called by ``embedpipe serve``: this process owns the data directory itself, so the
+    library in it must not send its work to a server (itself, or ``[server] url``)."""
+    global _serving
+    _serving = True
+
+
+def serving() -> bool:
+    """Whether this process is ``embedpipe serve``."""
+    return _serving

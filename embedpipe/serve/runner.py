@@ -18,11 +18,14 @@ In order, each step failing with one line and nothing left behind:
    one a client on this machine can use: loopback for a wildcard address (0.0.0.0, ::).
 
 SIGTERM and Ctrl-C stop it gracefully: the socket stops accepting, idle connections are
-closed, uvicorn finishes the requests in flight (a documents batch completes, or never
-began) and closes their connections, then ``server.json`` is removed, the engine closed
+closed, running jobs are told to stop at their next batch boundary (``jobs``: a
+migration keeps its checkpoint, an ingest or sync is settled), uvicorn finishes the
+requests in flight (a documents batch completes, or never began) and closes their
+connections, the jobs are waited for, then ``server.json`` is removed, the engine closed
 and the lock released. The wait is bounded by ``[server] shutdown_wait_s``: past it the
 server logs what it leaves, removes ``server.json`` and exits 1 at once, as a kill
-would; the next start settles the batch it cut short.
+would; the next start settles the batch it cut short and marks the jobs it cut short
+``interrupted``.
 """
 
 from __future__ import annotations
@@ -37,13 +40,14 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from embedpipe._files import FILE_MODE, make_dir, write_json, writing
 from embedpipe.errors import ConfigError, IndexBusy
 from embedpipe.layout import Layout
-from embedpipe.serve.info import ServerInfo, pid_alive, read_info
+from embedpipe.serve.info import ServerInfo, mark_serving, pid_alive, read_info
 
 if TYPE_CHECKING:
     from embedpipe.config import Settings
@@ -77,6 +81,8 @@ def serve(
     make_dir(layout.root)
     with _own(layout):
         from embedpipe.engine import close_all
+
+        mark_serving()
         from embedpipe.index import IndexVersions
 
         try:
@@ -202,6 +208,8 @@ def _run(settings: Settings, keys: KeyRing, sock: socket.socket, layout: Layout,
             on_ready(info)
 
     deadline = _Deadline(settings.server.shutdown_wait_s, layout)
+    app = create_app(settings, keys)
+    jobs = app.state.embedpipe.jobs
 
     class Announcing(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
@@ -212,11 +220,12 @@ def _run(settings: Settings, keys: KeyRing, sock: socket.socket, layout: Layout,
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)
             deadline.start()
+            jobs.stop(0)  # each stops at its next batch boundary; waited for below
 
     host, port = sock.getsockname()[:2]
     listening = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
-    config = uvicorn.Config(create_app(settings, keys), host=host, port=port, log_level="info",
+    config = uvicorn.Config(app, host=host, port=port, log_level="info",
                             server_header=False, lifespan="on")
     with _sigterm_stops():
         try:
@@ -224,7 +233,16 @@ def _run(settings: Settings, keys: KeyRing, sock: socket.socket, layout: Layout,
         except (KeyboardInterrupt, _Stopped):
             pass  # uvicorn has shut down gracefully; the caller cleans up
         finally:
+            _stop_jobs(jobs, deadline)
             deadline.cancel()
+
+
+def _stop_jobs(jobs: Any, deadline: _Deadline) -> None:
+    """Cancel the running jobs and wait for them within what is left of the deadline."""
+    left = jobs.stop(deadline.remaining())
+    if left:  # the deadline's timer leaves without them
+        logging.getLogger("uvicorn.error").warning(
+            "stopping: jobs %s have not reached a batch boundary yet", ", ".join(left))
 
 
 class _Deadline:
@@ -239,10 +257,18 @@ class _Deadline:
         self.wait_s = wait_s
         self.layout = layout
         self._timer: threading.Timer | None = None
+        self._started: float | None = None
+
+    def remaining(self) -> float:
+        """Seconds left before it leaves (all of ``wait_s`` before a stop signal)."""
+        if self._started is None:
+            return self.wait_s
+        return max(0.0, self._started + self.wait_s - time.monotonic())
 
     def start(self) -> None:
         """Called on each stop signal; the first starts the clock."""
         if self._timer is None:
+            self._started = time.monotonic()
             self._timer = threading.Timer(self.wait_s, self._leave)
             self._timer.daemon = True
             self._timer.start()
@@ -253,9 +279,10 @@ class _Deadline:
 
     def _leave(self) -> None:
         logging.getLogger("uvicorn.error").error(
-            "stopping: requests still running after %g s ([server] shutdown_wait_s); leaving without "
-            "them (a documents batch cut short is settled, whole or absent, when the server starts "
-            "again)", self.wait_s)
+            "stopping: requests or jobs still running after %g s ([server] shutdown_wait_s); leaving "
+            "without them (a documents batch cut short is settled, whole or absent, when the server "
+            "starts again; a job cut short is marked interrupted, and its command resumes it)",
+            self.wait_s)
         _forget(self.layout)
         os._exit(1)
 

@@ -13,9 +13,9 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 __all__ = [
-    "ChatMessage", "ChatRequest", "DeleteResponse", "DocumentIn", "DocumentsRequest",
-    "EmbeddingsRequest", "EmbeddingsResponse", "ErrorBody", "HitOut", "SearchRequest",
-    "SearchResponse", "StreamOptions",
+    "AnswerRequest", "ChatMessage", "ChatRequest", "DeleteResponse", "DocumentIn", "DocumentsRequest",
+    "EmbeddingsRequest", "EmbeddingsResponse", "ErrorBody", "HitOut", "JOB_PARAMS", "JobOut",
+    "JobRequest", "SearchRequest", "SearchResponse", "StreamOptions",
 ]
 
 
@@ -64,6 +64,16 @@ class SearchRequest(_Request):
         return self
 
 
+class AnswerRequest(_Request):
+    """A question answered from the index's best documents through the chat gateway."""
+
+    question: str = Field(min_length=1)
+    k: int = Field(default=5, ge=1, description="Documents retrieved (at most [server] max_k).")
+    sensitive: bool = Field(default=False, description="Neither the query embedding nor the chat may be hosted.")
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+
+
 class HitOut(BaseModel):
     id: str
     score: float
@@ -102,6 +112,83 @@ class DeleteResponse(BaseModel):
     index: str
     id: str
     deleted: bool
+
+
+# --- jobs ------------------------------------------------------------------------------
+
+# The fields each kind of job takes (the CLI options of the command it runs).
+JOB_PARAMS: dict[str, tuple[str, ...]] = {
+    "ingest": ("path", "profile", "dry_run", "skip_invalid"),
+    "sync": ("allow_mass_delete", "dry_run", "prefect"),
+    "plan": ("to", "dry_run", "probe"),
+    "migrate": ("to", "golden", "force", "tolerance", "plan"),
+    "rollback": ("force",),
+    "retire": ("keep", "abandon", "dry_run"),
+}
+_NEEDED = {"ingest": ("path",), "plan": ("to",), "migrate": ("to",)}
+
+
+class JobRequest(_Request):
+    """A long job run by the server as the CLI command of that name runs it. Paths are
+    read by the server: absolute, on its machine (or a file system it shares)."""
+
+    kind: Literal["ingest", "sync", "plan", "migrate", "rollback", "retire"] = Field(
+        description="ingest, sync, plan (what `migrate --dry-run` prints), migrate, rollback, retire.")
+    index: str
+    path: Optional[str] = Field(default=None, description="ingest: a .jsonl/.parquet file or a folder.")
+    profile: Optional[str] = Field(default=None, description="ingest: a new index's model profile.")
+    dry_run: bool = False
+    skip_invalid: Optional[bool] = None
+    allow_mass_delete: bool = False
+    prefect: bool = Field(default=False, description="sync: run as a Prefect flow.")
+    to: Optional[str] = Field(default=None, description="plan, migrate: the target profile.")
+    probe: bool = False
+    golden: Optional[str] = Field(default=None, description="migrate: a golden-queries JSONL file.")
+    force: bool = False
+    tolerance: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    plan: Optional[dict[str, Any]] = Field(default=None, description="migrate: the plan a `plan` job returned.")
+    keep: int = Field(default=1, ge=0)
+    abandon: bool = False
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> JobRequest:
+        takes = JOB_PARAMS[self.kind]
+        extra = sorted(self.model_fields_set - set(takes) - {"kind", "index"})
+        if extra:
+            raise ValueError(f"{', '.join(extra)} do{'es' if len(extra) == 1 else ''} not apply to a "
+                             f"{self.kind} job (it takes {', '.join(takes)})")
+        for name in _NEEDED.get(self.kind, ()):
+            if getattr(self, name) is None:
+                raise ValueError(f"a {self.kind} job needs {name}")
+        for name in ("path", "golden"):
+            value = getattr(self, name)
+            if value is not None and not value.startswith("/"):
+                raise ValueError(f"{name} {value!r} is relative; send an absolute path on the server's machine")
+        return self
+
+    def params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in JOB_PARAMS[self.kind]}
+
+
+class JobProgress(BaseModel):
+    step: int  # which bar: a migration's backfill is 1, its catch-up 2
+    done: int
+    total: Optional[int] = None
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    index: str
+    params: dict[str, Any]
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
+    created: float  # Unix seconds
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    progress: JobProgress
+    result: Optional[dict[str, Any]] = None  # the command's --json report
+    error: Optional[dict[str, Any]] = None  # {type, message, exit_code}
+    cancel_requested: bool = False
 
 
 # --- OpenAI protocol ---------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from embedpipe.errors import ConfigError, IndexBusy, NoBackendAvailable
 from embedpipe.layout import check_index_name
+from embedpipe.serve.jobs import Jobs
 
 if TYPE_CHECKING:
     from embedpipe.backends import Embedder
@@ -47,6 +48,7 @@ class ServerState:
         self._embedders: dict[str, Embedder] = {}
         self._checked: dict[int, Embedder] = {}  # id -> embedder whose model is loaded
         self._gateway: Gateway | None = None
+        self.jobs = Jobs(settings)  # ingest, sync, migrate... run in threads of the server
 
     # -- writes ---------------------------------------------------------------------
     @property

@@ -201,17 +201,24 @@ def start_job(body: JobRequest, state: State, grant: GrantDep) -> dict[str, Any]
 @router.get("/v1/jobs", tags=["jobs"], response_model=list[JobOut], responses=ERRORS)
 def list_jobs(state: State, grant: GrantDep, index: Optional[str] = None) -> list[dict[str, Any]]:
     """The server's jobs, oldest first (running ones and the last finished ones), of the
-    indexes the key may read."""
-    grant.require("read", index, what="listing jobs")
+    indexes the key may read or write."""
+    if not grant.may("write", index):
+        grant.require("read", index, what="listing jobs")
     return [j.to_dict() for j in state.jobs.list()
-            if (index is None or j.index == index) and grant.may("read", j.index)]
+            if (index is None or j.index == index) and _may_see(grant, j.index)]
+
+
+def _may_see(grant: Any, index: str) -> bool:
+    """A job is seen by a key that may read its index, or write it (who started it)."""
+    return bool(grant.may("read", index) or grant.may("write", index))
 
 
 @router.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=ERRORS)
 def get_job(job_id: str, state: State, grant: GrantDep) -> dict[str, Any]:
     """One job: its state, progress (`done` of `total` in bar `step`), result or error."""
     job = state.jobs.get(job_id)
-    grant.require("read", job.index, what="jobs")
+    if not _may_see(grant, job.index):
+        grant.require("read", job.index, what="jobs")
     return job.to_dict()
 
 

@@ -155,11 +155,11 @@ class JobRequest(_Request):
         takes = JOB_PARAMS[self.kind]
         extra = sorted(self.model_fields_set - set(takes) - {"kind", "index"})
         if extra:
-            raise ValueError(f"{', '.join(extra)} do{'es' if len(extra) == 1 else ''} not apply to a "
-                             f"{self.kind} job (it takes {', '.join(takes)})")
+            raise ValueError(f"{', '.join(extra)} do{'es' if len(extra) == 1 else ''} not apply to "
+                             f"{self.kind} jobs (they take {', '.join(takes)})")
         for name in _NEEDED.get(self.kind, ()):
             if getattr(self, name) is None:
-                raise ValueError(f"a {self.kind} job needs {name}")
+                raise ValueError(f"{self.kind} jobs need {name}")
         for name in ("path", "golden"):
             value = getattr(self, name)
             if value is not None and not value.startswith("/"):

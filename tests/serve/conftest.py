@@ -108,6 +108,19 @@ def refused(command: list[str], folder: Path, env: dict[str, str] | None = None)
     return done.returncode, done.stderr
 
 
+def cli(served: Served, *args: str, env: dict[str, str] | None = None,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The CLI with the served config, as a user runs it beside the server (so it goes
+    through it); ``check``: assert it exits 0. Never a traceback."""
+    done = subprocess.run([sys.executable, "-m", "embedpipe.cli", "--config", str(served.config), *args],
+                          cwd=served.config.parent, env={**server_env(served.config.parent), **(env or {})},
+                          capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in done.stderr, done.stderr
+    if check:
+        assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+    return done
+
+
 def free_port() -> int:
     """A port nothing listens on (bound, then released)."""
     with socket.socket() as sock:

@@ -278,3 +278,44 @@ def test_a_key_problem_stops_the_server_in_one_line(tmp_path) -> None:
     code, err = refused(serve_command(config), tmp_path)
     assert code == 2 and f"key file {tmp_path / 'missing.toml'} does not exist" in err
     assert not (tmp_path / "data" / "server.json").exists()
+
+
+# -- clients of a keyed server: the CLI and Index.open ------------------------------------------
+
+
+def test_the_cli_and_index_open_send_the_key_from_the_environment(keyed: Keyed, tmp_path: Path) -> None:
+    from embedpipe.errors import AccessDenied, AuthenticationRequired
+    from embedpipe.index import Index
+
+    from .conftest import cli
+
+    served = keyed.server
+    anonymous = cli(served, "search", "refunds", "--index", "faq", check=False)
+    assert anonymous.returncode == 77 and anonymous.stderr.startswith("error: ")
+    assert anonymous.stderr.count("\n") == 1 and "key" in anonymous.stderr
+    as_reader = {"EMBEDPIPE_API_KEY": keyed.keys["reader"]}
+    hits = json.loads(cli(served, "search", "refunds", "--index", "faq", "--json", env=as_reader).stdout)
+    assert hits[0]["id"] == "refund"
+    assert {e["index"] for e in json.loads(cli(served, "status", "--json", env=as_reader).stdout)} >= {"docs", "faq"}
+
+    # a read key starts no job; a key for docs writes docs only; nothing is run for a refusal
+    path = tmp_path / "more.jsonl"
+    path.write_text(json.dumps({"id": "late", "text": "Late refunds need a manager."}) + "\n", encoding="utf-8")
+    refused_read = cli(served, "ingest", str(path), "--index", "faq", env=as_reader, check=False)
+    assert refused_read.returncode == 77 and "lacks the write scope" in refused_read.stderr
+    as_docs_writer = {"EMBEDPIPE_API_KEY": keyed.keys["docs-writer"]}
+    refused_index = cli(served, "ingest", str(path), "--index", "faq", env=as_docs_writer, check=False)
+    assert refused_index.returncode == 77 and "may not use index 'faq'" in refused_index.stderr
+    with keyed.client("admin") as admin:
+        assert admin.get("/v1/jobs", params={"index": "faq"}).json() == []
+        cli(served, "ingest", str(path), "--index", "docs", env=as_docs_writer)
+        assert [j["kind"] for j in admin.get("/v1/jobs", params={"index": "docs"}).json()] == ["ingest"]
+    with keyed.client("docs-reader") as docs_reader:  # a key sees the jobs of its indexes only
+        assert {j["index"] for j in docs_reader.get("/v1/jobs").json()} == {"docs"}
+
+    with pytest.raises(AuthenticationRequired):
+        Index.open("faq", url=served.url)
+    index = Index.open("docs", url=served.url, api_key=keyed.keys["docs-reader"])
+    assert index.search("late refunds", k=1)[0].id == "late"
+    with pytest.raises(AccessDenied):
+        Index.open("faq", url=served.url, api_key=keyed.keys["docs-reader"])

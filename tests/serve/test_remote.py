@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import Served, package_config, server_env, start_server
+from .conftest import Served, cli, package_config, server_env, start_server
 
 HANG_GUARD_S = 300  # only against a hang; no assertion depends on how fast anything runs
 DOCS = [{"id": f"d{n}", "text": f"Document {n} is about {topic} and {n % 7} more things.", "n": n,
@@ -64,18 +64,6 @@ def remote(tmp_path_factory: pytest.TempPathFactory, static_model_dir: Path, loo
     yield server
     loopback.configure(hold=False)
     assert server.stop() == 0, server.log_text()
-
-
-def cli(served: Served, *args: str, env: dict[str, str] | None = None,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
-    """The installed CLI with the served config, as a user runs it beside the server."""
-    done = subprocess.run([sys.executable, "-m", "embedpipe.cli", "--config", str(served.config), *args],
-                          cwd=served.config.parent, env={**server_env(served.config.parent), **(env or {})},
-                          capture_output=True, text=True, timeout=HANG_GUARD_S)
-    assert "Traceback" not in done.stderr, done.stderr
-    if check:
-        assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
-    return done
 
 
 def jobs_of(http: httpx.Client, index: str) -> list[dict[str, Any]]:
@@ -317,3 +305,102 @@ def test_a_server_that_stopped_answering_is_one_clear_error(tmp_path: Path) -> N
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ServerUnavailable, match="does not answer"):
         Index.open("docs", url=url)
+
+
+# -- the server stopping under a running job ---------------------------------------------------
+
+
+def held_job(http: httpx.Client, loopback: Any, **body: Any) -> dict[str, Any]:
+    """Start a job whose hosted embedding requests the loopback holds; return it once one is held."""
+    seen = loopback.counters()["embedding_requests"]
+    loopback.configure(hold=True)
+    answer = http.post("/v1/jobs", json=body)
+    assert answer.status_code == 202, answer.text
+    wait_for("a held embedding request", lambda: loopback.counters()["embedding_requests"] > seen)
+    return answer.json()
+
+
+def test_sigterm_stops_a_migration_at_a_batch_boundary_and_the_command_resumes_it(
+        tmp_path: Path, static_model_dir: Path, loopback: Any, prefect_api: str) -> None:
+    config = remote_config(tmp_path, static_model_dir, loopback.base_url)
+    env = {"PREFECT_API_URL": prefect_api}
+    server = start_server(config, tmp_path / "data", env=env)
+    try:
+        path = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+        cli(server, "ingest", str(path), "--index", "mig", "--profile", "static")
+        with server.client() as http:
+            before = http.get("/v1/indexes/mig").json()["alias"]
+            job = held_job(http, loopback, kind="migrate", index="mig", to="hosted")
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # the signal is taken while the request is still held
+            loopback.configure(hold=False)
+            assert server.proc.wait(timeout=HANG_GUARD_S) == 0, server.log_text()
+        assert not (tmp_path / "data" / "server.json").exists()
+    finally:
+        loopback.configure(hold=False)
+        server.stop()
+
+    server = start_server(config, tmp_path / "data", env=env)
+    try:
+        with server.client() as http:
+            ended = http.get(f"/v1/jobs/{job['id']}").json()
+            assert ended["state"] == "cancelled" and ended["error"]["type"] == "JobCancelled"
+            assert "embedpipe migrate --to hosted --index mig` resumes it" in ended["error"]["message"]
+            assert http.get("/v1/indexes/mig").json()["alias"] == before  # not cut over
+            report = json.loads(cli(server, "migrate", "--to", "hosted", "--index", "mig", "--yes",
+                                    "--json", env=env).stdout)
+            assert report["status"] == "live" and report["documents"] == len(DOCS)
+            assert live_ids(http, "mig") == sorted(DOCS_IDS)
+    finally:
+        assert server.stop() == 0, server.log_text()
+
+
+def test_a_job_cut_short_by_kill_9_is_marked_interrupted_and_its_index_settled(
+        tmp_path: Path, static_model_dir: Path, loopback: Any) -> None:
+    config = remote_config(tmp_path, static_model_dir, loopback.base_url)
+    server = start_server(config, tmp_path / "data")
+    path = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    try:
+        cli(server, "ingest", str(write_jsonl(tmp_path / "first.jsonl", DOCS[:5])), "--index", "killed",
+            "--profile", "hosted")
+        with server.client() as http:
+            job = held_job(http, loopback, kind="ingest", index="killed", path=str(path))
+            server.proc.kill()
+            server.proc.wait(timeout=HANG_GUARD_S)
+    finally:
+        loopback.configure(hold=False)
+    server = start_server(config, tmp_path / "data")
+    try:
+        with server.client() as http:
+            ended = http.get(f"/v1/jobs/{job['id']}").json()
+            assert ended["state"] == "interrupted" and ended["error"]["exit_code"] == 130
+            assert f"`embedpipe ingest {path} --index killed` resumes it" in ended["error"]["message"]
+            assert live_ids(http, "killed") == sorted(DOCS_IDS[:5])  # as the corpus says
+            listed = cli(server, "jobs", "list").stdout
+            assert job["id"] in listed and "interrupted" in listed
+            cli(server, "ingest", str(path), "--index", "killed")
+            assert live_ids(http, "killed") == sorted(DOCS_IDS)
+    finally:
+        assert server.stop() == 0, server.log_text()
+
+
+def test_job_requests_are_checked_before_anything_runs(remote: Served) -> None:
+    with remote.client() as http:
+        cases = [
+            ({"kind": "ingest", "index": "x"}, "ingest jobs need path"),
+            ({"kind": "ingest", "index": "x", "path": "relative.jsonl"}, "is relative"),
+            ({"kind": "sync", "index": "x", "to": "hosted"}, "to does not apply to sync jobs"),
+            ({"kind": "rebuild", "index": "x"}, "kind"),
+            ({"kind": "retire", "index": "x", "keep": -1}, "keep"),
+        ]
+        before = len(http.get("/v1/jobs").json())
+        for body, said in cases:
+            answer = http.post("/v1/jobs", json=body)
+            assert answer.status_code == 400, (body, answer.text)
+            assert said in answer.json()["error"]["message"] + str(answer.json()["error"]["param"]), answer.text
+        bad_name = http.post("/v1/jobs", json={"kind": "sync", "index": "../etc"})
+        assert bad_name.status_code == 400 and "invalid index name" in bad_name.json()["error"]["message"]
+        assert len(http.get("/v1/jobs").json()) == before
+        missing = http.get("/v1/jobs/no-such-job")
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "JobNotFound"
+        assert http.post("/v1/jobs/no-such-job/cancel").status_code == 404

@@ -42,15 +42,19 @@ whole run, so neither pays a reopen and each has its own warm page cache.
    ``--sweep`` searchers (1, 4, 8; ``--sweep-seconds`` each); ``--clients`` (32) for
    ``--seconds`` (60) without a writer, the baseline; the same with a writer posting
    ``--writer-batch`` new documents at a time to ``POST /v1/indexes/bench/documents``,
-   back to back, for the whole window; and the 32 again without it (``--sweep-seconds``),
-   on the index the writer grew, so a slower search after it is told apart from the
-   writer's own cost. A sync inside the server is not built yet, so these batches stand
-   in for it; their texts are corpus texts with a unique suffix, so each is embedded and
-   written (not reused from the vector store). Reported per run: searches per second,
-   p50/p95/p99/max, errors by kind (goal 0), the CPU seconds per second of the window of
-   the server (from ``/proc/<pid>/stat``) and of the client process, and per search; with
-   the writer: batches, documents written, batch latency, and the searches begun while a
-   batch was in flight apart from the others.
+   back to back, for the whole window (run after the next, whose sync would delete
+   documents that are not in its source); the same with a sync instead: ``bench``'s source
+   (the JSONL it was built from) grows by ``--writer-batch`` documents, a sync job runs in
+   the server (``POST /v1/jobs``, followed until it ends), and again, for the whole
+   window, so every search meets a sync reading, diffing, embedding and writing; and the
+   32 again with neither (``--sweep-seconds``), on the index they grew, so a slower
+   search after them is told apart from their own cost. New texts are corpus texts with a
+   unique suffix, so each is embedded and written (not reused from the vector store).
+   Reported per run: searches per second, p50/p95/p99/max, errors by kind (goal 0), the
+   CPU seconds per second of the window of the server (from ``/proc/<pid>/stat``) and of
+   the client process, and per search; with a writer or sync: batches (syncs), documents
+   written, batch (sync) latency, and the searches begun while one was in flight apart
+   from the others.
 3. **In-process threads**: ``Index.search`` from ``--threads`` threads of this process
    (``--thread-seconds`` each): searches per second and CPU seconds per second, the
    ceiling of one Python process whatever serves it.
@@ -160,11 +164,13 @@ def corpus(args: argparse.Namespace) -> tuple[list[common.Doc], list[str], str]:
                            "(Cranfield not found)")
 
 
-def write_config(folder: Path, model_dir: Path) -> Path:
+def write_config(folder: Path, model_dir: Path, source: Path) -> Path:
+    """``bench`` syncs from ``source`` (the JSONL it is first built from)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "embedpipe.toml"
     config.write_text('data_dir = "data"\ndefault_profile = "static"\n'
-                      + common.static_profile_toml(model_dir, "static"), encoding="utf-8")
+                      + common.static_profile_toml(model_dir, "static")
+                      + f'[indexes.bench]\nsource = "{source}"\n', encoding="utf-8")
     return config
 
 
@@ -379,8 +385,40 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
                 writes["batches"] += 1
                 b += 1
 
+        async def syncer() -> None:
+            """Grow the source by a batch, run a sync job in the server, wait for it; again."""
+            b = 0
+            while perf_counter() < deadline:
+                with open(spec["source"], "a", encoding="utf-8") as out:
+                    for j in range(batch):
+                        text = f"{texts[(b * batch + j) % len(texts)]} (revision {spec['prefix']}.{b}.{j})"
+                        out.write(json.dumps({"id": f"{spec['prefix']}-{b:05d}-{j:03d}", "text": text}) + "\n")
+                in_flight[0] = True
+                t0 = perf_counter()
+                try:
+                    answer = await http.post("/v1/jobs", json={"kind": "sync", "index": index})
+                    job = answer.json()
+                    while answer.status_code < 300 and job["state"] in ("queued", "running"):
+                        await asyncio.sleep(0.05)
+                        answer = await http.get(f"/v1/jobs/{job['id']}")
+                        job = answer.json()
+                    if answer.status_code < 300 and job["state"] == "succeeded":
+                        writes["added"] += job["result"]["added"]
+                        writes["embedded"] += job["result"]["embedded"]
+                    else:
+                        why = job.get("error") or job
+                        writes["errors"][f"HTTP {answer.status_code}: {str(why)[:200]}"] += 1
+                except httpx.HTTPError as exc:
+                    writes["errors"][f"{type(exc).__name__}: {exc}"[:200]] += 1
+                finally:
+                    in_flight[0] = False
+                writes["ms"].append((perf_counter() - t0) * 1e3)
+                writes["batches"] += 1
+                b += 1
+
         server0, own0 = process_cpu_s(spec["server_pid"]), time.process_time()
-        tasks = [searcher(w, c) for w, c in enumerate(own)] + ([writer()] if spec["writer"] else [])
+        writers = {"documents": writer, "sync": syncer}
+        tasks = [searcher(w, c) for w, c in enumerate(own)] + ([writers[spec["writer"]]()] if spec["writer"] else [])
         await asyncio.gather(*tasks)
         wall = perf_counter() - start
         server_cpu, own_cpu = process_cpu_s(spec["server_pid"]) - server0, time.process_time() - own0
@@ -457,11 +495,12 @@ def print_tables(result: dict[str, Any]) -> None:
               f"{r['server_cpu_s_per_s']:>8.2f}{r['client_cpu_s_per_s']:>8.2f}")
         if r.get("writes"):
             w, a, b = r["writes"], r["latency_ms_while_writing"], r["latency_ms_not_writing"]
-            print(f"{'':<18}writer: {w['batches']} batches of {w['batch_size']}, {w['documents_added']} "
-                  f"documents added ({w['documents_per_s']:.0f}/s), batch p50 {w['batch_ms']['p50']:.0f} ms "
+            what = ("sync jobs, each of", "sync") if r["writer"] == "sync" else ("documents batches of", "batch")
+            print(f"{'':<18}{r['writer']}: {w['batches']} {what[0]} {w['batch_size']} new, {w['documents_added']} "
+                  f"documents added ({w['documents_per_s']:.0f}/s), {what[1]} p50 {w['batch_ms']['p50']:.0f} ms "
                   f"max {w['batch_ms']['max']:.0f} ms, {w['errors']} errors")
             if a.get("n") and b.get("n"):
-                print(f"{'':<18}searches begun while a batch was written: {a['n']}, p50/p99 "
+                print(f"{'':<18}searches begun while a {what[1]} ran: {a['n']}, p50/p99 "
                       f"{a['p50']:.1f}/{a['p99']:.1f} ms; the others: {b['n']}, {b['p50']:.1f}/{b['p99']:.1f} ms")
     print("\n3. Index.search from threads of one process (no server)")
     print(f"{'threads':>8}{'searches/s':>12}{'CPU s/s':>9}")
@@ -546,9 +585,9 @@ def run(args: argparse.Namespace, work: Path, env: dict[str, str], command: str)
     t0 = perf_counter()
     model_dir = common.distill_static(work / "static")
     print(f"distilled the static model in {perf_counter() - t0:.1f} s", flush=True)
-    inproc, served = write_config(work / "inproc", model_dir), write_config(work / "served", model_dir)
+    jsonl = common.write_jsonl(docs, work / "docs.jsonl")  # also bench's sync source, grown by part 2
+    inproc, served = write_config(work / "inproc", model_dir, jsonl), write_config(work / "served", model_dir, jsonl)
     settings = load_settings(inproc, env={})
-    jsonl = common.write_jsonl(docs, work / "docs.jsonl")
     builds = {}
     for profile in args.profiles:
         t0 = perf_counter()
@@ -577,13 +616,16 @@ def run(args: argparse.Namespace, work: Path, env: dict[str, str], command: str)
             floor = healthz_floor(http, 500 if not args.quick else 50)
         n = args.clients
         runs = [(f"{c} client{'s' * (c > 1)}", c, False, args.sweep_seconds) for c in args.sweep]
-        runs += [(f"{n} no writer", n, False, args.seconds), (f"{n} + writer", n, True, args.seconds),
-                 (f"{n} after writer", n, False, args.sweep_seconds)]
+        # The sync before the documents writer: documents posted through the API are not
+        # in the source, so a sync after them would (rightly) refuse to delete them all.
+        runs += [(f"{n} no writer", n, False, args.seconds), (f"{n} + sync", n, "sync", args.seconds),
+                 (f"{n} + writer", n, "documents", args.seconds), (f"{n} after writers", n, False, args.sweep_seconds)]
         part2 = []
         for i, (name, clients, writer, seconds) in enumerate(runs):
             spec = {"name": name.replace(" ", "-").replace("+", "with"), "url": server.url, "index": "bench",
                     "clients": clients, "writer": writer, "seconds": seconds, "writer_batch": args.writer_batch,
                     "queries": str(work / "queries.json"), "texts": str(work / "texts.json"),
+                    "source": str(jsonl),
                     "prefix": f"w{i}", "server_pid": server.pid, "timeout_s": 120}
             r = load(spec, work, env)
             r["name"] = name

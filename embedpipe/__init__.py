@@ -29,6 +29,8 @@ from embedpipe.errors import (
     IndexBusy,
     IndexNotFound,
     InputError,
+    JobCancelled,
+    JobNotFound,
     KeyFileInvalid,
     MassDeleteRefused,
     MigrationError,
@@ -41,6 +43,7 @@ from embedpipe.errors import (
     QdrantUnavailable,
     RateLimited,
     RequestTooLarge,
+    ServerUnavailable,
     ShardUnreadable,
     SourceUnavailable,
     SovereigntyError,
@@ -74,6 +77,8 @@ __all__ = [
     "IndexBusy",
     "IndexNotFound",
     "InputError",
+    "JobCancelled",
+    "JobNotFound",
     "KeyFileInvalid",
     "MassDeleteRefused",
     "MigrationError",
@@ -86,6 +91,8 @@ __all__ = [
     "QdrantUnavailable",
     "RateLimited",
     "RequestTooLarge",
+    "RemoteIndex",
+    "ServerUnavailable",
     "ShardUnreadable",
     "SourceUnavailable",
     "SovereigntyError",
@@ -110,6 +117,10 @@ def __getattr__(name: str):  # PEP 562: keep `import embedpipe` light
         from embedpipe.sync import sync
 
         return sync
+    if name == "RemoteIndex":
+        from embedpipe.serve.client import RemoteIndex
+
+        return RemoteIndex
     if name == "load_settings":
         from embedpipe.config import load_settings
 

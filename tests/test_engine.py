@@ -166,3 +166,49 @@ def test_edge_searches_an_indexed_shard_with_exact_scores_whatever_its_quantizat
         assert hits[0].id == f"d{q}"
         for hit in hits:
             assert hit.score == pytest.approx(float(vectors[row[hit.id]] @ query), abs=1e-5)
+
+
+def test_a_server_builds_a_version_that_is_not_live_in_a_child_process_while_searches_go_on(
+        make_settings) -> None:
+    """Edge's HNSW build holds the interpreter; in a serving process it runs in a child
+    process, so searches of a live index go on through it, and a call that needs the
+    shard being built waits for it and then sees every point."""
+    import os
+    import threading
+
+    from embedpipe.engine.edge import build_in_child
+
+    settings = make_settings("")
+    versions = IndexVersions.open(settings)
+    live = versions.create_version("live", settings.profile(), "cd" * 32)
+    small = _unit(np.random.default_rng(7), 300)
+    versions.upsert(live.collection, [f"s{i}" for i in range(300)], small, [{"id": f"s{i}"} for i in range(300)])
+    versions.point_alias("live", live)
+    version = versions.create_version("kb", settings.profile(), "ab" * 32)
+    n = 12_000  # past Edge's indexing threshold: a real HNSW build
+    vectors = _unit(np.random.default_rng(5), n)
+    ids = [f"d{i}" for i in range(n)]
+    for start in range(0, n, 2_000):
+        versions.upsert(version.collection, ids[start:start + 2_000], vectors[start:start + 2_000],
+                        [{"id": i} for i in ids[start:start + 2_000]])
+    build_in_child(True)
+    try:
+        builder = threading.Thread(target=versions.build_index, args=(version.collection,))
+        builder.start()
+        counted: list[int] = []
+        counter = threading.Thread(target=lambda: counted.append(versions.count(version.collection)))
+        counter.start()  # needs the shard being built: waits for the build
+        searches = 0
+        while builder.is_alive():
+            assert versions.search(live.collection, small[searches % 300], 1)[0].id == f"s{searches % 300}"
+            searches += 1
+        builder.join()
+        counter.join()
+    finally:
+        build_in_child(False)
+    assert searches > 500  # in-process, the build stops every search in this process
+    assert counted == [n]
+    assert versions.engine.last_build_pid not in (None, os.getpid())
+    assert versions.engine.info(version.collection).indexed == n
+    hits = versions.search(version.collection, vectors[3], 5)
+    assert hits[0].id == "d3" and hits[0].score == pytest.approx(1.0, abs=1e-5)

@@ -10,7 +10,8 @@ from embedpipe import errors
 
 
 def test_all_lists_exactly_the_public_names() -> None:
-    expected = {*errors.__all__, "Hit", "Index", "__version__", "ingest", "load_settings", "sync"}
+    expected = {*errors.__all__, "Hit", "Index", "RemoteIndex", "__version__", "ingest", "load_settings",
+                "sync"}
     assert sorted(embedpipe.__all__) == sorted(expected)
     assert len(embedpipe.__all__) == len(set(embedpipe.__all__))
     for name in embedpipe.__all__:

@@ -21,6 +21,13 @@ Qdrant server (``qdrant.url``) is for. Threads of the owning process share it.
 Edge's ``update`` writes its WAL without syncing; the WAL is replayed on load, so a
 killed process loses nothing it acknowledged, and ``flush`` (called after every
 acknowledged upsert by ``IndexVersions``) makes that survive power loss too.
+Edge's ``optimize`` (the HNSW build) holds the interpreter while it runs. A process that
+serves searches (``embedpipe serve`` calls :func:`build_in_child`) builds a version no
+alias points to in a child process instead (``_build.py``): the shard is closed here,
+built there, and loaded again on next use; a call that needs that shard meanwhile waits
+for the build. A live version's refresh stays in-process: closing a shard under its
+own searches would fail them.
+
 Known quirks handled here: ids come back as ``uuid.UUID``; ``retrieve`` needs all three
 arguments; a batch with a bad vector is half-applied (dimensions are checked first);
 ``MatchValue(True)`` never matches a stored boolean, so booleans in metadata are
@@ -55,7 +62,7 @@ if TYPE_CHECKING:
 
     from embedpipe.config import Settings
 
-__all__ = ["EdgeEngine", "EDGE_VERSION"]
+__all__ = ["EdgeEngine", "EDGE_VERSION", "build_in_child"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,13 @@ SCHEMA = 1
 BOOL_SHADOW = "_bool"
 _DISTANCES = {"cosine": "Cosine", "dot": "Dot", "euclid": "Euclid"}
 _FIELD_TYPES = {"keyword": "Keyword", "integer": "Integer", "float": "Float", "bool": "Bool"}
+_CHILD_BUILDS = {"on": False}
+
+
+def build_in_child(on: bool = True) -> None:
+    """Build HNSW indexes of versions that are not live in a child process, so that
+    searches in this one go on meanwhile (``embedpipe serve`` turns it on)."""
+    _CHILD_BUILDS["on"] = on
 
 
 class EdgeEngine:
@@ -78,6 +92,8 @@ class EdgeEngine:
         self.settings = settings
         self._lock = threading.RLock()
         self._shards: dict[str, Any] = {}
+        self._building: dict[str, threading.Event] = {}  # spaces a child process is building
+        self.last_build_pid: int | None = None  # the process that ran the last build
         self._lock_fd: int | None = None
         self._copy: Path | None = None  # read-only data directory: shards are loaded from copies
         self.read_only = not _writable(self.root)
@@ -238,12 +254,16 @@ class EdgeEngine:
         shard = self._shards.get(space)
         if shard is not None:
             return shard
-        with self._lock:
-            shard = self._shards.get(space)
-            if shard is None:
-                shard = self._load(space)
-                self._shards[space] = shard
-            return shard
+        while True:
+            with self._lock:
+                building = self._building.get(space)
+                if building is None:
+                    shard = self._shards.get(space)
+                    if shard is None:
+                        shard = self._load(space)
+                        self._shards[space] = shard
+                    return shard
+            building.wait()  # a child process has the shard: wait for it, then load
 
     def _load(self, space: str) -> Any:
         from qdrant_edge import EdgeShard
@@ -419,11 +439,42 @@ class EdgeEngine:
         self._writable()
         _check_room(self.root, _disk_bytes(self.root / space))  # optimize writes new segments
         started = time.perf_counter()
-        changed = self._edge(f"building the index of {space}", space, self._shard(space).optimize)
-        self.flush(space)
+        if _CHILD_BUILDS["on"] and space not in self.aliases().values():
+            changed = self._build_in_child(space)
+        else:
+            changed = self._edge(f"building the index of {space}", space, self._shard(space).optimize)
+            self.flush(space)
+            self.last_build_pid = os.getpid()
         _private(self.root / space)  # the new segments
         if changed:
             log.info("built the vector index of %s in %.1f s", space, time.perf_counter() - started)
+
+    def _build_in_child(self, space: str) -> bool:
+        """``optimize`` in ``python -m embedpipe.engine._build``; calls needing the shard
+        meanwhile wait (see the module docstring)."""
+        import subprocess
+
+        done = threading.Event()
+        with self._lock:
+            if space in self._shards:
+                self._edge(f"flushing {space}", space, self._shards[space].flush)
+            self._close_shard(space)
+            self._building[space] = done
+        try:
+            child = subprocess.Popen([sys.executable, "-m", "embedpipe.engine._build", str(self.root / space)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.last_build_pid = child.pid
+            out, err = child.communicate()
+        finally:
+            with self._lock:
+                self._building.pop(space, None)
+            done.set()
+        if child.returncode != 0:
+            reason = Exception(err.strip().splitlines()[-1] if err.strip() else f"exit {child.returncode}")
+            converted = _convert(reason, f"building the index of {space}", self.root / space)
+            raise converted or EngineError(f"building the index of {space} failed in a child process: "
+                                           f"{_first_line(reason)}")
+        return bool(json.loads(out.strip().splitlines()[-1])["changed"])
 
     def index_fields(self, space: str, fields: Mapping[str, str]) -> None:
         from qdrant_edge import PayloadSchemaType, UpdateOperation

@@ -82,7 +82,10 @@ def serve(
     with _own(layout):
         from embedpipe.engine import close_all
 
+        from embedpipe.engine.edge import build_in_child
+
         mark_serving()
+        build_in_child()  # an HNSW build holds the interpreter: it must not stop searches
         from embedpipe.index import IndexVersions
 
         try:

@@ -396,7 +396,7 @@ def test_sigterm_waits_no_longer_than_shutdown_wait_s_and_the_restart_settles_th
     assert _kill_line(server) == "embedding"  # and it embeds for ever
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=HANG_GUARD_S) == 1, server.log_text()  # it left anyway
-    assert "requests still running after 1 s ([server] shutdown_wait_s)" in server.log_text()
+    assert "requests or jobs still running after 1 s ([server] shutdown_wait_s)" in server.log_text()
     assert not (data / "server.json").exists()
     assert isinstance(request.result(), httpx.HTTPError)
 

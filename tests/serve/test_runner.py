@@ -52,7 +52,10 @@ def test_a_second_server_on_the_same_data_directory_isrefused(tmp_path, capsys, 
                               f"{first.url} (pid {first.proc.pid}, since ")
         assert (tmp_path / "data" / "server.json").read_text() == before
         assert httpx.get(f"{first.url}/healthz", timeout=60).status_code == 200
-        code, out, err = cli(capsys, monkeypatch, "-c", str(config), "status")  # the CLI meets the engine lock
+        code, out, err = cli(capsys, monkeypatch, "-c", str(config), "status")  # goes through the server
+        assert code == 0, err
+        # a command that still opens the engine itself meets the engine lock, naming the server
+        code, out, err = cli(capsys, monkeypatch, "-c", str(config), "rebuild", "--index", "kb")
         assert code == 75 and f"pid {first.proc.pid}" in err
     finally:
         assert first.stop() == 0

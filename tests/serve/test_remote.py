@@ -196,9 +196,15 @@ def start_held_ingest(remote: Served, loopback: Any, path: Path, index: str, *ex
         [sys.executable, "-m", "embedpipe.cli", "--config", str(remote.config), "ingest", str(path),
          "--index", index, "--profile", "hosted", *extra],
         cwd=remote.config.parent, env=server_env(remote.config.parent), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     wait_for("a held embedding request", lambda: loopback.counters()["embedding_requests"] > seen)
     return proc
+
+
+def _default_sigint() -> None:
+    """A shell that runs the tests in the background ignores SIGINT, and children inherit
+    that (Python then never raises KeyboardInterrupt): give the CLI a terminal's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def interrupt(proc: subprocess.Popen[str]) -> tuple[int, str]:

@@ -361,64 +361,58 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
                 else:
                     errors[kind] += 1
 
-        async def writer() -> None:
-            b = 0
-            while perf_counter() < deadline:
-                docs = [{"id": f"{spec['prefix']}-{b:05d}-{j:03d}",
-                         "text": f"{texts[(b * batch + j) % len(texts)]} (revision {spec['prefix']}.{b}.{j})"}
-                        for j in range(batch)]
-                in_flight[0] = True
-                t0 = perf_counter()
-                try:
-                    answer = await http.post(f"/v1/indexes/{index}/documents", json={"documents": docs})
-                    if answer.status_code == 200:
-                        report = answer.json()
-                        writes["added"] += report["added"]
-                        writes["embedded"] += report["embedded"]
-                    else:
-                        writes["errors"][f"HTTP {answer.status_code}: {answer.text[:200]}"] += 1
-                except httpx.HTTPError as exc:
-                    writes["errors"][f"{type(exc).__name__}: {exc}"[:200]] += 1
-                finally:
-                    in_flight[0] = False
-                writes["ms"].append((perf_counter() - t0) * 1e3)
-                writes["batches"] += 1
-                b += 1
+        def new_docs(b: int) -> list[dict[str, str]]:
+            """Batch ``b``: corpus texts with a unique suffix, so each is embedded and written."""
+            return [{"id": f"{spec['prefix']}-{b:05d}-{j:03d}",
+                     "text": f"{texts[(b * batch + j) % len(texts)]} (revision {spec['prefix']}.{b}.{j})"}
+                    for j in range(batch)]
 
-        async def syncer() -> None:
-            """Grow the source by a batch, run a sync job in the server, wait for it; again."""
+        async def post_documents(docs: list[dict[str, str]]) -> tuple[dict[str, Any] | None, str]:
+            answer = await http.post(f"/v1/indexes/{index}/documents", json={"documents": docs})
+            if answer.status_code == 200:
+                return answer.json(), ""
+            return None, f"HTTP {answer.status_code}: {answer.text[:200]}"
+
+        async def run_sync(docs: list[dict[str, str]]) -> tuple[dict[str, Any] | None, str]:
+            """Grow the source by the batch, run a sync job in the server and wait for it."""
+            with open(spec["source"], "a", encoding="utf-8") as out:
+                out.writelines(json.dumps(d) + "\n" for d in docs)
+            answer = await http.post("/v1/jobs", json={"kind": "sync", "index": index})
+            job = answer.json()
+            while answer.status_code < 300 and job["state"] in ("queued", "running"):
+                await asyncio.sleep(0.05)
+                answer = await http.get(f"/v1/jobs/{job['id']}")
+                job = answer.json()
+            if answer.status_code < 300 and job["state"] == "succeeded":
+                return job["result"], ""
+            return None, f"HTTP {answer.status_code}: {str(job.get('error') or job)[:200]}"
+
+        async def writing(write: Any) -> None:
+            """``write`` batch after batch for the whole window, timed and counted."""
             b = 0
             while perf_counter() < deadline:
-                with open(spec["source"], "a", encoding="utf-8") as out:
-                    for j in range(batch):
-                        text = f"{texts[(b * batch + j) % len(texts)]} (revision {spec['prefix']}.{b}.{j})"
-                        out.write(json.dumps({"id": f"{spec['prefix']}-{b:05d}-{j:03d}", "text": text}) + "\n")
+                docs = new_docs(b)
                 in_flight[0] = True
                 t0 = perf_counter()
                 try:
-                    answer = await http.post("/v1/jobs", json={"kind": "sync", "index": index})
-                    job = answer.json()
-                    while answer.status_code < 300 and job["state"] in ("queued", "running"):
-                        await asyncio.sleep(0.05)
-                        answer = await http.get(f"/v1/jobs/{job['id']}")
-                        job = answer.json()
-                    if answer.status_code < 300 and job["state"] == "succeeded":
-                        writes["added"] += job["result"]["added"]
-                        writes["embedded"] += job["result"]["embedded"]
-                    else:
-                        why = job.get("error") or job
-                        writes["errors"][f"HTTP {answer.status_code}: {str(why)[:200]}"] += 1
+                    report, error = await write(docs)
                 except httpx.HTTPError as exc:
-                    writes["errors"][f"{type(exc).__name__}: {exc}"[:200]] += 1
+                    report, error = None, f"{type(exc).__name__}: {exc}"[:200]
                 finally:
                     in_flight[0] = False
+                if report is not None:
+                    writes["added"] += report["added"]
+                    writes["embedded"] += report["embedded"]
+                else:
+                    writes["errors"][error] += 1
                 writes["ms"].append((perf_counter() - t0) * 1e3)
                 writes["batches"] += 1
                 b += 1
 
         server0, own0 = process_cpu_s(spec["server_pid"]), time.process_time()
-        writers = {"documents": writer, "sync": syncer}
-        tasks = [searcher(w, c) for w, c in enumerate(own)] + ([writers[spec["writer"]]()] if spec["writer"] else [])
+        writers = {"documents": post_documents, "sync": run_sync}
+        tasks = [searcher(w, c) for w, c in enumerate(own)] + (
+            [writing(writers[spec["writer"]])] if spec["writer"] else [])
         await asyncio.gather(*tasks)
         wall = perf_counter() - start
         server_cpu, own_cpu = process_cpu_s(spec["server_pid"]) - server0, time.process_time() - own0

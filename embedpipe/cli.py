@@ -442,12 +442,20 @@ def status(
             typer.echo(f"  engine: {entry['engine']}; corpus: {entry['corpus_segments']} segment files")
 
 
-@app.command()
+models_app = typer.Typer()
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
 def models(
+    ctx: typer.Context,
     verify: Annotated[bool, typer.Option("--verify", help="Hash every local profile's weights again (ignore the cache) and check the live indexes' fingerprints; exit 2 on a mismatch.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Model profiles: provider, dims, fingerprint, usable here, deprecation."""
+    """Model profiles: provider, dims, fingerprint, usable here, deprecation (`models pull
+    PROFILE` downloads a local profile's weights)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from embedpipe.status import profile_status
 
     data = profile_status(_settings(), verify=verify)
@@ -473,6 +481,38 @@ def models(
             typer.echo(f"warning: {warning}", err=True)
     if mismatched:
         raise typer.Exit(2)
+
+
+@models_app.command("pull")
+def models_pull(
+    profile: Annotated[str, typer.Argument(help="A local profile (see `embedpipe models`).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Download a local profile's weights from the Hugging Face Hub.
+
+    Pinned to the profile's revision, from $HF_ENDPOINT when set (a mirror); every file's
+    SHA-256 is checked, and the folder appears only when complete and verified."""
+    from embedpipe.pull import pull
+
+    report = pull(_settings().profile(profile), progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        _print_json(report.as_dict())
+        return
+    typer.echo(_pull_summary(report))
+
+
+def _pull_summary(r: Any) -> str:
+    at = f"{r.repo} at revision {(r.revision or '')[:12]}"
+    if r.source != "pulled":
+        return f"{r.profile}: served by its {r.source} ({r.where}); nothing to pull"
+    if r.already_present:
+        return (f"{r.profile}: already pulled ({at}, {len(r.files)} files, {_size(r.bytes)}) in "
+                f"{r.where}; nothing downloaded")
+    by = {k: sum(f.checked == k for f in r.files) for k in ("catalogue", "hub", "size")}
+    return (f"{r.profile}: pulled {len(r.files)} files, {_size(r.bytes)}, {at} from {r.endpoint} "
+            f"in {r.seconds:.1f}s\n  into {r.where}\n  checked: {by['catalogue']} against the "
+            f"catalogue's SHA-256, {by['hub']} against the Hub's listing"
+            + (f", {by['size']} by size only" if by["size"] else ""))
 
 
 @app.command()

@@ -12,7 +12,12 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     │   └── KeyFileInvalid          the server's API key file (or key variable) is unreadable or
     │                               malformed (a running server answers 503 until it is fixed)
     ├── ModelError                  a model cannot be used
-    │   ├── WeightsNotFound         local weights missing (says where it looked)
+    │   ├── WeightsNotFound         local weights missing (says where it looked and names
+    │   │                           `embedpipe models pull`)
+    │   ├── DownloadFailed          `models pull` could not reach the Hub or mirror, or a
+    │   │                           transfer broke; nothing was kept, re-run (exit 69)
+    │   ├── ChecksumMismatch        a pulled file is not the one the catalogue (or the Hub's
+    │   │                           listing) names: refused, nothing kept (exit 65)
     │   ├── DimensionMismatch       model output width differs from the profile
     │   ├── ModelDeprecated         a hosted model was retired (says what to migrate to)
     │   └── ProviderError           a hosted endpoint refused or failed (key, reach, protocol)
@@ -63,9 +68,11 @@ __all__ = [
     "DimensionMismatch",
     "DiskFull",
     "DocumentNotFound",
+    "DownloadFailed",
     "EmbedpipeError",
     "EngineError",
     "ChatRequestRejected",
+    "ChecksumMismatch",
     "FingerprintMismatch",
     "GatewayError",
     "IndexBusy",
@@ -141,6 +148,22 @@ class WeightsNotFound(ModelError):
     """Local model weights are not where the profile says they are."""
 
     exit_code = 2
+
+
+class DownloadFailed(ModelError):
+    """``embedpipe models pull`` could not finish: the Hub (or the mirror in
+    ``HF_ENDPOINT``) did not answer, answered an error, or broke a transfer off. Nothing
+    was kept, so nothing half-downloaded is ever used; running the pull again starts over."""
+
+    exit_code = 69  # EX_UNAVAILABLE: try again, or another endpoint
+
+
+class ChecksumMismatch(ModelError):
+    """A pulled file's SHA-256 differs from the one the catalogue records for that
+    revision (or from the Hub's own listing): it was refused and nothing was kept. A
+    tampered mirror, a corrupted transfer, or a catalogue hash of another revision."""
+
+    exit_code = 65  # EX_DATAERR
 
 
 class DimensionMismatch(ModelError):

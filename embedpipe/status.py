@@ -213,7 +213,7 @@ def _usable(profile: Profile) -> tuple[bool, str]:
         try:
             found = resolve_weights(profile)
         except EmbedpipeError:
-            return False, "weights not found"
+            return False, f"weights not found: `embedpipe models pull {profile.name}`"
         return True, f"{found.source}: {found.path}"
     from embedpipe.backends._openai import endpoint, key_env_for, key_in_clear
 

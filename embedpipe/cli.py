@@ -318,8 +318,10 @@ def _print_sync(r: dict[str, Any]) -> None:
 def schedule(
     index: Annotated[Optional[str], typer.Option("--index", "-i", help="Only this index (default: every index with a schedule).")] = None,
     cron: Annotated[Optional[str], typer.Option("--cron", help="Cron schedule, overriding the index's `schedule` (e.g. \"*/15 * * * *\").")] = None,
+    watch_cron: Annotated[Optional[str], typer.Option("--watch-cron", help="Also serve the deprecation watch on this cron, overriding [watch] schedule (e.g. \"0 6 * * *\").")] = None,
 ) -> None:
-    """Serve scheduled sync flows (one Prefect deployment per index) until interrupted.
+    """Serve scheduled sync flows (one Prefect deployment per index) and the deprecation
+    watch (`[watch] schedule`) until interrupted.
 
     Needs a Prefect server: run `prefect server start` and set PREFECT_API_URL.
     """
@@ -329,7 +331,7 @@ def schedule(
     from embedpipe.flows.schedule import serve_schedules
 
     _quiet_run_logs()
-    serve_schedules(_settings(), index=index, cron=cron)
+    serve_schedules(_settings(), index=index, cron=cron, watch_cron=watch_cron)
 
 
 PARTIAL_EXIT = 3  # some documents failed; the rest were ingested
@@ -405,6 +407,11 @@ def status(
                    f"{entry['documents']} documents in the corpus")
         for warning in entry["warnings"]:
             typer.echo(f"warning: {warning}", err=True)
+        if entry.get("watch"):
+            w = entry["watch"]
+            left = f", {w['days_left']} days left" if w.get("days_left") is not None else ""
+            typer.echo(f"  deprecation watch {w['checked_at']}: {w['status']}{left}"
+                       + ("; needs action (`embedpipe watch` says what)" if w["needs_action"] else ""))
         if entry.get("migration"):
             m = entry["migration"]
             again = f"embedpipe migrate --to {m['to_profile']} --index {entry['index']}"
@@ -513,6 +520,56 @@ def _pull_summary(r: Any) -> str:
             f"in {r.seconds:.1f}s\n  into {r.where}\n  checked: {by['catalogue']} against the "
             f"catalogue's SHA-256, {by['hub']} against the Hub's listing"
             + (f", {by['size']} by size only" if by["size"] else ""))
+
+
+WATCH_EXIT = 6  # embedpipe watch: something needs doing
+
+
+@app.command()
+def watch(
+    warn_days: Annotated[Optional[int], typer.Option("--warn-days", min=0, max=3650, help="A shutdown this many days away or fewer needs doing (default: [watch] warn_days, 90).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the model behind every live index: the catalogue's deprecation dates, the
+    provider's /v1/models and a one-text probe. Prints each index's status, days left, the
+    migration plan to its replacement (cost, time) and whether a query adapter keeps search
+    up, then what to run. Exits 6 when something needs doing, 0 when nothing does."""
+    from embedpipe.watch import watch as run_watch
+
+    report = run_watch(_settings(), warn_days=warn_days)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        _print_watch(report)
+    if report.needs_action:
+        raise typer.Exit(WATCH_EXIT)
+
+
+def _print_watch(report: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from embedpipe.watch import describe_plan
+
+    if not report.rows:
+        typer.echo("no live index to watch; create one with `embedpipe ingest PATH --index NAME`")
+        return
+    table = Table(title=f"deprecation watch {report.checked_at} (warn_days {report.warn_days})")
+    for column in ("index", "profile (model)", "status", "days left", "plan", "adapter"):
+        table.add_column(column, overflow="fold")
+    for r in report.rows:
+        left = "-" if r.days_left is None else str(r.days_left)
+        plan = describe_plan(r.plan) if r.plan else (f"no plan: {r.plan_error}" if r.plan_error else "-")
+        status = r.status + (" (needs action)" if r.needs_action else "")
+        table.add_row(r.index, f"{r.profile} ({r.model or '?'})", status, left, plan, r.adapter_note)
+    Console(stderr=False, width=160).print(table)
+    for r in report.rows:
+        for reason in r.reasons:
+            typer.echo(f"  {r.index}: {reason}")
+    for action in report.actions:
+        typer.echo(f"action: {action}")
+    typer.echo(f"{sum(r.needs_action for r in report.rows)} of {len(report.rows)} indexes need action"
+               if report.needs_action else "nothing needs doing")
 
 
 @app.command()

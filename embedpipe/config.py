@@ -178,6 +178,17 @@ class ChatSettings(BaseModel):
         return self
 
 
+class WatchSettings(BaseModel):
+    """``[watch]``: the deprecation watch (``embedpipe watch``, the ``deprecation-watch`` flow)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # A deprecated model whose shutdown is this many days away or fewer needs doing (exit 6).
+    warn_days: int = Field(default=90, ge=0, le=3650)
+    # Cron (five fields, UTC) on which `embedpipe schedule` serves the watch; unset: not served.
+    schedule: str | None = None
+
+
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # an API key's name (never the key)
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
@@ -257,6 +268,7 @@ class Settings(BaseModel):
     migration: MigrationSettings = MigrationSettings()
     chat: ChatSettings = ChatSettings()
     server: ServerSettings = ServerSettings()
+    watch: WatchSettings = WatchSettings()
     profiles: dict[str, Profile]
     indexes: dict[str, IndexSettings] = {}
 
@@ -348,7 +360,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         server["env_keys"] = env[keys_var]
 
 
-_TABLES = ("qdrant", "migration", "chat", "server")
+_TABLES = ("qdrant", "migration", "chat", "server", "watch")
 _TABLES_OF_TABLES = ("profiles", "indexes")
 
 

@@ -16,6 +16,7 @@
       server.json                          the running `embedpipe serve`: url, pid (serve/)
       server.lock                          flock'ed by that server while it runs
       jobs/<id>.json                       that server's jobs: ingest, sync, migrate... (serve/jobs.py)
+      watch/last.json                      the last deprecation watch, a row per live index (watch.py)
 
 Every path that holds an index name is built by :class:`Layout`, and every one of its
 methods passes the name through :func:`check_index_name` first: the one check, so a name
@@ -160,6 +161,11 @@ class Layout:
     def jobs(self) -> Path:
         """The server's job records, one ``<id>.json`` each."""
         return self.root / "jobs"
+
+    @property
+    def watch_report(self) -> Path:
+        """``watch/last.json``: the last deprecation watch (``embedpipe watch``)."""
+        return self.root / "watch" / "last.json"
 
     @property
     def server_lock(self) -> Path:

@@ -12,6 +12,7 @@ from embedpipe.index import IndexVersions
 from embedpipe.layout import Layout, check_index_name
 from embedpipe.profiles import Profile, fingerprint, resolve_weights, short
 from embedpipe.sync import last_runs
+from embedpipe.watch import last_row, watch_warnings
 
 __all__ = ["deprecation_warning", "index_status", "live_profiles", "profile_status"]
 
@@ -84,7 +85,8 @@ def index_status(settings: Settings, index: str | None = None) -> list[dict[str,
             {
                 "index": name,
                 "alias": aliases.get(name),
-                "warnings": [warning] if warning else [],
+                "warnings": ([warning] if warning else []) + _watch_warnings(settings, live),
+                "watch": _last_watch(settings, live),
                 "documents": CorpusStore.for_index(settings.data_dir, name).count(),
                 "corpus_segments": CorpusStore.for_index(settings.data_dir, name).segment_count(),
                 "migration": _migration_state(settings, name, {v.collection for v in found}),
@@ -105,6 +107,20 @@ def index_status(settings: Settings, index: str | None = None) -> list[dict[str,
             }
         )
     return out
+
+
+def _watch_warnings(settings: Settings, live: Any) -> list[str]:
+    """The last deprecation watch's warning for the live version (``embedpipe watch``)."""
+    return watch_warnings(settings.data_dir, live.index, live.fingerprint) if live is not None else []
+
+
+def _last_watch(settings: Settings, live: Any) -> dict[str, Any] | None:
+    """When the watch last checked the live version and what it found (None: never)."""
+    row = last_row(settings.data_dir, live.index, live.fingerprint) if live is not None else None
+    if row is None:
+        return None
+    return {"checked_at": row.checked_at, "status": row.status, "needs_action": row.needs_action,
+            "days_left": row.days_left}
 
 
 def _storage(versions: IndexVersions, collection: str) -> dict[str, Any]:
@@ -164,6 +180,7 @@ def profile_status(settings: Settings, verify: bool = False) -> list[dict[str, A
         entry["warnings"] = [
             w for w in (deprecation_warning(profile, i) for i in entry["live_indexes"]) if w
         ]
+        entry["warnings"] += [w for i, fp in on_it for w in watch_warnings(settings.data_dir, i, fp)]
         if verify:
             entry["verified"] = profile.is_local and entry["full_fingerprint"] is not None
             entry["mismatched_indexes"] = sorted(

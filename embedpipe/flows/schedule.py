@@ -24,6 +24,11 @@ delete most of an index fails and waits for ``embedpipe sync --allow-mass-delete
 deployment run started through the Prefect API with other parameters (``allow_mass_delete
 = true``, ``dry_run``, another ``config`` or ``index``) is refused before anything is read:
 the serving process, not the API, decides what a scheduled run may do.
+
+The deprecation watch (:mod:`embedpipe.flows.watch`) is served beside them as
+``deprecation-watch/watch`` when ``[watch] schedule = "CRON"`` is set (and neither
+``--index`` nor ``--cron`` narrows the command to one index), or on ``--watch-cron
+"CRON"``; with no index scheduled, it is served alone. It allows one run at a time too.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = ["deployment_name", "deployments", "serve_schedules", "validate_cron"]
 
 FLOW_NAME = "sync-index"  # the name of embedpipe.flows.ingest.sync_flow
+WATCH_DEPLOYMENT = "watch"  # deprecation-watch/watch: embedpipe.flows.watch.watch_flow
 CRON_HELP = 'five fields, minute hour day-of-month month day-of-week, in UTC; e.g. "0 * * * *" is hourly'
 
 
@@ -52,12 +58,14 @@ def deployment_name(index: str) -> str:
     return f"sync-{index}"
 
 
-def validate_cron(expr: str, index: str) -> str:
-    """``expr`` if Prefect accepts it as a cron schedule, else a ConfigError naming the index."""
+def validate_cron(expr: str, index: str, owner: str | None = None) -> str:
+    """``expr`` if Prefect accepts it as a cron schedule, else a ConfigError naming the index
+    (or ``owner``, e.g. ``"[watch]"``)."""
     try:
         CronSchedule(cron=expr)
     except ValidationError as exc:
-        raise ConfigError(f"index {index!r}: schedule {expr!r} is not a valid cron expression ({CRON_HELP})") from exc
+        raise ConfigError(f"{owner or f'index {index!r}'}: schedule {expr!r} is not a valid cron "
+                          f"expression ({CRON_HELP})") from exc
     return expr
 
 
@@ -65,8 +73,21 @@ def _where(settings: Settings) -> str:
     return str(settings.config_path or "embedpipe.toml")
 
 
-def _scheduled(settings: Settings, index: str | None, cron: str | None) -> dict[str, str]:
-    """index -> cron for what should be served; every problem is a one-line ConfigError."""
+def _watch_schedule(settings: Settings, index: str | None, cron: str | None,
+                    watch_cron: str | None) -> str | None:
+    """The cron of the deprecation watch to serve, or None: ``--watch-cron``, else
+    ``[watch] schedule`` unless the command serves one index only."""
+    if watch_cron is not None:
+        return validate_cron(watch_cron, "", owner="--watch-cron")
+    if index is None and cron is None and settings.watch.schedule is not None:
+        return validate_cron(settings.watch.schedule, "", owner=f"[watch] in {_where(settings)}")
+    return None
+
+
+def _scheduled(settings: Settings, index: str | None, cron: str | None,
+               watching: bool = False) -> dict[str, str]:
+    """index -> cron for what should be served (none at all is fine when the watch is
+    served); every problem is a one-line ConfigError."""
     where = _where(settings)
     if index is None and cron is not None:
         sourced = sorted(name for name, cfg in settings.indexes.items() if cfg.source is not None)
@@ -99,28 +120,32 @@ def _scheduled(settings: Settings, index: str | None, cron: str | None) -> dict[
                 f"[indexes.{name}] in {where}"
             )
         planned[name] = validate_cron(cfg.schedule, name)
-    if not planned:
+    if not planned and not watching:
         raise ConfigError(
             f"no index has a schedule in {where}; add schedule = \"0 * * * *\" (cron, UTC) under "
-            "[indexes.NAME] next to its source, or pass --index NAME --cron \"EXPR\""
+            "[indexes.NAME] next to its source, or pass --index NAME --cron \"EXPR\"; [watch] "
+            "schedule = \"0 6 * * *\" serves the deprecation watch"
         )
     return planned
 
 
-def deployments(settings: Settings, index: str | None = None, cron: str | None = None) -> list[RunnerDeployment]:
+def deployments(settings: Settings, index: str | None = None, cron: str | None = None,
+                watch_cron: str | None = None) -> list[RunnerDeployment]:
     """The sync deployments to serve: every index with a schedule, or only ``index``
-    (on ``cron`` when given, else its configured schedule).
+    (on ``cron`` when given, else its configured schedule); then the deprecation watch's
+    (see the module docstring).
 
     Nothing is sent to Prefect here; :func:`prefect.serve` registers them.
     """
-    planned = _scheduled(settings, index, cron)
+    watching = _watch_schedule(settings, index, cron, watch_cron)
+    planned = _scheduled(settings, index, cron, watching=watching is not None)
     from prefect.types.entrypoint import EntrypointType
 
     from embedpipe.flows.ingest import sync_flow
 
     config = str(settings.config_path) if settings.config_path else None
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
-    return [
+    served = [
         sync_flow.to_deployment(
             name=deployment_name(name),
             cron=expr,
@@ -137,16 +162,32 @@ def deployments(settings: Settings, index: str | None = None, cron: str | None =
         )
         for name, expr in planned.items()
     ]
+    if watching is not None:
+        from embedpipe.flows.watch import watch_flow
+
+        served.append(watch_flow.to_deployment(
+            name=WATCH_DEPLOYMENT,
+            cron=watching,
+            parameters={"config": config},
+            concurrency_limit=one_at_a_time,
+            tags=["embedpipe", "deprecation-watch"],
+            description=(f"Deprecation watch of every live index on cron {watching!r} (UTC): the "
+                         "catalogue's dates, the provider's /v1/models and a probe, the migration plan "
+                         "and the adapter; the artifact deprecation-watch lists what needs doing."),
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ))
+    return served
 
 
-def serve_schedules(settings: Settings, index: str | None = None, cron: str | None = None) -> None:
-    """Serve the sync deployments (see :func:`deployments`) until interrupted.
+def serve_schedules(settings: Settings, index: str | None = None, cron: str | None = None,
+                    watch_cron: str | None = None) -> None:
+    """Serve the sync deployments and the watch's (see :func:`deployments`) until interrupted.
 
     The config is checked before the server, so a config mistake is reported first.
     On exit Prefect pauses the served schedules; the next ``embedpipe schedule``
     resumes them.
     """
-    served = deployments(settings, index=index, cron=cron)
+    served = deployments(settings, index=index, cron=cron, watch_cron=watch_cron)
     url = check_prefect(require_server=True)
     import json
     import os
@@ -159,9 +200,14 @@ def serve_schedules(settings: Settings, index: str | None = None, cron: str | No
     # whatever parameters a deployment run arrives with (see check_served_parameters).
     os.environ[SERVED_ENV] = json.dumps({
         "config": served[0].parameters["config"],
-        "indexes": [d.parameters["index"] for d in served]})
+        "indexes": [d.parameters["index"] for d in served if "index" in d.parameters],
+        "watch": any(d.name == WATCH_DEPLOYMENT for d in served)})
 
     for deployment in served:
+        if "index" not in deployment.parameters:
+            print(f"serving deprecation-watch/{deployment.name}: every live index, cron "
+                  f"{_cron_of(deployment)!r} (UTC)", flush=True)
+            continue
         name = deployment.parameters["index"]
         print(
             f"serving {FLOW_NAME}/{deployment.name}: index {name!r} from "

@@ -187,7 +187,16 @@ def _retire(settings: Settings, index: str, p: dict[str, Any], progress: Progres
                   abandon=bool(p.get("abandon")))
 
 
+def _watch(settings: Settings, index: str, p: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """``embedpipe watch`` for one index (the CLI starts one job per index): the report
+    with its row, recorded in the server's ``<data>/watch/last.json``."""
+    from embedpipe.watch import watch_here
+
+    return watch_here(settings, [index], warn_days=p.get("warn_days")).to_dict()
+
+
 KINDS: dict[str, Callable[[Settings, str, dict[str, Any], Progress], dict[str, Any]]] = {
+    "watch": _watch,
     "ingest": _ingest, "sync": _sync, "plan": _plan, "migrate": _migrate, "rollback": _rollback,
     "retire": _retire,
 }

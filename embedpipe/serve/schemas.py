@@ -124,6 +124,7 @@ JOB_PARAMS: dict[str, tuple[str, ...]] = {
     "migrate": ("to", "golden", "force", "tolerance", "plan"),
     "rollback": ("force",),
     "retire": ("keep", "abandon", "dry_run"),
+    "watch": ("warn_days",),
 }
 _NEEDED = {"ingest": ("path",), "plan": ("to",), "migrate": ("to",)}
 
@@ -132,8 +133,9 @@ class JobRequest(_Request):
     """A long job run by the server as the CLI command of that name runs it. Paths are
     read by the server: absolute, on its machine (or a file system it shares)."""
 
-    kind: Literal["ingest", "sync", "plan", "migrate", "rollback", "retire"] = Field(
-        description="ingest, sync, plan (what `migrate --dry-run` prints), migrate, rollback, retire.")
+    kind: Literal["ingest", "sync", "plan", "migrate", "rollback", "retire", "watch"] = Field(
+        description="ingest, sync, plan (what `migrate --dry-run` prints), migrate, rollback, retire, "
+                    "watch (the deprecation watch of one index).")
     index: str
     path: Optional[str] = Field(default=None, description="ingest: a .jsonl/.parquet file or a folder.")
     profile: Optional[str] = Field(default=None, description="ingest: a new index's model profile.")
@@ -149,6 +151,8 @@ class JobRequest(_Request):
     plan: Optional[dict[str, Any]] = Field(default=None, description="migrate: the plan a `plan` job returned.")
     keep: int = Field(default=1, ge=0)
     abandon: bool = False
+    warn_days: Optional[int] = Field(default=None, ge=0, le=3650,
+                                     description="watch: the horizon in days (default [watch] warn_days).")
 
     @model_validator(mode="after")
     def _fits_kind(self) -> JobRequest:

@@ -21,7 +21,7 @@ from embedpipe.ingest import ingest
 from embedpipe.status import index_status, profile_status
 from embedpipe.watch import last_report, watch_here
 
-from conftest import LOOPBACK_KEY, cli, hosted_profile_toml, static_profile_toml, write_jsonl
+from conftest import CRANFIELD, LOOPBACK_KEY, cli, hosted_profile_toml, static_profile_toml, write_jsonl
 
 MODEL = "text-embedding-3-small"
 DOCS = [{"id": f"d{n}", "text": f"Note {n}: {topic}."} for n, topic in enumerate(
@@ -310,3 +310,57 @@ def test_the_key_never_reaches_the_report_the_record_or_the_output(project, open
     for text in (out, err, record, caplog.text):
         assert LOOPBACK_KEY not in text
     assert openai_server.counters()["auth_requests"] > 0  # the key was sent, to the server only
+
+
+# --- deprecation day, end to end ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(600)
+def test_deprecation_day_end_to_end(openai_server, make_settings, static_model_dir: Path, tmp_path: Path,
+                                    capsys, monkeypatch, prefect_api) -> None:
+    """Two weeks ahead the watch warns; an adapter is fitted; the provider retires the model
+    (the loopback server's switch); search goes on through the adapter; the migration runs
+    and retires it; the watch then finds nothing to do and status no longer warns."""
+    pytest.importorskip("embedpipe.adapters", reason="query adapters (issue 20 part 1) are not installed")
+    if not CRANFIELD.is_dir():
+        pytest.skip(f"the Cranfield collection is not at {CRANFIELD}")
+    from embedpipe.evaluation import read_cranfield
+
+    openai_server.load_model()
+    texts = list(read_cranfield(CRANFIELD).documents.items())[:200]
+    settings = make_settings(
+        hosted_profile_toml(openai_server.base_url, limits="max_retries = 1\ntimeout_s = 20",
+                            extra=f'deprecation = {{ shutdown = "{_day(14)}", replacement = "static" }}\n')
+        + static_profile_toml(static_model_dir) + "[adapter]\nsample_queries = 60\n")
+    ingest(settings, "docs", write_jsonl(tmp_path / "docs.jsonl", [{"id": i, "text": t} for i, t in texts
+                                                                    if t.strip()]), profile="hosted")
+
+    def run(*args: str) -> tuple[int, str, str]:
+        return cli(capsys, monkeypatch, "-c", str(settings.config_path), *args)
+
+    code, out, _ = run("watch", "--json")
+    row = only_row(json.loads(out))
+    assert code == WATCH_EXIT and (row["status"], row["days_left"], row["adapter"]) == ("deprecated", 14, None)
+    assert row["actions"][0] == "keep search up now: `embedpipe adapt --index docs --to static`"
+
+    code, out, err = run("adapt", "--index", "docs", "--to", "static", "--json")
+    assert code == 0, err
+    adapter = json.loads(out)["adapter"]
+
+    openai_server.retire(MODEL, 410)  # deprecation day
+    code, out, _ = run("watch", "--json")
+    row = only_row(json.loads(out))
+    assert code == WATCH_EXIT and row["status"] == "retired" and row["adapter"]["id"] == adapter
+    assert row["adapter_note"].startswith(f"adapter {adapter} via static")
+    assert [a.split(":")[0] for a in row["actions"]] == ["migrate"]  # search is up: only the migration is left
+    code, out, err = run("search", "boundary layer transition", "--index", "docs", "--json")
+    assert code == 0 and json.loads(out)[0]["via"].startswith(f"adapter {adapter}")
+
+    code, out, err = run("migrate", "--to", "static", "--index", "docs", "--yes", "--json")
+    assert code == 0, err
+    assert json.loads(out)["adapters_retired"] == [adapter]
+    code, out, _ = run("watch", "--json")
+    row = only_row(json.loads(out))
+    assert code == 0 and (row["profile"], row["status"], row["adapter"]) == ("static", "ok", None)
+    code, _, err = run("status")
+    assert code == 0 and "warning: watch (" not in err

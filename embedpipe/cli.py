@@ -409,6 +409,12 @@ def status(
             typer.echo(f"warning: {warning}", err=True)
         if entry.get("watch"):
             w = entry["watch"]
+            dated = w["status"] == "deprecated" and w.get("days_left") is not None
+            left = f", {w['days_left']} days left" if dated else ""
+            typer.echo(f"  deprecation watch {w['checked_at']}: {w['status']}{left}"
+                       + ("; needs action (`embedpipe watch` says what)" if w["needs_action"] else ""))
+        if entry.get("watch"):
+            w = entry["watch"]
             left = f", {w['days_left']} days left" if w.get("days_left") is not None else ""
             typer.echo(f"  deprecation watch {w['checked_at']}: {w['status']}{left}"
                        + ("; needs action (`embedpipe watch` says what)" if w["needs_action"] else ""))

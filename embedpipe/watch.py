@@ -311,7 +311,10 @@ def ask_provider(settings: Settings, profile: Profile) -> ProviderCheck:
     except EmbedpipeError as exc:  # no key, or a key that would cross plain http
         check.probe, check.detail = UNREACHABLE, _first_line(exc)
         return check
-    check.listed, check.shutdown_date, check.models_error = _listing(embedder.client, profile.model)
+    check.listed, check.shutdown_date, check.models_error, down = _listing(embedder.client, profile.model)
+    if down:  # the endpoint did not answer at all: a probe would only wait as long again
+        check.probe, check.detail = UNREACHABLE, check.models_error or "no answer"
+        return check
     try:
         embedder.check()
     except ModelDeprecated as exc:
@@ -323,9 +326,10 @@ def ask_provider(settings: Settings, profile: Profile) -> ProviderCheck:
     return check
 
 
-def _listing(client: Any, model: str) -> tuple[bool | None, str | None, str | None]:
-    """(listed, shutdown_date, error) from ``GET /v1/models``; listed is None when the
-    endpoint could not be read (a server without it, a timeout)."""
+def _listing(client: Any, model: str) -> tuple[bool | None, str | None, str | None, bool]:
+    """(listed, shutdown_date, error, down) from ``GET /v1/models``; listed is None when
+    the endpoint could not be read (a server without it, a 5xx), and ``down`` says the
+    server did not answer at all (a timeout, a refused connection)."""
     from embedpipe.backends._openai import classify
 
     try:
@@ -334,12 +338,12 @@ def _listing(client: Any, model: str) -> tuple[bool | None, str | None, str | No
         failure = classify(exc)
         if failure is None:
             raise
-        return None, None, f"GET /v1/models: {failure.reason}"
+        return None, None, f"GET /v1/models: {failure.reason}", failure.kind in ("timeout", "connection")
     card = next((c for c in cards if getattr(c, "id", None) == model), None)
     if card is None:
-        return False, None, None
+        return False, None, None, False
     announced = _parse_date(getattr(card, "shutdown_date", None))
-    return True, announced.isoformat() if announced else None, None
+    return True, announced.isoformat() if announced else None, None, False
 
 
 def _parse_date(value: Any) -> dt.date | None:

@@ -146,19 +146,21 @@ def test_a_retired_model_is_reported_with_the_plan_to_its_replacement(project, o
     assert "action: docs: migrate: `embedpipe migrate --to static --index docs`" in out
 
 
-@pytest.mark.parametrize("cause", ["5xx", "no-key"])
+@pytest.mark.parametrize("cause", ["5xx", "no-key", "down"])
 def test_a_provider_that_cannot_be_asked_is_unreachable_not_retired(project, openai_server, capsys,
                                                                     monkeypatch, cause) -> None:
     settings = project()
     if cause == "5xx":
         openai_server.configure(rate_500=1.0)
-    else:
+    elif cause == "no-key":
         monkeypatch.delenv("OPENAI_API_KEY")
+    else:
+        openai_server.stop()  # nothing listens any more: not asked twice
     code, report, _ = watch_json(capsys, monkeypatch, settings)
     row = only_row(report)
     assert code == WATCH_EXIT and row["status"] == "unreachable" and row["provider_check"]["probe"] == "unreachable"
     detail = row["provider_check"]["detail"]
-    assert ("HTTP 500" in detail) if cause == "5xx" else ("$OPENAI_API_KEY" in detail)
+    assert {"5xx": "HTTP 500", "no-key": "$OPENAI_API_KEY", "down": "GET /v1/models: connection failed"}[cause] in detail
     assert row["actions"][0].startswith(detail)
 
 

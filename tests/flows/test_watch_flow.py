@@ -49,7 +49,8 @@ def test_the_flow_records_the_report_as_a_markdown_artifact(prefect_api: str, ma
     from embedpipe.flows.watch import run_watch
 
     openai_server.load_model()
-    settings = make_settings(hosted_profile_toml(openai_server.base_url, extra='deprecation = { replacement = "static" }\n')
+    replaced = 'deprecation = { replacement = "static" }\n'
+    settings = make_settings(hosted_profile_toml(openai_server.base_url, extra=replaced)
                              + static_profile_toml(static_model_dir))
     ingest(settings, "docs", write_jsonl(tmp_path / "docs.jsonl", DOCS), profile="hosted")
     openai_server.retire(MODEL, 410)

@@ -413,11 +413,6 @@ def status(
             left = f", {w['days_left']} days left" if dated else ""
             typer.echo(f"  deprecation watch {w['checked_at']}: {w['status']}{left}"
                        + ("; needs action (`embedpipe watch` says what)" if w["needs_action"] else ""))
-        if entry.get("watch"):
-            w = entry["watch"]
-            left = f", {w['days_left']} days left" if w.get("days_left") is not None else ""
-            typer.echo(f"  deprecation watch {w['checked_at']}: {w['status']}{left}"
-                       + ("; needs action (`embedpipe watch` says what)" if w["needs_action"] else ""))
         if entry.get("migration"):
             m = entry["migration"]
             again = f"embedpipe migrate --to {m['to_profile']} --index {entry['index']}"

@@ -10,6 +10,7 @@ run locally, so the migration plan is real and cheap.
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import sys
 import types
@@ -318,14 +319,14 @@ def test_the_key_never_reaches_the_report_the_record_or_the_output(project, open
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.skipif(importlib.util.find_spec("embedpipe.adapters") is None,
+                    reason="query adapters (issue 20 part 1) are not installed")
+@pytest.mark.skipif(not CRANFIELD.is_dir(), reason=f"the Cranfield collection is not at {CRANFIELD}")
 def test_deprecation_day_end_to_end(openai_server, make_settings, static_model_dir: Path, tmp_path: Path,
                                     capsys, monkeypatch, prefect_api) -> None:
     """Two weeks ahead the watch warns; an adapter is fitted; the provider retires the model
     (the loopback server's switch); search goes on through the adapter; the migration runs
     and retires it; the watch then finds nothing to do and status no longer warns."""
-    pytest.importorskip("embedpipe.adapters", reason="query adapters (issue 20 part 1) are not installed")
-    if not CRANFIELD.is_dir():
-        pytest.skip(f"the Cranfield collection is not at {CRANFIELD}")
     from embedpipe.evaluation import read_cranfield
 
     openai_server.load_model()

@@ -318,7 +318,7 @@ def _print_sync(r: dict[str, Any]) -> None:
 def schedule(
     index: Annotated[Optional[str], typer.Option("--index", "-i", help="Only this index (default: every index with a schedule).")] = None,
     cron: Annotated[Optional[str], typer.Option("--cron", help="Cron schedule, overriding the index's `schedule` (e.g. \"*/15 * * * *\").")] = None,
-    watch_cron: Annotated[Optional[str], typer.Option("--watch-cron", help="Also serve the deprecation watch on this cron, overriding [watch] schedule (e.g. \"0 6 * * *\").")] = None,
+    watch_cron: Annotated[Optional[str], typer.Option("--watch-cron", help="Also serve the deprecation watch on this cron, overriding \\[watch] schedule (e.g. \"0 6 * * *\").")] = None,
 ) -> None:
     """Serve scheduled sync flows (one Prefect deployment per index) and the deprecation
     watch (`[watch] schedule`) until interrupted.
@@ -528,7 +528,7 @@ WATCH_EXIT = 6  # embedpipe watch: something needs doing
 
 @app.command()
 def watch(
-    warn_days: Annotated[Optional[int], typer.Option("--warn-days", min=0, max=3650, help="A shutdown this many days away or fewer needs doing (default: [watch] warn_days, 90).")] = None,
+    warn_days: Annotated[Optional[int], typer.Option("--warn-days", min=0, max=3650, help="A shutdown this many days away or fewer needs doing (default: \\[watch] warn_days, 90).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check the model behind every live index: the catalogue's deprecation dates, the

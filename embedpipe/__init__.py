@@ -14,6 +14,7 @@ from __future__ import annotations
 from embedpipe.errors import (
     AccessDenied,
     AccessError,
+    AdapterRefused,
     AuthenticationRequired,
     ChatRequestRejected,
     ChecksumMismatch,
@@ -38,6 +39,7 @@ from embedpipe.errors import (
     MigrationError,
     ModelDeprecated,
     ModelError,
+    NoAdapter,
     NoBackendAvailable,
     NothingToMigrate,
     PrefectUnavailable,
@@ -62,6 +64,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDenied",
     "AccessError",
+    "AdapterRefused",
     "AuthenticationRequired",
     "ChatRequestRejected",
     "ChecksumMismatch",
@@ -88,6 +91,7 @@ __all__ = [
     "MigrationError",
     "ModelDeprecated",
     "ModelError",
+    "NoAdapter",
     "NoBackendAvailable",
     "NothingToMigrate",
     "PrefectUnavailable",

@@ -377,6 +377,8 @@ def search(
         return
     if not hits:
         typer.echo("no results")
+    elif hits[0].via:
+        typer.echo(f"note: the index's model cannot embed queries; served through {hits[0].via}", err=True)
     for rank, hit in enumerate(hits, start=1):
         snippet = " ".join((hit.text or "").split())[:100]
         typer.echo(f"{rank:>3}. {hit.score:.4f}  {hit.chunk_id or hit.id}  {snippet}")
@@ -421,6 +423,11 @@ def status(
                     else f"`{again}` resumes it")
             typer.echo(f"  migration to {m['to_profile']} -> {m['collection']}: {m['phase']} "
                        f"(updated {m['updated_at']}); {hint}")
+        if entry.get("adapter"):
+            a = entry["adapter"]
+            kept = f"keeps {a['retention']:.0%} of the model's retrieval" if a.get("retention") else "judged on its own"
+            typer.echo(f"  query adapter {a['id']} from {a['profile']} ({a['kind']}, {kept}"
+                       f"{', forced' if a.get('forced') else ''}): used {a['in_use']}")
         for run in entry.get("runs", [])[:3]:
             if run["status"] == "error":
                 typer.echo(f"  sync {run['started_at']}: error: {run['error']}")
@@ -719,6 +726,7 @@ def migrate(
     golden: Annotated[Optional[Path], typer.Option("--golden", help="JSONL of {query, relevant[, grades]}: judge retrieval by nDCG@10 and recall@100.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Cut over even if validation fails (recorded in the report).")] = False,
     tolerance: Annotated[Optional[float], typer.Option("--tolerance", min=0.0, max=1.0, help="Allowed metric drop, new vs old (default: migration.tolerance).")] = None,
+    adapter: Annotated[Optional[bool], typer.Option("--adapter/--no-adapter", help="When the live model can no longer embed queries: fit a query adapter from the target first, so search works during the backfill (asked on a terminal; default with --yes: yes).")] = None,
     as_json: JsonOpt = False,
     cancel_on_interrupt: CancelOpt = False,
 ) -> None:
@@ -756,6 +764,8 @@ def migrate(
         typer.echo("dry run: nothing was written")
         return
     _confirm(yes, f"Migrate index {name!r} to {to!r}?")
+    if _wants_adapter(plan, adapter, yes):
+        _adapter_first(settings, name, to, golden, as_json)
     kept = keep_probe()  # the probe's vectors are not embedded twice
     if kept:
         plan["probe_kept"] = kept
@@ -794,6 +804,100 @@ def migrate(
         f"Previous version {report['from_collection']} is standby: "
         f"`embedpipe rollback --index {report['index']}` undoes this"
     )
+
+
+@app.command()
+def adapt(
+    to: Annotated[str, typer.Option("--to", help="The profile whose query embeddings are mapped (the one you will migrate to).")],
+    index: Annotated[Optional[str], typer.Option("--index", "-i", help="Index whose live version the adapter maps into (default: the only one).")] = None,
+    sample: Annotated[Optional[int], typer.Option("--sample", min=16, help="Pairs to fit on (default: adapter.sample); the rest are held out.")] = None,
+    kind: Annotated[Optional[str], typer.Option("--kind", help="procrustes, ridge, lowrank, or auto: fit each and keep the best (default: adapter.kind, auto).")] = None,
+    golden: Annotated[Optional[Path], typer.Option("--golden", help="JSONL of {query, relevant[, grades]}: judge by nDCG@10 and recall@100.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Use the adapter even if it keeps less than adapter.min_retention (recorded).")] = False,
+    as_json: JsonOpt = False,
+    cancel_on_interrupt: CancelOpt = False,
+) -> None:
+    """Fit a query adapter: search keeps working through another model while the old one is gone.
+
+    Fitted on vectors the vector store already holds for the live version (no call to
+    its model) and the new model's embeddings of the same texts, validated like a
+    migration, and used when the live model cannot embed queries.
+    """
+    settings = _settings()
+    name = _resolve_index(settings, index)
+    if kind is not None and kind not in ("procrustes", "ridge", "lowrank", "auto"):
+        from embedpipe.errors import InputError
+
+        raise InputError(f"--kind {kind!r} is not one of procrustes, ridge, lowrank, auto")
+    report = _adapt(settings, name, to, sample, kind, golden, force, not as_json and sys.stderr.isatty(),
+                    cancel_on_interrupt)
+    if as_json:
+        _print_json(report)
+        return
+    _print_adapter(report)
+
+
+def _adapt(settings: Any, name: str, to: str, sample: int | None, kind: str | None, golden: Path | None,
+           force: bool, show: bool, cancel_on_interrupt: bool = False) -> dict[str, Any]:
+    """Fit an adapter here, or as a job of the server that owns the data directory."""
+    if golden is not None:
+        from embedpipe.evaluation import read_golden
+
+        read_golden(golden)  # a bad golden file fails before anything is embedded
+    client = _server(settings)
+    if client is not None:
+        params = {k: v for k, v in {"sample": sample, "adapter_kind": kind, "force": force or None,
+                                    "golden": str(golden.resolve()) if golden else None}.items() if v is not None}
+        return _job(client, "adapt", name, f"embedding pairs with {to}", show, cancel_on_interrupt, to=to, **params)
+    from embedpipe.adapters import adapt
+
+    with _progress(show, f"embedding pairs with {to}") as progress:
+        return adapt(settings, name, to, sample=sample, kind=kind, golden=golden, force=force, progress=progress)
+
+
+def _print_adapter(r: dict[str, Any]) -> None:
+    typer.echo(f"adapter {r['adapter']} from {r['profile']} into {r['target']} ({r['kind']}): "
+               f"{r['pairs']:,} pairs ({r['embedded']:,} embedded now), pair cosine {r['pair_cosine']:.4f} "
+               f"on {r['held_out']:,} held-out documents, {r['map_us_per_query']:.0f} us per query")
+    typer.echo(f"  {'metric':<18} {'old model':>10} {'adapter':>10} {'retention':>10}")
+    for metric, v in r["metrics"].items():
+        old = "-" if v.get("old") is None else f"{v['old']:.4f}"
+        kept = "-" if v.get("retention") is None else f"{v['retention']:.1%}"
+        typer.echo(f"  {metric:<18} {old:>10} {v['adapter']:>10.4f} {kept:>10}")
+    if len(r.get("candidates") or {}) > 1:
+        metric = "nDCG@10" if "nDCG@10" in r["metrics"] else "self-retrieval@10"
+        tried = ", ".join(f"{k} {v[metric]:.4f}" for k, v in r["candidates"].items())
+        typer.echo(f"  kinds tried ({metric} through each): {tried}; kept {r['kind']}")
+    verdict = "accepted (forced)" if r["forced"] else r["state"]
+    typer.echo(f"{verdict}: {r['verdict']}. Searches of {r['index']} use it when its model cannot embed "
+               f"queries; it retires itself when `embedpipe migrate --to {r['profile']}` goes live")
+
+
+def _wants_adapter(plan: dict[str, Any], asked: bool | None, yes: bool) -> bool:
+    """Fit an adapter before the migration? Only when the live model is gone and no
+    adapter stands in; ``--adapter/--no-adapter`` decide, else the user (yes by default)."""
+    gone = plan.get("from_model") or {}
+    if gone.get("can_query", True) or gone.get("adapter") or asked is False:
+        return False
+    if asked or yes or not sys.stdin.isatty():
+        return True
+    return typer.confirm(
+        f"The live model of {plan['index']!r} cannot embed queries, so its searches fail until the "
+        f"migration goes live. Fit a query adapter from {plan['to_profile']!r} first (it embeds up to "
+        "a few thousand texts, which the migration then reuses)?", default=True)
+
+
+def _adapter_first(settings: Any, name: str, to: str, golden: Path | None, as_json: bool) -> None:
+    """Fit the adapter ``migrate`` offered; a refused one is said and the migration goes on."""
+    from embedpipe.errors import AdapterRefused
+
+    try:
+        report = _adapt(settings, name, to, None, None, golden, False, not as_json and sys.stderr.isatty())
+    except AdapterRefused as exc:
+        typer.echo(f"warning: {exc}; migrating without one", err=True)
+        return
+    if not as_json:
+        _print_adapter(report)
 
 
 def _plan_here(settings: Any, name: str, to: str, dry_run: bool,

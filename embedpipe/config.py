@@ -107,6 +107,10 @@ class IndexSettings(BaseModel):
     # Payload indexes on metadata fields that filters name, so a filtered search does
     # not scan every point: {lang = "keyword", year = "integer"}.
     payload_indexes: dict[str, Literal["keyword", "integer", "float", "bool"]] = {}
+    # How queries reach the live version's space: "model" embeds them with the live
+    # model (through an accepted adapter only when that model cannot embed any more);
+    # "adapter" always goes through the live version's accepted adapter (`embedpipe adapt`).
+    query_via: Literal["model", "adapter"] = "model"
 
 
 class MigrationSettings(BaseModel):
@@ -125,6 +129,29 @@ class MigrationSettings(BaseModel):
     min_cosine: float = Field(default=0.999, gt=0, le=1)
     probe_size: int = Field(default=32, gt=0)  # texts embedded to estimate throughput
     slice_size: int = Field(default=50_000, gt=0)  # documents per backfill task
+
+
+class AdapterSettings(BaseModel):
+    """``[adapter]``: how ``embedpipe adapt`` fits and judges a query adapter.
+
+    The defaults come from bench/adapters.py on Cranfield (README "Deprecation day").
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sample: int = Field(default=2000, ge=16)  # pairs the map is fitted on (the rest held out)
+    holdout: int = Field(default=500, ge=8)  # held-out pairs the pair cosine is measured on
+    # "auto" fits every kind and keeps the one that retrieves best: on Cranfield the best
+    # kind depends on the direction (procrustes into the weaker space, ridge into the
+    # stronger one).
+    kind: Literal["auto", "procrustes", "ridge", "lowrank"] = "auto"
+    # Refused below this fraction of the old model's own retrieval (nDCG@10 and
+    # recall@100 with --golden, else self-retrieval@10).
+    min_retention: float = Field(default=0.90, gt=0, le=1.5)
+    # When the old model cannot embed queries any more, the adapter is judged on its own:
+    # its self-retrieval@10 must reach this.
+    min_self_retrieval: float = Field(default=0.5, ge=0, le=1)
+    sample_queries: int = Field(default=100, gt=0)  # self-retrieval queries (held-out documents)
 
 
 class ChatBackendSettings(BaseModel):
@@ -266,6 +293,7 @@ class Settings(BaseModel):
     window: int = Field(default=2048, gt=0, le=1_000_000)
     qdrant: QdrantSettings = QdrantSettings()
     migration: MigrationSettings = MigrationSettings()
+    adapter: AdapterSettings = AdapterSettings()
     chat: ChatSettings = ChatSettings()
     server: ServerSettings = ServerSettings()
     watch: WatchSettings = WatchSettings()

@@ -53,13 +53,18 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     │   └── StreamInterrupted       a stream failed after its first token (no fallback then)
     └── MigrationError              a migration, rollback or retire cannot go on
         ├── NothingToMigrate        the index already lives in the target's space
-        └── ValidationFailed        the new version failed the validation gate
+        ├── ValidationFailed        the new version failed the validation gate
+        │   └── AdapterRefused      a query adapter kept too little of the old model's
+        │                           retrieval: a full re-index is needed (--force overrides)
+        └── NoAdapter               queries need an adapter (query_via, a retired model)
+                                    and the live version has none accepted
 """
 
 from __future__ import annotations
 
 __all__ = [
     "AccessDenied",
+    "AdapterRefused",
     "AccessError",
     "AuthenticationRequired",
     "ConfigError",
@@ -85,6 +90,7 @@ __all__ = [
     "MigrationError",
     "ModelDeprecated",
     "ModelError",
+    "NoAdapter",
     "NoBackendAvailable",
     "NothingToMigrate",
     "PrefectUnavailable",
@@ -355,3 +361,14 @@ class ValidationFailed(MigrationError):
     """The new version scored worse than the old beyond the tolerance; ``--force`` overrides."""
 
     exit_code = 4
+
+
+class AdapterRefused(ValidationFailed):
+    """A fitted query adapter retained less than ``[adapter] min_retention`` of the old
+    model's retrieval; it was not put in use (``--force`` does, and it is recorded)."""
+
+
+class NoAdapter(MigrationError):
+    """Queries must go through an adapter and the live version has none accepted."""
+
+    exit_code = 2

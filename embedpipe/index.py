@@ -15,16 +15,17 @@ import datetime as dt
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from embedpipe.engine.filters import Typed, Where, where_from
-from embedpipe.errors import EngineError, FingerprintMismatch, IndexNotFound, InputError
+from embedpipe.errors import EngineError, FingerprintMismatch, IndexNotFound, InputError, ModelDeprecated
 from embedpipe.points import HOLDING_FIELDS, Holding, holding, point_id, summary
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from embedpipe.adapters import Adapter
     from embedpipe.backends import Embedder
     from embedpipe.config import Settings
     from embedpipe.engine import Engine
@@ -391,6 +392,9 @@ class Hit:
     chunk: int | None = None  # the chunk's position in its document
     start: int | None = None  # the chunk's character offsets in the document text
     end: int | None = None
+    # "adapter <id> (<profile>)" when the query went through a query adapter (the live
+    # model could not embed it); None when the live model embedded it.
+    via: str | None = None
 
     @classmethod
     def from_payload(cls, score: float, p: Mapping[str, Any]) -> Hit:
@@ -409,6 +413,8 @@ class Hit:
         out = {"id": self.id, "score": self.score, "metadata": self.metadata, "text": self.text}
         if self.chunk_id is not None:
             out.update(chunk_id=self.chunk_id, chunk=self.chunk, start=self.start, end=self.end)
+        if self.via is not None:
+            out["via"] = self.via
         return out
 
 
@@ -434,6 +440,7 @@ class Index:
         self.versions = IndexVersions.open(settings)
         self._pinned: tuple[Version, Embedder] | None = None
         self._pinned_at = 0.0
+        self._adapter: Adapter | None = None  # the adapter the pinned embedder goes through
 
     @classmethod
     def open(cls, name: str, config: str | None = None, url: str | None = None,
@@ -470,8 +477,14 @@ class Index:
         return self._pin()[0]
 
     def embedder(self) -> Embedder:
-        """The embedder for the live version, verified to produce the recorded fingerprint."""
+        """The embedder for the live version, verified to produce the recorded fingerprint
+        (or, when the live model cannot embed any more, its accepted query adapter)."""
         return self._pin()[1]
+
+    def adapter(self) -> Adapter | None:
+        """The query adapter searches go through now, or None (the live model embeds)."""
+        self._pin()
+        return self._adapter
 
     def _pin(self) -> tuple[Version, Embedder]:
         now = time.monotonic()
@@ -485,15 +498,35 @@ class Index:
                 f"version {live.collection} is being rebuilt, or its rebuild was interrupted; "
                 f"finish it with `embedpipe rebuild --index {self.name}`"
             )
-        if self._pinned is None or self._pinned[0].collection != live.collection:
-            from embedpipe.backends import build_embedder
+        if self._pinned is None or self._pinned[0].collection != live.collection or self._adapter_changed(live):
+            from embedpipe.adapters import query_embedder
 
-            profile = self.settings.profile(live.profile)
-            embedder = build_embedder(profile, self.settings)
-            check_fingerprint(live, embedder.fingerprint, profile.name)
+            embedder, self._adapter = query_embedder(self.settings, live)
             self._pinned = (live, embedder)
         self._pinned_at = now
         return self._pinned
+
+    def _adapter_changed(self, live: Version) -> bool:
+        """An adapter was accepted, replaced or retired since the pin (a small file read,
+        at most every ``refresh_s``)."""
+        from embedpipe.adapters import active_adapter
+
+        current = active_adapter(self.settings, live)
+        if self._adapter is None:
+            # The live model embeds: an adapter changes nothing unless the index asks for it.
+            return current is not None and self.settings.index_settings(self.name).query_via == "adapter"
+        return current is None or current.id != self._adapter.id
+
+    def _through_adapter(self) -> bool:
+        """The live model just said it is gone: pin its adapter instead, if it has one."""
+        from embedpipe.adapters import active_adapter, adapted
+
+        version = self._pin()[0]
+        adapter = active_adapter(self.settings, version)
+        if adapter is None or self._adapter is not None:
+            return False
+        self._pinned, self._adapter = (version, adapted(self.settings, adapter)), adapter
+        return True
 
     def search(
         self,
@@ -516,8 +549,18 @@ class Index:
         def run(version: Version, embedder: Embedder) -> list[Hit]:
             if sensitive:
                 check_private(embedder.profile, "the request is sensitive")
-            vector = embedder.embed_query(text)
-            return self.versions.search(version.collection, vector, k, filter, group_by_doc=group_by_doc)
+            try:
+                vector = embedder.embed_query(text)
+            except ModelDeprecated:
+                # Retired between two queries (404/410): an accepted adapter takes over.
+                if not self._through_adapter():
+                    raise
+                return run(*self._pin())
+            hits = self.versions.search(version.collection, vector, k, filter, group_by_doc=group_by_doc)
+            adapter = getattr(embedder, "adapter", None)  # an AdaptedEmbedder's
+            if adapter is not None:
+                hits = [replace(h, via=f"adapter {adapter.id} ({adapter.profile})") for h in hits]
+            return hits
 
         return self._pinned_search(run)
 

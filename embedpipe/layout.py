@@ -9,6 +9,8 @@
                                            (converted to engine/ on first use)
       locks/<index>[.<what>].lock          one writer per index (locks.py)
       migrations/<index>/                  migration progress and reports (migration.py)
+      adapters/<index>/<version>/<id>/     query adapters into a version's space:
+                                           adapter.json, weights.npy (adapters.py)
       runs/<index>.jsonl                   the sync run log (sync.py)
       pending/<index>.json                 documents an ingest is writing (ingest.py)
       usage/ledger.jsonl                   hosted usage and cost (usage.py)
@@ -119,6 +121,10 @@ class Layout:
 
     def migrations(self, index: str) -> Path:
         return self.root / "migrations" / check_index_name(index)
+
+    def adapters(self, index: str) -> Path:
+        """Query adapters of an index's versions: ``adapters/<index>/<version>/<id>/``."""
+        return self.root / "adapters" / check_index_name(index)
 
     def runs(self, index: str) -> Path:
         return self.root / "runs" / f"{check_index_name(index)}.jsonl"

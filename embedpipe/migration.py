@@ -163,6 +163,9 @@ class MigrationPlan:
     deprecation: dict[str, dict[str, Any]]
     warnings: list[str] = field(default_factory=list)
     probe_kept: int = 0  # probe vectors stored for the build once the user said yes
+    # Whether the live model still embeds queries, and the adapter standing in
+    # (``adapters.live_model_state``): the CLI offers an adapter first when it cannot.
+    from_model: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,6 +237,8 @@ class MigrationReport:
     plan: dict[str, Any] | None = None
     seconds: float = 0.0
     report_file: str | None = None
+    # Query adapters from the new space into older versions, retired by the cutover.
+    adapters_retired: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,6 +259,7 @@ class Migration:
         self.settings = settings
         self.index = index
         self.force = force
+        self.dry_run = dry_run
         self.versions = IndexVersions.open(settings)
         self.corpus = CorpusStore.for_index(settings.data_dir, index)
         if not dry_run:  # the alias decides what is live; a dry run only reads
@@ -271,6 +277,7 @@ class Migration:
         self.written = 0  # points upserted by this run so far (the progress record)
         self.progress: ProgressFactory | None = None
         self.resumed = False
+        self.adapters_retired: list[str] = []  # by the cutover (see adapters.retire_superseded)
         self._embedder: Embedder | None = None
         self._check_target()
 
@@ -382,6 +389,9 @@ class Migration:
             },
             deprecation={"from": _deprecation(source_profile), "to": _deprecation(self.profile)},
         )
+        from embedpipe.adapters import live_model_state
+
+        plan.from_model = live_model_state(self.settings, self.source, probe=not self.dry_run)
         plan.warnings = self._plan_warnings(plan)
         if not probe and texts and self.profile.is_hosted:
             plan.warnings.append(
@@ -455,6 +465,13 @@ class Migration:
         if frm["status"] != "active":
             out.append(f"source profile {plan.from_profile!r} is {frm['status']}: the old version "
                        "may not be able to embed queries for validation")
+        gone = plan.from_model
+        if gone and not gone["can_query"]:
+            a = gone.get("adapter")
+            out.append(f"the live model cannot embed queries ({gone['reason']}): " + (
+                f"searches go through adapter {a['id']} ({a['profile']}) until this migration goes live"
+                if a else f"searches of {plan.index!r} fail until this migration goes live, unless "
+                f"`embedpipe adapt --index {plan.index} --to {plan.to_profile}` fits a query adapter first"))
         if plan.over_limit:
             how = "chunked" if self.profile.is_hosted and self.profile.long_inputs == "chunk" else (
                 "rejected" if self.profile.is_hosted else "truncated")
@@ -578,6 +595,11 @@ class Migration:
                     "moved. The report lists them all; fix them or the profile and re-run"
                 )
             self.versions.go_live(self.index, target, self.corpus.ids())
+        from embedpipe.adapters import retire_superseded
+
+        live = self.versions.require_live(self.index)
+        self.adapters_retired = [a.id for a in retire_superseded(
+            self.settings, self.index, live, self.versions.versions(self.index))]
         self.save_state("live")
         return stats
 
@@ -607,6 +629,7 @@ class Migration:
             validation=validation.to_dict() if validation else None,
             plan=plan,
             seconds=round(time.perf_counter() - self.started, 3),
+            adapters_retired=list(self.adapters_retired),
         )
         if target is not None:
             path = self.folder / f"{target.collection}.report.json"
@@ -646,7 +669,7 @@ def rollback(
         profile = settings.profile(standby.profile)
         embedder = LazyEmbedder(profile, settings, standby)
         if not force:
-            _check_queries(embedder, standby)
+            _check_queries(settings, embedder, standby)
         store = VectorStore(settings.data_dir, standby.fingerprint, standby.dims, profile.name)
         corpus = CorpusStore.for_index(settings.data_dir, index)
         started = time.perf_counter()
@@ -661,6 +684,9 @@ def rollback(
                     f"{standby.collection}; the alias was not moved"
                 )
             versions.go_live(index, standby, corpus.ids())
+        from embedpipe.adapters import reinstate
+
+        reinstated = reinstate(settings, standby)
         warning = deprecation_warning(profile, index)
         return {
             "index": index,
@@ -673,15 +699,22 @@ def rollback(
             "reused": stats.reused,
             "seconds": round(time.perf_counter() - started, 3),
             "warnings": [warning] if warning else [],
+            "adapter_reinstated": reinstated.id if reinstated else None,
         }
 
 
-def _check_queries(embedder: LazyEmbedder, standby: Version) -> None:
+def _check_queries(settings: Settings, embedder: LazyEmbedder, standby: Version) -> None:
+    """Refuse to roll back to a version no query can reach: its model cannot embed and
+    it has no adapter that would stand in."""
+    from embedpipe.adapters import adapters_of
     from embedpipe.errors import EmbedpipeError
 
     try:
         embedder.embed_query("rollback probe")
     except EmbedpipeError as exc:
+        if any(a.state in ("accepted", "retired") and a.target_fingerprint == standby.fingerprint
+               for a in adapters_of(settings, standby)):
+            return  # its adapter serves the searches (reinstated after the alias moves)
         raise MigrationError(
             f"{standby.collection} cannot serve searches: {str(exc).splitlines()[0]}. The alias "
             "was not moved; pass --force to roll back anyway"
@@ -727,8 +760,11 @@ def retire(
         if abandon:
             doomed += unfinished
         if not dry_run:
+            from embedpipe.adapters import remove_adapters
+
             for version in doomed:
                 versions.drop(version)
+                remove_adapters(settings, index, version.collection)
         kept = [v for v in every if v.collection != live.collection and v not in doomed]
         return {
             "index": index,

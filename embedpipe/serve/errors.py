@@ -47,6 +47,7 @@ STATUS: tuple[tuple[type[e.EmbedpipeError], int], ...] = (
     (e.IndexBusy, 409),
     (e.JobCancelled, 409),
     (e.FingerprintMismatch, 409),
+    (e.NoAdapter, 503),  # the live model is gone and no adapter stands in: search is down
     (e.MigrationError, 409),
     (e.NoBackendAvailable, 503),
     (e.GatewayError, 502),  # StreamInterrupted before any byte went out

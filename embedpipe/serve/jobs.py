@@ -1,5 +1,5 @@
 """Long work that ``embedpipe serve`` runs for its clients: ingest, sync, migrate,
-rollback, retire, and the plans before them.
+rollback, retire, adapt, and the plans before them.
 
 A client posts a job (``POST /v1/jobs``) and follows it (``GET /v1/jobs/{id}``); the CLI
 does so when a server owns the data directory, so ``embedpipe migrate --to X`` works
@@ -122,6 +122,7 @@ def resume_hint(job: Job) -> str:
         "migrate": f"embedpipe migrate --to {p.get('to')} --index {index}",
         "rollback": f"embedpipe rollback --index {index}",
         "retire": f"embedpipe retire --index {index}",
+        "adapt": f"embedpipe adapt --index {index} --to {p.get('to')}",
     }
     return f"`{commands[job.kind]}` resumes it" if job.kind in commands else "run it again"
 
@@ -187,6 +188,14 @@ def _retire(settings: Settings, index: str, p: dict[str, Any], progress: Progres
                   abandon=bool(p.get("abandon")))
 
 
+def _adapt(settings: Settings, index: str, p: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    from embedpipe.adapters import adapt
+
+    return adapt(settings, index, p["to"], sample=p.get("sample"), kind=p.get("adapter_kind"),
+                 golden=Path(p["golden"]) if p.get("golden") else None, force=bool(p.get("force")),
+                 progress=progress)
+
+
 def _watch(settings: Settings, index: str, p: dict[str, Any], progress: Progress) -> dict[str, Any]:
     """``embedpipe watch`` for one index (the CLI starts one job per index): the report
     with its row, recorded in the server's ``<data>/watch/last.json``."""
@@ -198,7 +207,7 @@ def _watch(settings: Settings, index: str, p: dict[str, Any], progress: Progress
 KINDS: dict[str, Callable[[Settings, str, dict[str, Any], Progress], dict[str, Any]]] = {
     "watch": _watch,
     "ingest": _ingest, "sync": _sync, "plan": _plan, "migrate": _migrate, "rollback": _rollback,
-    "retire": _retire,
+    "retire": _retire, "adapt": _adapt,
 }
 SETTLES = ("ingest", "sync")  # kinds whose cut-short write ingest.settle puts right
 

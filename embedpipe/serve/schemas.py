@@ -83,6 +83,7 @@ class HitOut(BaseModel):
     chunk: Optional[int] = None
     start: Optional[int] = None
     end: Optional[int] = None
+    via: Optional[str] = None  # "adapter <id> (<profile>)": the query went through an adapter
 
 
 class SearchResponse(BaseModel):
@@ -125,17 +126,18 @@ JOB_PARAMS: dict[str, tuple[str, ...]] = {
     "rollback": ("force",),
     "retire": ("keep", "abandon", "dry_run"),
     "watch": ("warn_days",),
+    "adapt": ("to", "sample", "adapter_kind", "golden", "force"),
 }
-_NEEDED = {"ingest": ("path",), "plan": ("to",), "migrate": ("to",)}
+_NEEDED = {"ingest": ("path",), "plan": ("to",), "migrate": ("to",), "adapt": ("to",)}
 
 
 class JobRequest(_Request):
     """A long job run by the server as the CLI command of that name runs it. Paths are
     read by the server: absolute, on its machine (or a file system it shares)."""
 
-    kind: Literal["ingest", "sync", "plan", "migrate", "rollback", "retire", "watch"] = Field(
+    kind: Literal["ingest", "sync", "plan", "migrate", "rollback", "retire", "adapt", "watch"] = Field(
         description="ingest, sync, plan (what `migrate --dry-run` prints), migrate, rollback, retire, "
-                    "watch (the deprecation watch of one index).")
+                    "adapt (fit a query adapter), watch (the deprecation watch of one index).")
     index: str
     path: Optional[str] = Field(default=None, description="ingest: a .jsonl/.parquet file or a folder.")
     profile: Optional[str] = Field(default=None, description="ingest: a new index's model profile.")
@@ -145,7 +147,7 @@ class JobRequest(_Request):
     prefect: bool = Field(default=False, description="sync: run as a Prefect flow.")
     to: Optional[str] = Field(default=None, description="plan, migrate: the target profile.")
     probe: bool = False
-    golden: Optional[str] = Field(default=None, description="migrate: a golden-queries JSONL file.")
+    golden: Optional[str] = Field(default=None, description="migrate, adapt: a golden-queries JSONL file.")
     force: bool = False
     tolerance: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     plan: Optional[dict[str, Any]] = Field(default=None, description="migrate: the plan a `plan` job returned.")
@@ -153,6 +155,9 @@ class JobRequest(_Request):
     abandon: bool = False
     warn_days: Optional[int] = Field(default=None, ge=0, le=3650,
                                      description="watch: the horizon in days (default [watch] warn_days).")
+    sample: Optional[int] = Field(default=None, ge=16, description="adapt: pairs to fit on.")
+    adapter_kind: Optional[Literal["auto", "procrustes", "ridge", "lowrank"]] = Field(
+        default=None, description="adapt: the map's kind (default [adapter] kind).")
 
     @model_validator(mode="after")
     def _fits_kind(self) -> JobRequest:

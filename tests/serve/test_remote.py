@@ -422,3 +422,31 @@ def test_job_requests_are_checked_before_anything_runs(remote: Served) -> None:
         missing = http.get("/v1/jobs/no-such-job")
         assert missing.status_code == 404 and missing.json()["error"]["type"] == "JobNotFound"
         assert http.post("/v1/jobs/no-such-job/cancel").status_code == 404
+
+
+# -- deprecation day through the server (issue 20) -------------------------------------------
+
+
+def test_adapt_runs_as_a_server_job_and_searches_survive_the_retirement(
+    remote: Served, loopback: Any, tmp_path: Path
+) -> None:
+    from embedpipe.index import Index
+
+    path = write_jsonl(tmp_path / "docs.jsonl", [dict(d, id=f"r{n}") for n, d in enumerate(DOCS * 2)
+                                                 if n < 80])
+    cli(remote, "ingest", str(path), "--index", "legacy", "--profile", "hosted", "--json")
+    fitted = json.loads(cli(remote, "adapt", "--index", "legacy", "--to", "static", "--json").stdout)
+    assert fitted["state"] == "accepted" and fitted["target"] == "legacy__hosted__v1"
+    with remote.client() as http:
+        [job] = [j for j in jobs_of(http, "legacy") if j["kind"] == "adapt"]
+        assert job["state"] == "succeeded" and job["result"]["adapter"] == fitted["adapter"]
+        assert http.get("/v1/indexes/legacy").json()["adapter"]["id"] == fitted["adapter"]
+    loopback.retire("text-embedding-3-small")
+    try:
+        searched = cli(remote, "search", "volcanoes and lava", "--index", "legacy", "-k", "3")
+        assert f"served through adapter {fitted['adapter']} (static)" in searched.stderr
+        remote_index = Index.open("legacy", url=remote.url)
+        hits = remote_index.search("glaciers", k=3)
+        assert len(hits) == 3 and all(h.via == f"adapter {fitted['adapter']} (static)" for h in hits)
+    finally:
+        loopback.retire("text-embedding-3-small", status=0)

@@ -52,10 +52,12 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
+
+from embedpipe.testing._loopback import LoopbackServer
 
 __all__ = ["HubConfig", "LoopbackHub", "key_id"]
 
@@ -313,7 +315,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as huggingface_hub's httpx client expects
     timeout = 30  # an idle keep-alive socket is released after this long
     disable_nagle_algorithm = True
-    server: _HTTPServer
+    server: Any  # _loopback's server, holding .service
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass  # the default writes every request to stderr
@@ -420,12 +422,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(raw)
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True  # a client holding a keep-alive socket never blocks shutdown
-    service: _Service
-
-
-class LoopbackHub:
+class LoopbackHub(LoopbackServer):
     """A Hugging Face Hub file server on ``127.0.0.1``, served from a background thread.
 
     Use as a context manager, or call ``start()`` and ``stop()``; point huggingface_hub
@@ -433,53 +430,20 @@ class LoopbackHub:
     the live ``HubConfig`` (faults on and off).
     """
 
+    handler = _Handler
+    thread_name = "loopback-hub"
+
     def __init__(self, config: HubConfig, *, port: int = 0) -> None:
-        self._service = _Service(config)
-        self._port = port
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__(_Service(config), port=port)
 
     @property
     def config(self) -> HubConfig:
         return self._service.config
 
     @property
-    def port(self) -> int:
-        if self._httpd is None:
-            raise RuntimeError("the server is not running; call start() or use it in a with block")
-        return self._httpd.server_address[1]
-
-    @property
     def endpoint(self) -> str:
         """The value for ``HF_ENDPOINT``, e.g. ``http://127.0.0.1:PORT``."""
         return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> LoopbackHub:
-        if self._httpd is not None:
-            return self
-        self._httpd = _HTTPServer(("127.0.0.1", self._port), _Handler)
-        self._httpd.service = self._service
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-            name="loopback-hub", daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is None:
-            return
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._httpd, self._thread = None, None
-
-    def __enter__(self) -> LoopbackHub:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def configure(self, **changes: Any) -> None:
         """Change config fields atomically (validated)."""

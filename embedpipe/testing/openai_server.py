@@ -61,11 +61,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from embedpipe.testing._loopback import LoopbackServer
 
 if TYPE_CHECKING:
     import tiktoken
@@ -754,7 +756,7 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body go out in two sends; without TCP_NODELAY, Nagle holds the body for
     # the client's delayed ACK (~40 ms) on about half the replies. Real servers set it too.
     disable_nagle_algorithm = True
-    server: _HTTPServer
+    server: Any  # _loopback's server, holding .service
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass  # the default writes every request to stderr
@@ -841,12 +843,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True  # a held (timeout-fault) connection never blocks shutdown
-    service: _Service
-
-
-class LoopbackOpenAI:
+class LoopbackOpenAI(LoopbackServer):
     """An OpenAI-protocol server on ``127.0.0.1``, served from a background thread.
 
     Use as a context manager, or call ``start()`` and ``stop()``. ``config`` is the
@@ -854,54 +851,23 @@ class LoopbackOpenAI:
     assignment) between calls to turn faults on and off.
     """
 
+    handler = _Handler
+    thread_name = "loopback-openai"
+
     def __init__(self, config: ServerConfig, *, port: int = 0) -> None:
-        self._service = _Service(config)
-        self._port = port
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__(_Service(config), port=port)
 
     @property
     def config(self) -> ServerConfig:
         return self._service.config
 
     @property
-    def port(self) -> int:
-        if self._httpd is None:
-            raise RuntimeError("the server is not running; call start() or use it in a with block")
-        return self._httpd.server_address[1]
-
-    @property
     def base_url(self) -> str:
         """The value for ``openai.OpenAI(base_url=...)``, e.g. ``http://127.0.0.1:PORT/v1``."""
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> LoopbackOpenAI:
-        if self._httpd is not None:
-            return self
-        self._httpd = _HTTPServer(("127.0.0.1", self._port), _Handler)
-        self._httpd.service = self._service
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-            name="loopback-openai", daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is None:
-            return
+    def _before_stop(self) -> None:
         self._service.configure(hold=False)  # held requests answer, then the server stops
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._httpd, self._thread = None, None
-
-    def __enter__(self) -> LoopbackOpenAI:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def configure(self, **changes: Any) -> None:
         """Change config fields atomically (validated); a new TPM limit starts full."""

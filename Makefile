@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # (or a plain `torch` requirement resolved first) pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install dev demo test test-all bench bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-query bench-serve bench-extra clean
+.PHONY: install dev demo test test-all bench bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-query bench-serve bench-adapters bench-extra clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,7 +45,7 @@ test-all: dev
 
 # Every benchmark, one after the other (about 1.6 hours on 2 cores, 35 minutes of them bench-scale); each prints a table
 # and writes JSON with the machine info under bench/results/.
-bench: bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-query bench-serve bench-scale
+bench: bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-query bench-serve bench-adapters bench-scale
 
 bench-extra: dev
 	$(PIP) install -q -e '.[dev,bench]'
@@ -81,6 +81,11 @@ bench-query: dev
 # without a documents writer (11 minutes on a busy 2-core machine, half of it the MiniLM searches of part 1).
 bench-serve: dev
 	$(PY) bench/serve.py
+
+# Query adapters on Cranfield: old native, each kind of adapter, new native after the migration,
+# for static <-> MiniLM and a hosted (loopback) model retired mid-run (12 minutes on 2 cores).
+bench-adapters: dev
+	$(PY) bench/adapters.py
 
 # 100k documents on Qdrant Edge and on the old local mode, then 1M on Edge (about 1.5 hours on 2 cores).
 # SCALE_FLAGS="--memory-limit 3G" builds in a 3 GiB memory cgroup (needs a writable cgroup).

@@ -1276,6 +1276,9 @@ def ask(
     if as_json:
         _print_json(result.to_dict())
         return
+    via = next((s["via"] for s in result.sources if s.get("via")), None)
+    if via:
+        typer.echo(f"note: the index's model cannot embed queries; retrieved through {via}", err=True)
     typer.echo(result.text)
     typer.echo(f"\ncited: {', '.join(result.citations) or '(none)'}; retrieved: "
                f"{', '.join(s['id'] for s in result.sources)}  [{result.backend}, {result.latency_s:.2f}s]")

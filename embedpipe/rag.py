@@ -84,7 +84,8 @@ def answer(index: Index, question: str, k: int = 5, gateway: Gateway | None = No
     return Answer(
         question=question, text=result.content,
         citations=cited(result.content, [h.id for h in hits]),
-        sources=[{"id": h.id, "score": h.score, "chunk_id": h.chunk_id} for h in hits],
+        sources=[{"id": h.id, "score": h.score, "chunk_id": h.chunk_id, **({"via": h.via} if h.via else {})}
+                 for h in hits],
         backend=result.backend, latency_s=result.latency_s, chat=result.to_dict(),
     )
 

@@ -397,11 +397,9 @@ def _way_out(settings: Settings, version: Version, row: WatchRow) -> None:
 
 def _active_adapter(settings: Settings, version: Version) -> dict[str, Any] | None:
     """The live version's accepted query adapter, as the report shows it; None when there
-    is none, or the adapters module (issue 20 part 1) is not installed."""
-    try:
-        from embedpipe.adapters import active_adapter
-    except ImportError:
-        return None
+    is none."""
+    from embedpipe.adapters import active_adapter
+
     try:
         found = active_adapter(settings, version)
     except EmbedpipeError as exc:

@@ -77,7 +77,9 @@ def hosted(openai_server, make_settings, static_model_dir: Path, tmp_path: Path)
     """200 Cranfield documents live on the hosted profile; ``static`` is the new model."""
     openai_server.load_model()
     body = (hosted_profile_toml(openai_server.base_url, name="hosted", limits="max_retries = 1\ntimeout_s = 20")
-            + static_profile_toml(static_model_dir) + "[adapter]\nsample_queries = 60\n")
+            + static_profile_toml(static_model_dir) + "[adapter]\nsample_queries = 60\n"
+            + '[chat]\nroute = ["loop"]\n[chat.backends.loop]\nmodel = "loopback-chat"\n'
+            + f'base_url = "{openai_server.base_url}"\napi_key_env = "OPENAI_API_KEY"\n')
     settings = make_settings(body)
     ingest(settings, "kb", write_jsonl(tmp_path / "docs.jsonl", _cranfield(200)), profile="hosted")
     return settings
@@ -142,6 +144,17 @@ def test_search_survives_the_retirement_through_the_adapter(hosted, openai_serve
     assert adapted[0].id == native[0].id  # same static vectors behind both profiles
     fresh = Index("kb", hosted).search("heat transfer at hypersonic speed", k=3)
     assert len(fresh) == 3 and fresh[0].via
+
+
+def test_ask_retrieves_through_the_adapter_and_says_so(hosted, openai_server, capsys, monkeypatch,
+                                                       tmp_path) -> None:
+    adapter = _adapt(hosted)["adapter"]
+    openai_server.configure(**RETIRE)
+    answer = Index("kb", hosted).answer("what is known about boundary layer transition?", k=3)
+    assert len(answer.sources) == 3 and all(s["via"] == f"adapter {adapter} (static)" for s in answer.sources)
+    code, out, err = cli(capsys, monkeypatch, "-c", str(tmp_path / "embedpipe.toml"), "ask",
+                         "what is known about boundary layer transition?", "--index", "kb")
+    assert code == 0 and f"retrieved through adapter {adapter}" in err and "cited:" in out
 
 
 def test_without_an_adapter_the_retirement_is_the_providers_error(hosted, openai_server) -> None:

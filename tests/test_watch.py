@@ -10,9 +10,7 @@ run locally, so the migration plan is real and cheap.
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -213,21 +211,17 @@ def test_sovereign_mode_asks_no_hosted_provider(project, openai_server, capsys, 
 
 
 def use_adapter(monkeypatch: pytest.MonkeyPatch, record: object | None) -> list[str]:
-    """Make `embedpipe.adapters.active_adapter` (issue 20 part 1) answer ``record``; a
-    stand-in module where that module is not there yet. Returns the versions asked about."""
+    """Make `embedpipe.adapters.active_adapter` answer ``record``. Returns the versions
+    asked about."""
     seen: list[str] = []
 
     def active_adapter(settings, version):
         seen.append(version.collection)
         return record
 
-    try:
-        import embedpipe.adapters as real
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "embedpipe.adapters",
-                            types.SimpleNamespace(active_adapter=active_adapter))
-    else:
-        monkeypatch.setattr(real, "active_adapter", active_adapter)
+    import embedpipe.adapters as real
+
+    monkeypatch.setattr(real, "active_adapter", active_adapter)
     return seen
 
 
@@ -251,10 +245,9 @@ def test_the_adapter_column_names_the_adapter_that_keeps_search_up(project, open
     assert row["adapter_note"] == "no adapter: `embedpipe adapt --index docs --to static` would keep search up"
     assert row["actions"][0] == "keep search up now: `embedpipe adapt --index docs --to static`"
 
-    openai_server.retire(MODEL, 0)  # nothing to plan: only the adapter hook imports it
-    monkeypatch.setitem(sys.modules, "embedpipe.adapters", None)  # no such module: no adapter
+    openai_server.retire(MODEL, 0)  # served again: nothing to do, no adapter to show
     row = only_row(watch_json(capsys, monkeypatch, settings)[1])
-    assert (row["status"], row["adapter"], row["adapter_note"]) == ("ok", None, "-")
+    assert (row["status"], row["adapter_note"]) == ("ok", "-")
 
 
 # --- status and models repeat the last check ---------------------------------------------------
@@ -319,8 +312,6 @@ def test_the_key_never_reaches_the_report_the_record_or_the_output(project, open
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.skipif(importlib.util.find_spec("embedpipe.adapters") is None,
-                    reason="query adapters (issue 20 part 1) are not installed")
 @pytest.mark.skipif(not CRANFIELD.is_dir(), reason=f"the Cranfield collection is not at {CRANFIELD}")
 def test_deprecation_day_end_to_end(openai_server, make_settings, static_model_dir: Path, tmp_path: Path,
                                     capsys, monkeypatch, prefect_api) -> None:

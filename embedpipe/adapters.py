@@ -41,6 +41,7 @@ from embedpipe.errors import (
     ConfigError,
     FingerprintMismatch,
     InputError,
+    KeyRefused,
     ModelDeprecated,
     NoAdapter,
     StoreError,
@@ -74,7 +75,7 @@ __all__ = [
 KINDS = ("procrustes", "ridge", "lowrank")
 # Errors that mean "this model will not embed queries again": an adapter stands in.
 # (A timeout or a 5xx is not one of them: replicas and retries handle those.)
-GONE = (ModelDeprecated, WeightsNotFound, FingerprintMismatch, ConfigError)
+GONE = (ModelDeprecated, KeyRefused, WeightsNotFound, FingerprintMismatch, ConfigError)
 
 
 # --- the map ------------------------------------------------------------------------------

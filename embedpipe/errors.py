@@ -21,6 +21,7 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     │   ├── DimensionMismatch       model output width differs from the profile
     │   ├── ModelDeprecated         a hosted model was retired (says what to migrate to)
     │   └── ProviderError           a hosted endpoint refused or failed (key, reach, protocol)
+    │       └── KeyRefused          the endpoint refused the API key (HTTP 401/403)
     ├── FingerprintMismatch         query embedder and index were made by different spaces
     ├── InputError                  bad documents; nothing was written
     │   ├── SourceUnavailable       an index's source is missing (unmounted?); nothing changed
@@ -85,6 +86,7 @@ __all__ = [
     "JobCancelled",
     "JobNotFound",
     "InputError",
+    "KeyRefused",
     "KeyFileInvalid",
     "MassDeleteRefused",
     "MigrationError",
@@ -187,6 +189,10 @@ class ModelDeprecated(ModelError):
 class ProviderError(ModelError):
     """A hosted or OpenAI-compatible endpoint refused the key, could not be reached,
     or answered outside the protocol (wrong dimension, wrong number of vectors)."""
+
+
+class KeyRefused(ProviderError):
+    """The endpoint refused the API key (HTTP 401 or 403): revoked, expired or wrong."""
 
 
 class FingerprintMismatch(EmbedpipeError):

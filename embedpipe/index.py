@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from embedpipe.engine.filters import Typed, Where, where_from
-from embedpipe.errors import EngineError, FingerprintMismatch, IndexNotFound, InputError, ModelDeprecated
+from embedpipe.errors import EngineError, FingerprintMismatch, IndexNotFound, InputError, KeyRefused, ModelDeprecated
 from embedpipe.points import HOLDING_FIELDS, Holding, holding, point_id, summary
 
 if TYPE_CHECKING:
@@ -551,8 +551,9 @@ class Index:
                 check_private(embedder.profile, "the request is sensitive")
             try:
                 vector = embedder.embed_query(text)
-            except ModelDeprecated:
-                # Retired between two queries (404/410): an accepted adapter takes over.
+            except (ModelDeprecated, KeyRefused):
+                # Retired (404/410) or the key withdrawn (401/403) between two queries: an
+                # accepted adapter takes over.
                 if not self._through_adapter():
                     raise
                 return run(*self._pin())

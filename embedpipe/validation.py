@@ -31,6 +31,7 @@ from embedpipe.errors import (
     ConfigError,
     EmbedpipeError,
     FingerprintMismatch,
+    KeyRefused,
     ModelDeprecated,
     WeightsNotFound,
 )
@@ -172,7 +173,7 @@ def validate(
 
 
 # The old model is gone for good: the new version is judged on its own.
-_GONE = (ModelDeprecated, FingerprintMismatch, WeightsNotFound, ConfigError)
+_GONE = (ModelDeprecated, KeyRefused, FingerprintMismatch, WeightsNotFound, ConfigError)
 
 
 def old_embedder(settings: Settings, old: Version) -> tuple[Embedder | None, str | None, bool]:

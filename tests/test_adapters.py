@@ -157,6 +157,21 @@ def test_ask_retrieves_through_the_adapter_and_says_so(hosted, openai_server, ca
     assert code == 0 and f"retrieved through adapter {adapter}" in err and "cited:" in out
 
 
+def test_a_revoked_key_switches_search_to_the_adapter(hosted, openai_server) -> None:
+    from embedpipe.errors import KeyRefused
+
+    index = Index("kb", hosted)
+    assert index.search("boundary layer", k=3)[0].via is None
+    openai_server.configure(api_key="sk-rotated-elsewhere")  # the key we hold is revoked (401)
+    with pytest.raises(KeyRefused, match="refused the API key"):
+        Index("kb", hosted).search("boundary layer", k=3)  # no adapter yet: the provider's error
+    openai_server.configure(api_key=None)
+    adapter = _adapt(hosted)["adapter"]
+    openai_server.configure(api_key="sk-rotated-elsewhere")
+    hits = index.search("boundary layer", k=3)
+    assert hits[0].via == f"adapter {adapter} (static)"
+
+
 def test_without_an_adapter_the_retirement_is_the_providers_error(hosted, openai_server) -> None:
     index = Index("kb", hosted)
     openai_server.configure(**RETIRE)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from embedpipe.backends._deadline import Deadline, scope
-from embedpipe.errors import ConfigError, ModelDeprecated, ProviderError, SovereigntyError
+from embedpipe.errors import ConfigError, KeyRefused, ModelDeprecated, ProviderError, SovereigntyError
 from embedpipe.ratelimit import RateLimiter, backoff_delay, retry_after
 
 if TYPE_CHECKING:
@@ -381,7 +381,7 @@ def _settle(profile: Profile, failure: Failure, exc: Exception, limiter: RateLim
         return None
     if failure.status in (401, 403):
         var = key_env_for(profile.base_url, profile.api_key_env) or "(no key configured)"
-        raise ProviderError(
+        raise KeyRefused(
             f"{endpoint(profile)} refused the API key in ${var} (HTTP {failure.status}); "
             "set a valid key and re-run") from None
     if failure.model_gone:

@@ -121,6 +121,27 @@ def _progress(enabled: bool, label: str) -> Iterator[Callable[[int], Callable[[i
         yield start
 
 
+ExecutorOpt = Annotated[Optional[str], typer.Option(
+    "--executor", help="Where to embed: local (this process) or ray (a Ray cluster, see [execution]; "
+    "pip install 'embedpipe[ray]'). Default: [execution] engine.")]
+
+
+def _executor(settings: Any, to: str, flag: str | None) -> str:
+    """The executor a run uses; with Ray, checks it is installed (one line if not). A hosted
+    target stays on this machine, said in one line."""
+    from embedpipe.execution import hosted_note, resolve_executor
+
+    chosen = resolve_executor(settings, flag)
+    if chosen == "ray":
+        if not settings.profile(to).is_local:
+            typer.echo(f"note: {hosted_note(to)}", err=True)
+            return "local"
+        from embedpipe.execution.ray_embed import require_ray
+
+        require_ray()
+    return chosen
+
+
 CancelOpt = Annotated[bool, typer.Option(
     "--cancel-on-interrupt",
     help="Through a server: Ctrl-C cancels the job (at its next batch boundary) instead of leaving it running.")]
@@ -727,6 +748,7 @@ def migrate(
     force: Annotated[bool, typer.Option("--force", help="Cut over even if validation fails (recorded in the report).")] = False,
     tolerance: Annotated[Optional[float], typer.Option("--tolerance", min=0.0, max=1.0, help="Allowed metric drop, new vs old (default: migration.tolerance).")] = None,
     adapter: Annotated[Optional[bool], typer.Option("--adapter/--no-adapter", help="When the live model can no longer embed queries: fit a query adapter from the target first, so search works during the backfill (asked on a terminal; default with --yes: yes).")] = None,
+    executor: ExecutorOpt = None,
     as_json: JsonOpt = False,
     cancel_on_interrupt: CancelOpt = False,
 ) -> None:
@@ -734,15 +756,19 @@ def migrate(
 
     Resumable: after a crash or kill, the same command continues where it stopped.
     """
-    from embedpipe.errors import MigrationError
+    from embedpipe.errors import ConfigError, MigrationError
 
     settings = _settings()
+    chosen = _executor(settings, to, executor)  # Ray missing: one line, before anything runs
     name = _resolve_index(settings, index)
     if golden is not None:
         from embedpipe.evaluation import read_golden
 
         read_golden(golden)  # a bad golden file fails before anything is spent
     client = _server(settings)
+    if client is not None and executor is not None:
+        raise ConfigError("--executor applies to a migration run in this process; the server "
+                          "embeds as its own config's [execution] engine says")
     if client is None:
         planned, keep_probe = _plan_here(settings, name, to, dry_run, probe)
     else:  # the server stores a probe's vectors as it plans: they were paid for
@@ -781,7 +807,8 @@ def migrate(
             _quiet_run_logs()
             with _progress(show, f"building {name} on {to}") as progress:
                 report = run_migration(settings, name, to, golden=golden, force=force,
-                                       tolerance=tolerance, plan=plan, progress=progress)
+                                       tolerance=tolerance, plan=plan, progress=progress,
+                                       executor=chosen)
     except MigrationError as exc:
         failed = getattr(exc, "report", None)
         if failed and as_json:

@@ -6,7 +6,7 @@ apply and the data directory is ``./.embedpipe``.
 
 Environment overrides (they win over the file):
     EMBEDPIPE_DATA_DIR, EMBEDPIPE_DEFAULT_PROFILE, EMBEDPIPE_DEVICE,
-    EMBEDPIPE_QDRANT_URL, EMBEDPIPE_QDRANT_API_KEY, EMBEDPIPE_SOVEREIGN
+    EMBEDPIPE_QDRANT_URL, EMBEDPIPE_QDRANT_API_KEY, EMBEDPIPE_SOVEREIGN, EMBEDPIPE_RAY_ADDRESS
 Secrets are never read from the file: the Qdrant key comes from the environment
 (``EMBEDPIPE_QDRANT_API_KEY`` or the variable named by ``qdrant.api_key_env``), and
 ``embedpipe serve``'s API keys from the variable named by ``server.keys_env``
@@ -32,8 +32,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ChatBackendSettings", "ChatSettings", "IndexSettings", "MigrationSettings", "QdrantSettings",
-           "ServerSettings", "Settings", "find_config", "load_settings"]
+__all__ = ["ChatBackendSettings", "ChatSettings", "ExecutionSettings", "IndexSettings",
+           "MigrationSettings", "QdrantSettings", "RaySettings", "ServerSettings", "Settings",
+           "find_config", "load_settings"]
 
 CONFIG_NAME = "embedpipe.toml"
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -129,6 +130,31 @@ class MigrationSettings(BaseModel):
     min_cosine: float = Field(default=0.999, gt=0, le=1)
     probe_size: int = Field(default=32, gt=0)  # texts embedded to estimate throughput
     slice_size: int = Field(default=50_000, gt=0)  # documents per backfill task
+
+
+class RaySettings(BaseModel):
+    """``[execution.ray]``: the Ray cluster that embeds when ``engine = "ray"`` (or
+    ``--executor ray``). ``address`` (or ``EMBEDPIPE_RAY_ADDRESS``): ``"auto"`` joins the
+    cluster this machine belongs to, ``"ray://host:10001"`` or ``"host:6379"`` a given one;
+    unset, a local Ray is started for the run and stopped after it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    address: str | None = None
+    workers: int = Field(default=1, gt=0)  # actors, each holding one copy of the model
+    gpus_per_worker: float = Field(default=0.0, ge=0)  # 1 on a GPU cluster: one model per GPU
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=1024, gt=0)  # texts per partition (one commit each)
+
+
+class ExecutionSettings(BaseModel):
+    """``[execution]``: where a migration's backfill (and a first ingest) is embedded:
+    ``"local"`` in this process, ``"ray"`` on a Ray cluster (``pip install 'embedpipe[ray]'``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    engine: Literal["local", "ray"] = "local"
+    ray: RaySettings = RaySettings()
 
 
 class AdapterSettings(BaseModel):
@@ -293,6 +319,7 @@ class Settings(BaseModel):
     window: int = Field(default=2048, gt=0, le=1_000_000)
     qdrant: QdrantSettings = QdrantSettings()
     migration: MigrationSettings = MigrationSettings()
+    execution: ExecutionSettings = ExecutionSettings()
     adapter: AdapterSettings = AdapterSettings()
     chat: ChatSettings = ChatSettings()
     server: ServerSettings = ServerSettings()
@@ -375,6 +402,10 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     for var, key in simple.items():
         if env.get(var):
             raw[key] = env[var]
+    if env.get("EMBEDPIPE_RAY_ADDRESS"):
+        execution = raw.setdefault("execution", {})
+        if isinstance(execution, dict) and isinstance(execution.setdefault("ray", {}), dict):
+            execution["ray"]["address"] = env["EMBEDPIPE_RAY_ADDRESS"]
     qdrant = raw.setdefault("qdrant", {})
     if env.get("EMBEDPIPE_QDRANT_URL"):
         qdrant["url"] = env["EMBEDPIPE_QDRANT_URL"]
@@ -388,7 +419,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         server["env_keys"] = env[keys_var]
 
 
-_TABLES = ("qdrant", "migration", "chat", "server", "watch")
+_TABLES = ("qdrant", "migration", "chat", "server", "watch", "execution")
 _TABLES_OF_TABLES = ("profiles", "indexes")
 
 

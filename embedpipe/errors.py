@@ -41,6 +41,8 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     │   └── QdrantUnavailable       the Qdrant server cannot be reached
     ├── IndexBusy                   another ingest or migration holds the index
     ├── PrefectUnavailable          the Prefect server in PREFECT_API_URL cannot be reached
+    ├── ExecutionError              a distributed run (--executor ray) cannot go on: Ray missing
+    │                               or unreachable, or a worker refused (names its host)
     ├── ServerUnavailable           the embedpipe server to go through does not answer
     ├── JobCancelled                a server job was cancelled (or stopped with the server);
     │                               what it wrote is kept, and re-running it resumes
@@ -77,6 +79,7 @@ __all__ = [
     "DownloadFailed",
     "EmbedpipeError",
     "EngineError",
+    "ExecutionError",
     "ChatRequestRejected",
     "ChecksumMismatch",
     "FingerprintMismatch",
@@ -287,6 +290,13 @@ class IndexBusy(EmbedpipeError):
     the data directory's embedded engine open; wait and re-run (or use a Qdrant server)."""
 
     exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+class ExecutionError(EmbedpipeError):
+    """A distributed run (``--executor ray``) cannot go on: Ray is not installed or its
+    cluster does not answer, or a worker cannot load the model or its weights are not the
+    driver's (the message names the worker's host). Committed partitions are kept: the
+    same command resumes."""
 
 
 class PrefectUnavailable(EmbedpipeError):

@@ -239,6 +239,8 @@ class MigrationReport:
     report_file: str | None = None
     # Query adapters from the new space into older versions, retired by the cutover.
     adapters_retired: list[str] = field(default_factory=list)
+    # Where the backfill was embedded (``execution.PreEmbedStats``); None: in process.
+    executor: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -278,6 +280,8 @@ class Migration:
         self.progress: ProgressFactory | None = None
         self.resumed = False
         self.adapters_retired: list[str] = []  # by the cutover (see adapters.retire_superseded)
+        self.executor: dict[str, Any] | None = None  # what a pre-embed on Ray did
+        self.pre_embedded = 0  # vectors it stored (the build then finds them stored)
         self._embedder: Embedder | None = None
         self._check_target()
 
@@ -521,6 +525,19 @@ class Migration:
         self.stats.add(stats)
         return stats
 
+    def pre_embed(self, ids: Sequence[str], executor: str,
+                  progress: ProgressFactory | None = None) -> dict[str, Any]:
+        """Embed what the backfill of ``ids`` needs on ``executor`` ("ray": a Ray cluster),
+        committing partitions to the vector store; the backfill then reuses them. A no-op
+        for "local". Resumable: a re-run embeds only what no committed partition holds."""
+        from embedpipe.execution import pre_embed_migration
+
+        self._require_target()
+        stats = pre_embed_migration(self, ids, executor, progress=progress)
+        self.pre_embedded += stats.embedded
+        self.executor = stats.to_dict()
+        return self.executor
+
     def _upserted(self, n: int) -> None:
         """After each acknowledged upsert: advance the progress record."""
         self.written += n
@@ -608,7 +625,8 @@ class Migration:
         """The migration's report, written to ``<data>/migrations/<index>/``."""
         target = self.target
         # Probe vectors the plan kept were embedded by this run; the build found them stored.
-        kept = min(int((plan or {}).get("probe_kept", 0)), self.stats.reused)
+        # So were the vectors a pre-embed (Ray) stored for it.
+        kept = min(int((plan or {}).get("probe_kept", 0)) + self.pre_embedded, self.stats.reused)
         report = MigrationReport(
             status=status,
             index=self.index,
@@ -630,6 +648,7 @@ class Migration:
             plan=plan,
             seconds=round(time.perf_counter() - self.started, 3),
             adapters_retired=list(self.adapters_retired),
+            executor=self.executor,
         )
         if target is not None:
             path = self.folder / f"{target.collection}.report.json"

@@ -23,6 +23,7 @@ from prefect.cache_policies import NONE
 
 from embedpipe.config import Settings, load_settings
 from embedpipe.errors import MigrationError, ValidationFailed
+from embedpipe.execution import resolve_executor
 from embedpipe.migration import Migration, ProgressFactory, migration_lock
 from embedpipe.validation import ValidationReport
 from embedpipe.flows._prefect import check_prefect, slug
@@ -49,6 +50,12 @@ def prepare_task(m: Migration) -> list[str]:
     """Create or resume the new version; returns the documents it still needs."""
     m.prepare()
     return m.todo()
+
+
+@_task(name="pre-embed", task_run_name="pre-embed-{executor}")
+def pre_embed_task(m: Migration, ids: list[str], executor: str) -> dict[str, Any]:
+    """Embed the backfill's texts on the executor (Ray) into the vector store first."""
+    return m.pre_embed(ids, executor, progress=m.progress)
 
 
 @_task(name="backfill", task_run_name="backfill-{number}")
@@ -95,8 +102,10 @@ def migrate_flow(
     force: bool = False,
     tolerance: float | None = None,
     plan: dict[str, Any] | None = None,
+    executor: str | None = None,
 ) -> dict[str, Any]:
-    """Move ``index`` to profile ``to``; returns the migration report as a dict."""
+    """Move ``index`` to profile ``to``; returns the migration report as a dict.
+    ``executor`` ("local", "ray"; default ``[execution] engine``) embeds the backfill."""
     settings = load_settings(config)
     with migration_lock(settings, index):
         m = Migration(settings, index, to, force=force)
@@ -104,6 +113,9 @@ def migrate_flow(
         m.progress = progress
         plan = plan or plan_task(m)
         todo = prepare_task(m)
+        executor = resolve_executor(settings, executor)
+        if executor != "local" and todo:
+            pre_embed_task(m, todo, executor)
         advance = progress(len(todo)) if progress and todo else None
         for number, ids in enumerate(m.slices(todo), start=1):
             backfill_task(m, ids, number, advance)
@@ -127,6 +139,7 @@ def run_migration(
     tolerance: float | None = None,
     plan: dict[str, Any] | None = None,
     progress: ProgressFactory | None = None,
+    executor: str | None = None,
 ) -> dict[str, Any]:
     """Run :func:`migrate_flow` in this process; errors propagate as embedpipe errors."""
     check_prefect()
@@ -141,6 +154,7 @@ def run_migration(
             force=force,
             tolerance=tolerance,
             plan=plan,
+            executor=executor,
         )
     finally:
         _progress.pop(index, None)

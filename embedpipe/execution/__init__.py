@@ -1,0 +1,150 @@
+"""Where embedding runs: in this process (``local``) or on a Ray cluster (``ray``).
+
+A Ray run is a *pre-embed* step in front of the ordinary in-process build. The driver
+plans the texts that need vectors (what the vector store does not hold yet for the
+target fingerprint: the same plan as the in-process pipeline), cuts them into
+partitions of ``[execution.ray] batch_size`` texts, and Ray actors embed them (one model
+per actor). Each finished partition is committed whole to the Parquet vector store
+(one ``VectorStore.add``, which appears by rename). The ordinary backfill then finds
+every vector stored and writes the engine having embedded nothing; catch-up,
+validation and cutover are unchanged. A re-run plans again from the store, so it
+embeds only what no committed partition holds.
+
+This module holds the plain, Ray-free parts (the plan, the partitions, which executor);
+``embedpipe.execution.ray_embed`` holds the Ray code and is imported only when used.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from embedpipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from embedpipe.config import Settings
+    from embedpipe.migration import Migration
+    from embedpipe.pipeline import Work
+    from embedpipe.vectors import VectorStore
+
+__all__ = [
+    "Executor",
+    "PreEmbedStats",
+    "hosted_note",
+    "partitions",
+    "pre_embed_migration",
+    "resolve_executor",
+    "texts_to_embed",
+]
+
+log = logging.getLogger(__name__)
+
+Executor = Literal["local", "ray"]
+Progress = Callable[[int], None]
+
+# Hashes checked against the store at a time while planning (bounded memory).
+PLAN_WINDOW = 65_536
+
+
+@dataclass
+class PreEmbedStats:
+    """What a pre-embed did; lands in the migration report under ``executor``."""
+
+    executor: str
+    planned: int = 0  # distinct texts with no stored vector when this run planned
+    partitions: int = 0  # partitions the plan cut them into
+    committed: int = 0  # partitions stored by this run
+    embedded: int = 0  # vectors stored by this run
+    failed: int = 0  # texts a worker could not embed (left to the in-process build)
+    workers: int = 0
+    note: str | None = None  # why nothing ran on the cluster, when so
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_executor(settings: Settings, override: str | None = None) -> Executor:
+    """The executor a run uses: ``--executor`` when given, else ``[execution] engine``."""
+    chosen = override or settings.execution.engine
+    if chosen not in ("local", "ray"):
+        raise ConfigError(f"unknown executor {chosen!r}; use --executor local or --executor ray")
+    return chosen  # type: ignore[return-value]
+
+
+def hosted_note(profile_name: str) -> str:
+    """The one line said when Ray is asked for a hosted target."""
+    return (f"profile {profile_name!r} is hosted: its requests stay on this machine (the driver), "
+            "under its rate limits; --executor ray spreads only local models")
+
+
+def texts_to_embed(works: Iterable[Work], store: VectorStore | None) -> dict[str, str]:
+    """content hash -> text of each distinct text among ``works`` that ``store`` does not
+    hold yet (all of them when there is no store). Checks the store in windows."""
+    todo: dict[str, str] = {}
+    window: dict[str, str] = {}
+
+    def flush() -> None:
+        held = store.present(window) if store is not None else set()
+        todo.update((h, t) for h, t in window.items() if h not in held)
+        window.clear()
+
+    for work in works:
+        if work.content_hash not in todo and work.content_hash not in window:
+            window[work.content_hash] = work.text
+            if len(window) >= PLAN_WINDOW:
+                flush()
+    if window:
+        flush()
+    return todo
+
+
+def partitions(todo: dict[str, str], size: int) -> list[list[str]]:
+    """The hashes of ``todo`` cut into partitions of at most ``size``, longest texts first:
+    a partition holds texts of similar length, so a worker pads little (the in-process
+    window sorts the same way), and memory limits surface on the first partition."""
+    if size <= 0:
+        raise ConfigError("execution.ray.batch_size must be positive")
+    order = sorted(todo, key=lambda h: -len(todo[h]))
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def migration_works(m: Migration, ids: Sequence[str]) -> Iterator[Work]:
+    """The points the backfill of ``ids`` will write (chunked as the target records)."""
+    from embedpipe.chunking import chunker_for, works_for_row
+
+    target = m._require_target()
+    store_text = m.settings.index_store_text(target.index)
+    chunker = chunker_for(target, m.embedder) if target.chunking else None
+    wanted = pa.array(sorted(set(ids)), pa.string())
+    for batch in m.corpus.iter_batches():
+        rows = batch.filter(pc.is_in(batch.column("id"), value_set=wanted))
+        for row in rows.to_pylist():
+            yield from works_for_row(row, store_text, chunker)
+
+
+def pre_embed_migration(
+    m: Migration, ids: Sequence[str], executor: str,
+    progress: Callable[[int], Progress] | None = None,
+) -> PreEmbedStats:
+    """Embed on the executor what the backfill of ``ids`` needs, into the vector store.
+
+    ``local`` does nothing here (the backfill embeds in process). A hosted target stays
+    on the driver (``note`` says so). Call after ``m.prepare()``; the backfill follows."""
+    stats = PreEmbedStats(executor=executor)
+    if executor == "local" or not ids:
+        return stats
+    if not m.profile.is_local:
+        stats.note = hosted_note(m.profile.name)
+        log.warning(stats.note)
+        return stats
+    from embedpipe.execution.ray_embed import embed_on_ray
+
+    store = m.store()
+    todo = texts_to_embed(migration_works(m, ids), store)
+    advance = progress(len(todo)) if progress is not None and todo else None
+    return embed_on_ray(m.settings, m.profile, m.fingerprint, todo, store, progress=advance)

@@ -1,0 +1,172 @@
+"""Embedding a migration's backfill on Ray (``--executor ray``): a real Ray started by the
+test on this machine, real models, the real vector store and engine.
+
+The index starts on the bundled MiniLM and moves to the static model; the Ray run must
+give the in-process vectors, the same fingerprint and the same counts.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedpipe.backends.local import LocalEmbedder
+from embedpipe.corpus import CorpusStore
+from embedpipe.errors import ConfigError, ExecutionError
+from embedpipe.execution import partitions, resolve_executor, texts_to_embed
+from embedpipe.index import IndexVersions
+from embedpipe.ingest import ingest
+from embedpipe.migration import Migration
+from embedpipe.pipeline import Work
+from embedpipe.profiles import fingerprint
+from embedpipe.vectors import VectorStore
+
+from conftest import EXAMPLES, cli, static_profile_toml
+
+CORPUS = EXAMPLES / "corpus" / "docs.jsonl"
+RAY_TOML = "\n[execution]\nengine = \"ray\"\n[execution.ray]\nworkers = 1\ncpus_per_worker = 1\nbatch_size = 8\n"
+
+
+def _hash(n: int) -> str:
+    return f"{n:064x}"
+
+
+# --- the plan, without Ray -----------------------------------------------------------
+
+
+def test_partitions_are_sized_and_longest_first() -> None:
+    todo = {_hash(i): "x" * i for i in range(1, 11)}
+    parts = partitions(todo, 4)
+    assert [len(p) for p in parts] == [4, 4, 2]
+    flat = [len(todo[h]) for p in parts for h in p]
+    assert flat == sorted(flat, reverse=True)
+    assert sorted(h for p in parts for h in p) == sorted(todo)
+
+
+def test_texts_to_embed_skips_stored_and_repeated(tmp_path: Path) -> None:
+    store = VectorStore(tmp_path, "f" * 64, 2, "p")
+    store.add([_hash(1)], np.ones((1, 2), np.float32))
+    works = [Work(f"d{i}", f"text {i % 3}", _hash(i % 3), {"id": f"d{i}"}) for i in range(6)]
+    assert texts_to_embed(works, store) == {_hash(0): "text 0", _hash(2): "text 2"}
+
+
+def test_executor_is_the_flag_else_the_config(make_settings) -> None:
+    assert resolve_executor(make_settings()) == "local"
+    settings = make_settings(RAY_TOML)
+    assert resolve_executor(settings) == "ray"
+    assert resolve_executor(settings, "local") == "local"
+    assert settings.execution.ray.batch_size == 8
+    with pytest.raises(ConfigError):
+        resolve_executor(settings, "dask")
+
+
+def test_ray_address_comes_from_the_environment(make_settings, monkeypatch) -> None:
+    monkeypatch.setenv("EMBEDPIPE_RAY_ADDRESS", "auto")
+    assert make_settings(RAY_TOML).execution.ray.address == "auto"
+
+
+def test_executor_ray_without_ray_says_how_to_install(make_settings, static_model_dir, capsys,
+                                                      monkeypatch) -> None:
+    make_settings(static_profile_toml(static_model_dir))
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    code, out, err = cli(capsys, monkeypatch, "migrate", "--to", "static", "--index", "kb",
+                         "--executor", "ray", "--yes")
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pip install 'embedpipe[ray]'" in lines[0], err
+    assert "Traceback" not in err
+
+
+# --- on a real Ray -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """One local Ray (2 CPUs) for the module; stopped at its end."""
+    ray = pytest.importorskip("ray")
+    cache = tmp_path_factory.mktemp("ray-cache")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"EMBEDPIPE_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def cfg(make_settings, static_model_dir: Path):
+    """Ray settings with the static profile, and the example corpus live on local-minilm."""
+    settings = make_settings(static_profile_toml(static_model_dir) + "\n[migration]\nsample_size = 40\n"
+                             + RAY_TOML)
+    ingest(settings, "kb", CORPUS, profile="local-minilm")
+    return settings
+
+
+def _texts(settings) -> dict[str, str]:
+    corpus = CorpusStore.for_index(settings.data_dir, "kb")
+    out: dict[str, str] = {}
+    for batch in corpus.iter_batches(columns=["text", "content_hash"]):
+        out.update(zip(batch.column("content_hash").to_pylist(), batch.column("text").to_pylist()))
+    return out
+
+
+def test_ray_backfill_gives_the_in_process_vectors(cfg, ray_cluster) -> None:
+    m = Migration(cfg, "kb", "static")
+    m.prepare()
+    todo = m.todo()
+    texts = _texts(cfg)
+    done = m.pre_embed(todo, "ray")
+    assert (done["executor"], done["planned"], done["embedded"], done["failed"]) == ("ray", len(texts), len(texts), 0)
+    assert done["partitions"] == done["committed"] == -(-len(texts) // 8)
+    # the ordinary backfill finds every vector stored: it embeds nothing
+    for ids in m.slices(todo):
+        assert m.backfill(ids).embedded == 0
+    m.catch_up()
+    m.cutover(m.validate())
+    report = m.report("live").to_dict()
+    assert report["embedded"] == len(texts) and report["failed"] == 0
+    assert report["executor"]["embedded"] == len(texts)
+
+    fp = fingerprint(cfg.profile("static"))
+    live = IndexVersions.open(cfg).require_live("kb")
+    assert live.fingerprint == fp and live.profile == "static"
+    assert len(IndexVersions.open(cfg).contents(live.collection)) == len(json.loads("[" + ",".join(
+        line for line in CORPUS.read_text().splitlines() if line.strip()) + "]"))
+    hashes = sorted(texts)
+    from_ray = VectorStore(cfg.data_dir, fp, 256, "static").lookup(hashes)
+    local = LocalEmbedder(cfg.profile("static")).embed_documents([texts[h] for h in hashes]).vectors
+    for h, vec in zip(hashes, local):
+        cosine = float(np.dot(from_ray[h], vec) / (np.linalg.norm(from_ray[h]) * np.linalg.norm(vec)))
+        assert cosine >= 0.9999, h
+
+
+def test_a_worker_with_other_weights_is_refused_naming_its_host(cfg, ray_cluster) -> None:
+    from embedpipe.execution.ray_embed import embed_on_ray
+
+    profile = cfg.profile("static")
+    store = VectorStore(cfg.data_dir, "e" * 64, 256, "static")
+    todo = dict(list(_texts(cfg).items())[:5])
+    with pytest.raises(ExecutionError) as caught:
+        embed_on_ray(cfg, profile, "e" * 64, todo, store)  # the driver's fingerprint is another
+    line = str(caught.value)
+    assert "\n" not in line and socket.gethostname() in line and "fingerprint" in line
+    assert store.present(todo) == set()  # nothing of the other space was stored
+
+
+def test_a_rerun_embeds_only_what_no_committed_partition_holds(cfg, ray_cluster) -> None:
+    m = Migration(cfg, "kb", "static")
+    m.prepare()
+    todo = m.todo()
+    first = m.pre_embed(todo[:15], "ray")  # as if the driver had died after these partitions
+    assert first["embedded"] == first["planned"] > 0
+    store = m.store()
+    held = store.present(_texts(cfg))
+    assert len(held) == first["embedded"]
+    again = Migration(cfg, "kb", "static")
+    again.prepare()
+    second = again.pre_embed(again.todo(), "ray")
+    assert second["planned"] == second["embedded"] == len(_texts(cfg)) - len(held)
+    assert again.store().present(_texts(cfg)) == set(_texts(cfg))  # a fresh look at the files

@@ -8,8 +8,8 @@ keyed by content hash. The driver commits each partition it receives to the vect
 store in one ``VectorStore.add`` (all or nothing), so a killed driver loses at most the
 partitions in flight and the same command resumes.
 
-Faults: Ray restarts a killed actor and retries its task (``max_restarts`` and
-``max_task_retries`` -1), and the driver stores each hash once whichever attempt
+Faults: Ray restarts a killed actor and retries its task (Ray Data's actor defaults:
+``max_restarts`` and ``max_task_retries`` -1), and the driver stores each hash once whichever attempt
 delivers it. A worker that cannot load the model, or whose weights are not the
 driver's, fails the run with one line naming its host and the reason.
 """
@@ -167,11 +167,11 @@ def embed_on_ray(
                                    "device": settings.device},
             batch_size=cfg.batch_size,
             batch_format="numpy",
-            concurrency=cfg.workers,
+            # Ray Data gives its actors max_restarts and max_task_retries -1: a killed
+            # worker comes back (its model reloads) and the partitions it held are retried.
+            compute=ray.data.ActorPoolStrategy(size=cfg.workers),
             num_cpus=cfg.cpus_per_worker,
             num_gpus=cfg.gpus_per_worker or None,
-            max_restarts=-1,  # a killed worker comes back (its model reloads)...
-            max_task_retries=-1,  # ...and the partition it held is retried
         )
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
             _commit(batch, store, stats)

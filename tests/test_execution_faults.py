@@ -116,7 +116,8 @@ def ray_head(tmp_path: Path):
     """``ray start --head --block`` on 127.0.0.1, in its own session; ended by its pid group."""
     pytest.importorskip("ray")
     port = _free_port()
-    env = {**os.environ, "EMBEDPIPE_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "EMBEDPIPE_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "RAY_AUTH_MODE": "disabled"}  # a loopback-only cluster of the test's own
     ray_bin = Path(sys.executable).parent / "ray"
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
@@ -162,7 +163,8 @@ def test_the_driver_killed_mid_run_resumes_with_only_uncommitted_partitions(
     close_all()  # the CLI below opens the engine
     fp = fingerprint(settings.profile("static_raw"))
     hashes = [content_hash(d["text"]) for d in docs]
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
+           "RAY_AUTH_MODE": "disabled"}
     cmd = [str(Path(sys.executable).parent / "embedpipe"), "migrate", "--to", "static_raw", "--index", "kb",
            "--executor", "ray", "--yes", "--json"]
 

@@ -143,8 +143,9 @@ def test_deprecated_hosted_model_migrates_to_a_local_one_and_back_for_free(
     code, _, err = cli(capsys, monkeypatch, "-c", config, "search", "runaway greenhouse planet", "--index", "kb")
     assert code == 2 and "migrate --to static" in err and "Traceback" not in err
 
+    # --no-adapter: the migration alone (tests/test_adapters.py covers the adapter it offers)
     code, out, err = cli(capsys, monkeypatch, "-c", config, "migrate", "--to", "static", "--index", "kb",
-                         "--yes", "--json")
+                         "--yes", "--no-adapter", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["status"] == "live" and report["embedded"] == 40

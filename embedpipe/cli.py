@@ -126,14 +126,15 @@ ExecutorOpt = Annotated[Optional[str], typer.Option(
     "pip install 'embedpipe[ray]'). Default: [execution] engine.")]
 
 
-def _executor(settings: Any, to: str, flag: str | None) -> str:
+def _executor(settings: Any, to: str | None, flag: str | None) -> str:
     """The executor a run uses; with Ray, checks it is installed (one line if not). A hosted
-    target stays on this machine, said in one line."""
+    target stays on this machine, said in one line (for ingest, ``to`` None, the report's
+    warning says it: the profile is known once the index is read)."""
     from embedpipe.execution import hosted_note, resolve_executor
 
     chosen = resolve_executor(settings, flag)
     if chosen == "ray":
-        if not settings.profile(to).is_local:
+        if to is not None and not settings.profile(to).is_local:
             typer.echo(f"note: {hosted_note(to)}", err=True)
             return "local"
         from embedpipe.execution.ray_embed import require_ray
@@ -206,23 +207,29 @@ def ingest(
     profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="Model profile for a new index (see `embedpipe models`).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and diff only: say what would be embedded, write nothing.")] = False,
     skip_invalid: Annotated[Optional[bool], typer.Option("--skip-invalid/--fail-on-invalid", help="Report invalid records (file, line, reason) and ingest the rest, exit 3; default: the index's on_invalid (refuse the whole input).")] = None,
+    executor: ExecutorOpt = None,
     as_json: JsonOpt = False,
     cancel_on_interrupt: CancelOpt = False,
 ) -> None:
     """Add or update documents in an index; unchanged documents are not re-embedded.
     With a server running, it reads PATH and does the work (the path must be one it can read)."""
+    from embedpipe.errors import ConfigError
     from embedpipe.ingest import ingest as run_ingest
 
     settings = _settings()
+    chosen = _executor(settings, None, executor)  # Ray missing: one line, before anything runs
     show = not as_json and not dry_run and sys.stderr.isatty()
     client = _server(settings)
+    if client is not None and executor is not None:
+        raise ConfigError("--executor applies to an ingest run in this process; the server "
+                          "embeds as its own config's [execution] engine says")
     if client is not None:
         report = _job(client, "ingest", index, f"embedding into {index}", show, cancel_on_interrupt,
                       path=str(path.resolve()), profile=profile, dry_run=dry_run, skip_invalid=skip_invalid)
     else:
         with _progress(show, f"embedding into {index}") as progress:
             report = run_ingest(settings, index, path, profile=profile, progress=progress, dry_run=dry_run,
-                                skip_invalid=skip_invalid).to_dict()
+                                skip_invalid=skip_invalid, executor=chosen).to_dict()
     _print_ingest(report, dry_run, as_json)
 
 
@@ -253,6 +260,10 @@ def _print_ingest(r: dict[str, Any], dry_run: bool, as_json: bool) -> None:
         + (f", {r['chunked']} chunked" if r.get("chunked") else "")
         + f" in {r['seconds']:.1f}s{rate}"
     )
+    ran = r.get("executor") or {}
+    if ran.get("executor") == "ray" and not ran.get("note"):
+        typer.echo(f"executor ray: {ran['embedded']} texts embedded on the cluster "
+                   f"({ran['committed']} of {ran['partitions']} partitions committed, {ran['workers']} workers)")
     _print_failures(r["failures"])
     for warning in r.get("warnings") or []:
         typer.echo(f"warning: {warning}", err=True)

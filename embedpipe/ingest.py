@@ -18,6 +18,12 @@ The order of steps is what keeps the invariants:
 
 A new index is built as version 1 in state ``building`` and the alias points at
 it only once it holds every document.
+
+With ``executor="ray"`` (``--executor ray``, or ``[execution] engine``), step 3 is
+preceded by a pre-embed on a Ray cluster (``embedpipe.execution``): the texts of the
+points step 3 will write that the vector store lacks are embedded there and committed
+to the store partition by partition; step 3 then reuses them. A killed run's re-run
+embeds only what no committed partition holds. A hosted profile stays here (one note).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from embedpipe.chunking import Chunker, ChunkSpec, chunker_for, works_for_row
 from embedpipe.config import Settings
 from embedpipe.corpus import CorpusStore, Document, Known, documents_to_batch
 from embedpipe.errors import ConfigError, EmbedpipeError, IndexBusy, InputError
+from embedpipe.execution import PreEmbedStats, pre_embed, resolve_executor
 from embedpipe.index import Holding, IndexVersions, Version, check_fingerprint, point_id
 from embedpipe.layout import Layout, check_index_name
 from embedpipe.locks import index_lock, migration_running
@@ -82,6 +89,8 @@ class IngestReport:
     # Documents also written into a version a running migration builds: collection -> count.
     migration_writes: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # What a pre-embed on Ray did (``PreEmbedStats``); None when the executor was local.
+    executor: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,8 +104,12 @@ def ingest(
     progress: ProgressFactory | None = None,
     dry_run: bool = False,
     skip_invalid: bool | None = None,
+    executor: str | None = None,
 ) -> IngestReport:
     """Ingest documents from ``path`` into ``index``; see the module docstring.
+
+    ``executor`` ("local" or "ray"; default ``[execution] engine``) says where the texts
+    that need vectors are embedded.
 
     With ``dry_run`` the input is validated and diffed and the report says what would be
     added, updated and embedded; no model is loaded and nothing is written.
@@ -116,7 +129,7 @@ def ingest(
     skipped: list[FileError] = []
     invalid: list[FileError] | None = [] if skip_invalid else None
     documents = read_documents(Path(path), spec, skipped, invalid)
-    report = _ingest(settings, index, corpus, documents, profile, progress, dry_run, started)
+    report = _ingest(settings, index, corpus, documents, profile, progress, dry_run, started, executor)
     report.skipped = [{"path": e.path, "reason": e.reason} for e in skipped]
     report.warnings += [f"skipped {e.path}: {e.reason}" for e in skipped]
     if invalid:
@@ -133,6 +146,7 @@ def ingest_documents(
     profile: str | None = None,
     progress: ProgressFactory | None = None,
     dry_run: bool = False,
+    executor: str | None = None,
 ) -> IngestReport:
     """Ingest documents a caller already holds (``sources.documents_from_records`` checks
     them as ``ingest`` checks a file's records): the same staging, diffing and
@@ -140,13 +154,16 @@ def ingest_documents(
     record) leaves corpus and index as they were."""
     check_index_name(index)
     corpus = CorpusStore.for_index(settings.data_dir, index)
-    return _ingest(settings, index, corpus, documents, profile, progress, dry_run, time.perf_counter())
+    return _ingest(settings, index, corpus, documents, profile, progress, dry_run, time.perf_counter(),
+                   executor)
 
 
 def _ingest(
     settings: Settings, index: str, corpus: CorpusStore, documents: Iterable[Document],
     profile: str | None, progress: ProgressFactory | None, dry_run: bool, started: float,
+    executor: str | None = None,
 ) -> IngestReport:
+    chosen = resolve_executor(settings, executor)  # an unknown name fails before staging
     if dry_run:
         return _dry_run_staged(settings, index, corpus, documents, profile, started)
     staged = stage(corpus, documents)  # validates before any write
@@ -154,7 +171,8 @@ def _ingest(
         raise InputError("the input holds no documents")
     try:
         with index_lock(settings, index):
-            return _ingest_staged(settings, index, corpus, staged, profile, progress, started)
+            return _ingest_staged(settings, index, corpus, staged, profile, progress, started,
+                                  executor=chosen)
     finally:
         staged.unlink(missing_ok=True)
 
@@ -215,6 +233,7 @@ def _ingest_staged(
     progress: ProgressFactory | None,
     started: float,
     dry_run: bool = False,
+    executor: str = "local",
 ) -> IngestReport:
     versions = IndexVersions.open(settings)
     if not dry_run:
@@ -242,8 +261,11 @@ def _ingest_staged(
     pending = set() if building else journal.read()
     if not changed and not building and not pending:  # nothing to embed: no model is loaded
         check_fingerprint(existing, fp, profile.name)  # type: ignore[arg-type]
-        return _report(index, existing, profile.name, fp, counts, PipelineStats(), False, started,
-                       {}, _chunking_warnings(settings, index, existing))  # type: ignore[arg-type]
+        report = _report(index, existing, profile.name, fp, counts, PipelineStats(), False, started,
+                         {}, _chunking_warnings(settings, index, existing))  # type: ignore[arg-type]
+        if executor != "local":
+            report.executor = PreEmbedStats(executor=executor).to_dict()  # nothing to embed there
+        return report
     embedder.check()  # a bad model fails here, before any collection or file is made
     chunking = settings.index_chunking(index)
     spec = ChunkSpec.from_dict(chunking)
@@ -276,6 +298,8 @@ def _ingest_staged(
             written.update(point_id(i) for i in ids)
 
     try:
+        pre = _pre_embed(settings, profile, fp, store, executor, progress,
+                         _work(staged, changed, staged_ids, corpus, store_text, chunker, from_corpus))
         items = _work(staged, changed, staged_ids, corpus, store_text, chunker, from_corpus)
         stats = embed_and_write(
             items, embedder, write, store, window=settings.window,
@@ -307,8 +331,32 @@ def _ingest_staged(
         versions.refresh_index(target.collection)
     journal.clear()
     _compact_unless_migrating(settings, index, corpus)
-    return _report(index, target, profile.name, fp, counts, stats, created, started, migration_writes,
-                   warnings)
+    report = _report(index, target, profile.name, fp, counts, stats, created, started, migration_writes,
+                     warnings)
+    if pre is not None:
+        _add_pre_embed(report, pre)
+    return report
+
+
+def _pre_embed(
+    settings: Settings, profile: Any, fp: str, store: VectorStore, executor: str,
+    progress: ProgressFactory | None, works: Iterable[Work],
+) -> PreEmbedStats | None:
+    """Embed on Ray what the write path below will embed (None: the executor is local)."""
+    if executor == "local":
+        return None
+    return pre_embed(settings, profile, fp, works, store, executor, progress=progress)
+
+
+def _add_pre_embed(report: IngestReport, pre: PreEmbedStats) -> None:
+    """Count the vectors the pre-embed stored as embedded by this run (the write path
+    found them stored), and say where they were embedded."""
+    kept = min(pre.embedded, report.reused)
+    report.embedded += kept
+    report.reused -= kept
+    report.executor = pre.to_dict()
+    if pre.note:
+        report.warnings.append(pre.note)
 
 
 def _report(

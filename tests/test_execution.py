@@ -1,8 +1,10 @@
-"""Embedding a migration's backfill on Ray (``--executor ray``): a real Ray started by the
-test on this machine, real models, the real vector store and engine.
+"""Embedding a migration's backfill, and an ingest, on Ray (``--executor ray``): a real Ray
+started by the test on this machine, real models, the real vector store and engine.
 
 The index starts on the bundled MiniLM and moves to the static model; the Ray run must
-give the in-process vectors, the same fingerprint and the same counts.
+give the in-process vectors, the same fingerprint and the same counts. An ingest on Ray
+must give what an in-process ingest of the same documents into another data directory
+gives, and a re-ingest embeds nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from embedpipe.backends.local import LocalEmbedder
@@ -26,7 +30,9 @@ from embedpipe.pipeline import Work
 from embedpipe.profiles import fingerprint
 from embedpipe.vectors import VectorStore
 
-from conftest import EXAMPLES, cli, static_profile_toml
+from embedpipe.config import load_settings
+
+from conftest import EXAMPLES, cli, hosted_profile_toml, static_profile_toml, write_config
 
 CORPUS = EXAMPLES / "corpus" / "docs.jsonl"
 RAY_TOML = "\n[execution]\nengine = \"ray\"\n[execution.ray]\nworkers = 1\ncpus_per_worker = 1\nbatch_size = 8\n"
@@ -70,12 +76,15 @@ def test_ray_address_comes_from_the_environment(make_settings, monkeypatch) -> N
     assert make_settings(RAY_TOML).execution.ray.address == "auto"
 
 
+@pytest.mark.parametrize("command", [
+    ("migrate", "--to", "static", "--index", "kb", "--yes"),
+    ("ingest", str(CORPUS), "--index", "kb", "--profile", "static"),
+], ids=["migrate", "ingest"])
 def test_executor_ray_without_ray_says_how_to_install(make_settings, static_model_dir, capsys,
-                                                      monkeypatch) -> None:
+                                                      monkeypatch, command) -> None:
     make_settings(static_profile_toml(static_model_dir))
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    code, out, err = cli(capsys, monkeypatch, "migrate", "--to", "static", "--index", "kb",
-                         "--executor", "ray", "--yes")
+    code, out, err = cli(capsys, monkeypatch, *command, "--executor", "ray")
     assert code != 0
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install 'embedpipe[ray]'" in lines[0], err
@@ -90,7 +99,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     """One local Ray (2 CPUs) for the module; stopped at its end."""
     ray = pytest.importorskip("ray")
     cache = tmp_path_factory.mktemp("ray-cache")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # address="local": a Ray of its own, never one another process left running here
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"EMBEDPIPE_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
@@ -101,7 +111,7 @@ def cfg(make_settings, static_model_dir: Path):
     """Ray settings with the static profile, and the example corpus live on local-minilm."""
     settings = make_settings(static_profile_toml(static_model_dir) + "\n[migration]\nsample_size = 40\n"
                              + RAY_TOML)
-    ingest(settings, "kb", CORPUS, profile="local-minilm")
+    ingest(settings, "kb", CORPUS, profile="local-minilm", executor="local")
     return settings
 
 
@@ -170,3 +180,92 @@ def test_a_rerun_embeds_only_what_no_committed_partition_holds(cfg, ray_cluster)
     second = again.pre_embed(again.todo(), "ray")
     assert second["planned"] == second["embedded"] == len(_texts(cfg)) - len(held)
     assert again.store().present(_texts(cfg)) == set(_texts(cfg))  # a fresh look at the files
+
+
+# --- ingest on a real Ray ------------------------------------------------------------
+
+COUNTS = ("documents", "added", "updated", "unchanged", "failed", "embedded", "reused", "created_version")
+CHUNKED = "\n[indexes.kb]\nchunk_tokens = 32\nchunk_overlap = 8\n"
+
+
+def _stored(settings, profile: str) -> dict[str, np.ndarray]:
+    """content hash -> vector of everything the vector store of ``profile`` holds."""
+    store = VectorStore(settings.data_dir, fingerprint(settings.profile(profile)), 256, profile)
+    table = pa.concat_tables([pq.read_table(p) for p in store.folder.segments()])
+    return dict(zip(table.column("content_hash").to_pylist(),
+                    np.asarray(table.column("vector").to_pylist(), np.float32)))
+
+
+def _same_vectors(ray_run: dict[str, np.ndarray], local: dict[str, np.ndarray]) -> None:
+    assert sorted(ray_run) == sorted(local)
+    for h, vec in local.items():
+        other = ray_run[h]
+        assert float(np.dot(other, vec) / (np.linalg.norm(other) * np.linalg.norm(vec))) >= 0.9999, h
+
+
+def _in_process(tmp_path: Path, body: str):
+    """The same documents ingested in this process into another data directory."""
+    folder = tmp_path / "in-process"
+    folder.mkdir()
+    settings = load_settings(write_config(folder, body))
+    return settings, ingest(settings, "kb", CORPUS, profile="static", executor="local").to_dict()
+
+
+def test_ray_ingest_gives_the_in_process_vectors_and_counts(tmp_path, make_settings, static_model_dir,
+                                                            ray_cluster) -> None:
+    body = static_profile_toml(static_model_dir) + RAY_TOML.replace('engine = "ray"', 'engine = "local"')
+    settings = make_settings(body)
+    local_settings, local = _in_process(tmp_path, body)
+    report = ingest(settings, "kb", CORPUS, profile="static", executor="ray").to_dict()
+    assert {k: report[k] for k in COUNTS} == {k: local[k] for k in COUNTS}
+    texts = len(_texts(settings))
+    ran = report["executor"]
+    assert (ran["executor"], ran["planned"], ran["embedded"], ran["failed"]) == ("ray", texts, texts, 0)
+    assert ran["partitions"] == ran["committed"] == -(-texts // 8)
+    assert report["embedded"] == texts and local["executor"] is None
+    live = IndexVersions.open(settings).require_live("kb")
+    assert live.fingerprint == report["fingerprint"] == local["fingerprint"]
+    assert len(IndexVersions.open(settings).contents(live.collection)) == report["documents"]
+    _same_vectors(_stored(settings, "static"), _stored(local_settings, "static"))
+
+    again = ingest(settings, "kb", CORPUS, executor="ray").to_dict()
+    assert again["embedded"] == 0 and again["unchanged"] == again["documents"]
+    assert again["executor"]["executor"] == "ray" and again["executor"]["embedded"] == 0
+
+
+def test_ray_ingest_from_the_cli_chunks_as_the_index_does(tmp_path, make_settings, static_model_dir,
+                                                          ray_cluster, capsys, monkeypatch) -> None:
+    body = static_profile_toml(static_model_dir) + CHUNKED
+    settings = make_settings(body)
+    local_settings, local = _in_process(tmp_path, body)
+    code, out, err = cli(capsys, monkeypatch, "ingest", str(CORPUS), "--index", "kb", "--profile", "static",
+                         "--executor", "ray", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert {k: report[k] for k in COUNTS} == {k: local[k] for k in COUNTS}
+    stored = _stored(settings, "static")
+    assert len(stored) > report["documents"]  # chunked: more pieces than documents
+    assert report["executor"]["embedded"] == report["embedded"] == len(stored)
+    _same_vectors(stored, _stored(local_settings, "static"))
+
+    # a new document goes through the same path; the rest is unchanged and reused
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(CORPUS.read_text() + json.dumps({"id": "new-doc", "text": "A brand new text. " * 30}) + "\n")
+    code, out, err = cli(capsys, monkeypatch, "ingest", str(extra), "--index", "kb", "--executor", "ray")
+    assert code == 0, err
+    assert "1 added" in out and "executor ray:" in out
+    code, out, err = cli(capsys, monkeypatch, "ingest", str(CORPUS), "--index", "kb", "--executor", "ray",
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["embedded"] == 0
+
+
+def test_a_hosted_ingest_stays_on_the_driver_with_one_note(make_settings, openai_server, capsys,
+                                                           monkeypatch) -> None:
+    make_settings(hosted_profile_toml(openai_server.base_url) + RAY_TOML)
+    code, out, err = cli(capsys, monkeypatch, "ingest", str(CORPUS), "--index", "kb", "--profile", "hosted",
+                         "--executor", "ray")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "is hosted" in line]
+    assert len(notes) == 1 and "stay on this machine" in notes[0], err
+    assert "executor ray:" not in out and "40 added" in out

@@ -159,7 +159,7 @@ def test_the_driver_killed_mid_run_resumes_with_only_uncommitted_partitions(
         .replace("normalize = true", "normalize = false")
         + f"\n[execution]\nengine = \"ray\"\n[execution.ray]\naddress = \"{ray_head}\"\nbatch_size = 20\n")
     docs = [{"id": f"d{i}", "text": t} for i, t in enumerate(_texts(n, seed=11))]
-    ingest(settings, "kb", write_jsonl(tmp_path / "docs.jsonl", docs), profile="static")
+    ingest(settings, "kb", write_jsonl(tmp_path / "docs.jsonl", docs), profile="static", executor="local")
     close_all()  # the CLI below opens the engine
     fp = fingerprint(settings.profile("static_raw"))
     hashes = [content_hash(d["text"]) for d in docs]

@@ -10,6 +10,11 @@ every vector stored and writes the engine having embedded nothing; catch-up,
 validation and cutover are unchanged. A re-run plans again from the store, so it
 embeds only what no committed partition holds.
 
+The same step serves ``embedpipe migrate`` (the backfill of a new version) and
+``embedpipe ingest`` (the staged documents of a first build or a large ingest):
+:func:`pre_embed` takes the points the ordinary write path will embed, whoever plans
+them.
+
 This module holds the plain, Ray-free parts (the plan, the partitions, which executor);
 ``embedpipe.execution.ray_embed`` holds the Ray code and is imported only when used.
 """
@@ -30,6 +35,7 @@ if TYPE_CHECKING:
     from embedpipe.config import Settings
     from embedpipe.migration import Migration
     from embedpipe.pipeline import Work
+    from embedpipe.profiles import Profile
     from embedpipe.vectors import VectorStore
 
 __all__ = [
@@ -37,6 +43,7 @@ __all__ = [
     "PreEmbedStats",
     "hosted_note",
     "partitions",
+    "pre_embed",
     "pre_embed_migration",
     "resolve_executor",
     "texts_to_embed",
@@ -53,7 +60,7 @@ PLAN_WINDOW = 65_536
 
 @dataclass
 class PreEmbedStats:
-    """What a pre-embed did; lands in the migration report under ``executor``."""
+    """What a pre-embed did; lands in the migration or ingest report under ``executor``."""
 
     executor: str
     planned: int = 0  # distinct texts with no stored vector when this run planned
@@ -127,24 +134,36 @@ def migration_works(m: Migration, ids: Sequence[str]) -> Iterator[Work]:
             yield from works_for_row(row, store_text, chunker)
 
 
+def pre_embed(
+    settings: Settings, profile: Profile, fingerprint: str, works: Iterable[Work],
+    store: VectorStore, executor: str, progress: Callable[[int], Progress] | None = None,
+) -> PreEmbedStats:
+    """Embed on the executor the texts of ``works`` that ``store`` lacks, into ``store``.
+
+    ``works`` are the points the ordinary write path will embed next (it then finds
+    their vectors stored). ``local`` does nothing here; a hosted profile stays on the
+    driver (``note`` says so: the caller's report carries it, the log has it at INFO)."""
+    stats = PreEmbedStats(executor=executor)
+    if executor == "local":
+        return stats
+    if not profile.is_local:
+        stats.note = hosted_note(profile.name)
+        log.info(stats.note)
+        return stats
+    from embedpipe.execution.ray_embed import embed_on_ray
+
+    todo = texts_to_embed(works, store)
+    advance = progress(len(todo)) if progress is not None and todo else None
+    return embed_on_ray(settings, profile, fingerprint, todo, store, progress=advance)
+
+
 def pre_embed_migration(
     m: Migration, ids: Sequence[str], executor: str,
     progress: Callable[[int], Progress] | None = None,
 ) -> PreEmbedStats:
-    """Embed on the executor what the backfill of ``ids`` needs, into the vector store.
-
-    ``local`` does nothing here (the backfill embeds in process). A hosted target stays
-    on the driver (``note`` says so). Call after ``m.prepare()``; the backfill follows."""
-    stats = PreEmbedStats(executor=executor)
+    """:func:`pre_embed` for the backfill of ``ids``. Call after ``m.prepare()``; the
+    backfill follows."""
     if executor == "local" or not ids:
-        return stats
-    if not m.profile.is_local:
-        stats.note = hosted_note(m.profile.name)
-        log.warning(stats.note)
-        return stats
-    from embedpipe.execution.ray_embed import embed_on_ray
-
-    store = m.store()
-    todo = texts_to_embed(migration_works(m, ids), store)
-    advance = progress(len(todo)) if progress is not None and todo else None
-    return embed_on_ray(m.settings, m.profile, m.fingerprint, todo, store, progress=advance)
+        return PreEmbedStats(executor=executor)
+    return pre_embed(m.settings, m.profile, m.fingerprint, migration_works(m, ids), m.store(),
+                     executor, progress=progress)

@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # (or a plain `torch` requirement resolved first) pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install dev demo test test-all bench bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-query bench-serve bench-adapters bench-extra clean
+.PHONY: install dev demo test test-all bench bench-build bench-peers bench-memory bench-hosted bench-migrate bench-resync bench-gateway bench-journal bench-query bench-serve bench-adapters bench-ray bench-extra clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -86,6 +86,13 @@ bench-serve: dev
 # for static <-> MiniLM and a hosted (loopback) model retired mid-run (12 minutes on 2 cores).
 bench-adapters: dev
 	$(PY) bench/adapters.py
+
+# A migration's backfill in process against Ray on the same machine (Cranfield static ->
+# MiniLM, and 100k synthetic documents static -> static), alternating; not in `bench`
+# (about 20 minutes on a busy 2-core machine). RAY_FLAGS="--device cuda --gpus-per-worker 1
+# --ray-configs 4x1 --target local-bge" on a 4-GPU machine adds documents/s per GPU.
+bench-ray: dev
+	$(PY) bench/ray_backfill.py --rounds 2 --ray-configs 1x2 $(RAY_FLAGS)
 
 # 100k documents on Qdrant Edge and on the old local mode, then 1M on Edge (about 1.5 hours on 2 cores).
 # SCALE_FLAGS="--memory-limit 3G" builds in a 3 GiB memory cgroup (needs a writable cgroup).

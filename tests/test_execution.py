@@ -61,6 +61,21 @@ def test_texts_to_embed_skips_stored_and_repeated(tmp_path: Path) -> None:
     assert texts_to_embed(works, store) == {_hash(0): "text 0", _hash(2): "text 2"}
 
 
+def test_text_waves_hold_at_most_a_wave_and_skip_what_earlier_waves_committed(tmp_path: Path) -> None:
+    from embedpipe.execution import text_waves
+
+    store = VectorStore(tmp_path, "f" * 64, 2, "p")
+    # 30 distinct texts, each twice, the repeat coming after the first wave was committed
+    works = [Work(f"d{i}", f"text {i % 30}", _hash(i % 30), {"id": f"d{i}"}) for i in range(60)]
+    waves = []
+    for wave in text_waves(works, store, 8):
+        assert 0 < len(wave) <= 8
+        waves.append(wave)
+        store.add(list(wave), np.ones((len(wave), 2), np.float32))  # the caller commits it
+    planned = [h for wave in waves for h in wave]
+    assert sorted(planned) == sorted(_hash(i) for i in range(30))  # each text once, none twice
+
+
 def test_executor_is_the_flag_else_the_config(make_settings) -> None:
     assert resolve_executor(make_settings()) == "local"
     settings = make_settings(RAY_TOML)

@@ -21,6 +21,7 @@ This module holds the plain, Ray-free parts (the plan, the partitions, which exe
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -46,6 +47,7 @@ __all__ = [
     "pre_embed",
     "pre_embed_migration",
     "resolve_executor",
+    "text_waves",
     "texts_to_embed",
 ]
 
@@ -56,6 +58,9 @@ Progress = Callable[[int], None]
 
 # Hashes checked against the store at a time while planning (bounded memory).
 PLAN_WINDOW = 65_536
+# Texts the driver plans, ships and commits at a time: its memory holds one wave of
+# texts (about 250 MB of 500-token texts), not the corpus.
+WAVE = 100_000
 
 
 @dataclass
@@ -74,6 +79,12 @@ class PreEmbedStats:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def add(self, wave: PreEmbedStats) -> None:
+        """Count one more wave of the same run."""
+        for name in ("planned", "partitions", "committed", "embedded", "failed"):
+            setattr(self, name, getattr(self, name) + getattr(wave, name))
+        self.workers = wave.workers
+
 
 def resolve_executor(settings: Settings, override: str | None = None) -> Executor:
     """The executor a run uses: ``--executor`` when given, else ``[execution] engine``."""
@@ -89,24 +100,39 @@ def hosted_note(profile_name: str) -> str:
             "under its rate limits; --executor ray spreads only local models")
 
 
-def texts_to_embed(works: Iterable[Work], store: VectorStore | None) -> dict[str, str]:
-    """content hash -> text of each distinct text among ``works`` that ``store`` does not
-    hold yet (all of them when there is no store). Checks the store in windows."""
-    todo: dict[str, str] = {}
+def text_waves(works: Iterable[Work], store: VectorStore | None, size: int) -> Iterator[dict[str, str]]:
+    """content hash -> text of the distinct texts among ``works`` that ``store`` does not
+    hold yet, in waves of about ``size`` (at most ``size`` + ``PLAN_WINDOW``): the driver
+    holds one wave of texts at a time, not the whole corpus. The caller
+    commits each wave before asking for the next, so a text of an earlier wave is found
+    in the store then, and the driver keeps no record of the corpus's hashes."""
+    wave: dict[str, str] = {}
     window: dict[str, str] = {}
 
     def flush() -> None:
         held = store.present(window) if store is not None else set()
-        todo.update((h, t) for h, t in window.items() if h not in held)
+        wave.update((h, t) for h, t in window.items() if h not in held)
         window.clear()
 
     for work in works:
-        if work.content_hash not in todo and work.content_hash not in window:
-            window[work.content_hash] = work.text
-            if len(window) >= PLAN_WINDOW:
-                flush()
-    if window:
-        flush()
+        if work.content_hash in window or work.content_hash in wave:
+            continue
+        window[work.content_hash] = work.text
+        if len(window) >= min(PLAN_WINDOW, size):
+            flush()
+            if len(wave) >= size:
+                yield dict(wave)
+                wave.clear()
+    flush()
+    if wave:
+        yield dict(wave)
+
+
+def texts_to_embed(works: Iterable[Work], store: VectorStore | None) -> dict[str, str]:
+    """Every text of ``works`` that ``store`` lacks, in one mapping (small inputs, tests)."""
+    todo: dict[str, str] = {}
+    for wave in text_waves(works, store, 1 << 62):
+        todo.update(wave)
     return todo
 
 
@@ -150,11 +176,17 @@ def pre_embed(
         stats.note = hosted_note(profile.name)
         log.info(stats.note)
         return stats
-    from embedpipe.execution.ray_embed import embed_on_ray
+    from embedpipe.execution.ray_embed import embed_on_ray, ray_session
 
-    todo = texts_to_embed(works, store)
-    advance = progress(len(todo)) if progress is not None and todo else None
-    return embed_on_ray(settings, profile, fingerprint, todo, store, progress=advance)
+    waves = text_waves(works, store, WAVE)
+    first = next(waves, None)
+    if first is None:  # everything is stored already: no cluster needed
+        return stats
+    with ray_session(settings):  # one connection for every wave
+        for wave in itertools.chain([first], waves):
+            advance = progress(len(wave)) if progress is not None else None
+            stats.add(embed_on_ray(settings, profile, fingerprint, wave, store, progress=advance))
+    return stats
 
 
 def pre_embed_migration(

@@ -16,9 +16,10 @@ driver's, fails the run with one line naming its host and the reason.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from embedpipe.profiles import Profile
     from embedpipe.vectors import VectorStore
 
-__all__ = ["EmbedWorker", "embed_on_ray", "require_ray"]
+__all__ = ["EmbedWorker", "embed_on_ray", "ray_session", "require_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,19 @@ def _connect(ray: ModuleType, cfg: RaySettings) -> bool:
             f"cannot reach {where}: {_first_line(exc)}; start it (`ray start --head`) or set "
             "execution.ray.address / EMBEDPIPE_RAY_ADDRESS") from exc
     return True
+
+
+@contextlib.contextmanager
+def ray_session(settings: Settings) -> Iterator[None]:
+    """Join (or start) Ray for the length of a run of several waves; stop only what this
+    started."""
+    ray = require_ray()
+    started = _connect(ray, settings.execution.ray)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _check_resources(ray: ModuleType, cfg: RaySettings) -> None:

@@ -181,6 +181,7 @@ def test_a_worker_with_other_weights_is_refused_naming_its_host(cfg, ray_cluster
     assert store.present(todo) == set()  # nothing of the other space was stored
 
 
+@pytest.mark.slow  # each Ray test starts actors that load the model (tens of seconds)
 def test_a_rerun_embeds_only_what_no_committed_partition_holds(cfg, ray_cluster) -> None:
     m = Migration(cfg, "kb", "static")
     m.prepare()
@@ -248,6 +249,7 @@ def test_ray_ingest_gives_the_in_process_vectors_and_counts(tmp_path, make_setti
     assert again["executor"]["executor"] == "ray" and again["executor"]["embedded"] == 0
 
 
+@pytest.mark.slow  # each Ray test starts actors that load the model (tens of seconds)
 def test_ray_ingest_from_the_cli_chunks_as_the_index_does(tmp_path, make_settings, static_model_dir,
                                                           ray_cluster, capsys, monkeypatch) -> None:
     body = static_profile_toml(static_model_dir) + CHUNKED

@@ -89,7 +89,7 @@ bench-adapters: dev
 
 # A migration's backfill in process against Ray on the same machine (Cranfield static ->
 # MiniLM, and 100k synthetic documents static -> static), alternating; not in `bench`
-# (about 20 minutes on a busy 2-core machine). RAY_FLAGS="--device cuda --gpus-per-worker 1
+# (about 26 minutes on a busy 2-core machine). RAY_FLAGS="--device cuda --gpus-per-worker 1
 # --ray-configs 4x1 --target local-bge" on a 4-GPU machine adds documents/s per GPU.
 bench-ray: dev
 	$(PY) bench/ray_backfill.py --rounds 2 --ray-configs 1x2 $(RAY_FLAGS)

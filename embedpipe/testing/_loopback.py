@@ -8,13 +8,46 @@ the service as ``self.server.service``.
 
 from __future__ import annotations
 
+import copy
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
 
-__all__ = ["LoopbackServer"]
+__all__ = ["CountingService", "LoopbackServer"]
 
 Self = TypeVar("Self", bound="LoopbackServer")
+
+
+class CountingService:
+    """Thread-safe counters of a loopback service: ``self._counters`` (made by
+    ``_zero_counters``), guarded by ``self._lock``, which the service also holds while it
+    changes counters in place."""
+
+    _lock: threading.Lock
+    _counters: dict[str, Any]
+
+    @staticmethod
+    def _zero_counters() -> dict[str, Any]:
+        raise NotImplementedError
+
+    def bump(self, name: str, amount: int = 1, key: int | str | None = None) -> None:
+        with self._lock:
+            if key is None:
+                self._counters[name] += amount
+            else:
+                self._counters[name][key] = self._counters[name].get(key, 0) + amount
+
+    def counters(self) -> dict[str, Any]:
+        with self._lock:
+            return copy.deepcopy(self._counters)
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self._counters = self._zero_counters()
+            self._counters_reset()
+
+    def _counters_reset(self) -> None:
+        """What else a reset clears (under the lock)."""
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -66,6 +99,17 @@ class LoopbackServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._httpd, self._thread = None, None
+
+    def configure(self, **changes: Any) -> None:
+        """Change config fields atomically (validated)."""
+        self._service.configure(**changes)
+
+    def counters(self) -> dict[str, Any]:
+        """A snapshot of what the server received and answered (see its module docstring)."""
+        return self._service.counters()
+
+    def reset_counters(self) -> None:
+        self._service.reset_counters()
 
     def __enter__(self: Self) -> Self:
         return self.start()

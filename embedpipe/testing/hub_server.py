@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from embedpipe.testing._loopback import LoopbackServer
+from embedpipe.testing._loopback import CountingService, LoopbackServer
 
 __all__ = ["HubConfig", "LoopbackHub", "key_id"]
 
@@ -159,7 +159,7 @@ class _HubError(Exception):
         self.status, self.code, self.message, self.commit = status, code, message, commit
 
 
-class _Service:
+class _Service(CountingService):
     """The repository, its faults and counters; the handler only moves bytes."""
 
     def __init__(self, config: HubConfig) -> None:
@@ -174,21 +174,8 @@ class _Service:
         return {"requests": 0, "api_requests": 0, "head_requests": {}, "get_requests": {},
                 "bytes_sent": 0, "by_status": {}, "cuts": 0, "auth_requests": 0, "auth_keys": {}}
 
-    def bump(self, name: str, amount: int = 1, key: int | str | None = None) -> None:
-        with self._lock:
-            if key is None:
-                self._counters[name] += amount
-            else:
-                self._counters[name][key] = self._counters[name].get(key, 0) + amount
-
-    def counters(self) -> dict[str, Any]:
-        with self._lock:
-            return copy.deepcopy(self._counters)
-
-    def reset_counters(self) -> None:
-        with self._lock:
-            self._counters = self._zero_counters()
-            self._cuts_done = {}
+    def _counters_reset(self) -> None:
+        self._cuts_done = {}
 
     def snapshot(self) -> HubConfig:
         with self._lock:
@@ -445,20 +432,11 @@ class LoopbackHub(LoopbackServer):
         """The value for ``HF_ENDPOINT``, e.g. ``http://127.0.0.1:PORT``."""
         return f"http://127.0.0.1:{self.port}"
 
-    def configure(self, **changes: Any) -> None:
-        """Change config fields atomically (validated)."""
-        self._service.configure(**changes)
-
     def sha256s(self) -> dict[str, str]:
         """Each served file's true SHA-256 (what a catalogue records), by repository path."""
         return {name: e.sha256 for name, e in self._service.entries().items()}
 
-    def counters(self) -> dict[str, Any]:
-        """A snapshot of what the server received and answered (see the module docstring)."""
-        return self._service.counters()
 
-    def reset_counters(self) -> None:
-        self._service.reset_counters()
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedpipe.testing._loopback import LoopbackServer
+from embedpipe.testing._loopback import CountingService, LoopbackServer
 
 if TYPE_CHECKING:
     import tiktoken
@@ -514,7 +514,7 @@ def _corrupt_vectors(payload: dict[str, Any], corrupt: str | None) -> None:
             data[0]["embedding"] = base64.b64encode(raw.tobytes()).decode()
 
 
-class _Service:
+class _Service(CountingService):
     """Everything behind the HTTP layer: config, faults, token bucket, model, counters."""
 
     def __init__(self, config: ServerConfig) -> None:
@@ -536,21 +536,6 @@ class _Service:
                  "inputs_served", "tokens_received", "tokens_billed", "tpm_rejected",
                  "chat_requests", "chat_ok", "auth_requests")
         return {**dict.fromkeys(names, 0), "by_status": {}, "faults": {}, "auth_keys": {}}
-
-    def bump(self, name: str, amount: int = 1, key: int | str | None = None) -> None:
-        with self._lock:
-            if key is None:
-                self._counters[name] += amount
-            else:
-                self._counters[name][key] = self._counters[name].get(key, 0) + amount
-
-    def counters(self) -> dict[str, Any]:
-        with self._lock:
-            return copy.deepcopy(self._counters)
-
-    def reset_counters(self) -> None:
-        with self._lock:
-            self._counters = self._zero_counters()
 
     def snapshot(self) -> ServerConfig:
         """One consistent view of the config for the whole request."""
@@ -885,12 +870,7 @@ class LoopbackOpenAI(LoopbackServer):
         """Load the model now, so the first embedding request is not slowed by it."""
         self._service.load_model()
 
-    def counters(self) -> dict[str, Any]:
-        """A snapshot of what the server received and answered (see the module docstring)."""
-        return self._service.counters()
 
-    def reset_counters(self) -> None:
-        self._service.reset_counters()
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -584,12 +584,13 @@ def _pairs(settings: Settings, index: str, live: Version, profile: Profile, embe
             f"({live.fingerprint[:12]}); an adapter is fitted on them. Without them the index "
             f"needs a full re-index: `embedpipe migrate --to {profile.name} --index {index}`")
     corpus = CorpusStore.for_index(settings.data_dir, index)
-    by_hash: dict[str, tuple[str, str]] = {}  # content hash -> (a doc id, its text)
-    for batch in corpus.iter_batches(columns=["id", "text", "content_hash"]):
-        for doc, text, h in zip(batch.column("id").to_pylist(), batch.column("text").to_pylist(),
-                                batch.column("content_hash").to_pylist()):
-            by_hash.setdefault(h, (doc, text))
-    present = sorted(old_store.present(by_hash))
+    # Ids and hashes only in this pass: the texts are read for the sampled documents alone,
+    # so a corpus of millions is never held in memory.
+    doc_of: dict[str, str] = {}  # content hash -> a document id with that text
+    for batch in corpus.iter_batches(columns=["id", "content_hash"]):
+        for doc, h in zip(batch.column("id").to_pylist(), batch.column("content_hash").to_pylist()):
+            doc_of.setdefault(h, doc)
+    present = sorted(old_store.present(doc_of))
     if len(present) < 32:
         raise StoreError(
             f"the vector store holds {len(present)} vectors of {live.collection}'s corpus; an "
@@ -600,6 +601,8 @@ def _pairs(settings: Settings, index: str, live: Version, profile: Profile, embe
     rest = sorted(set(present) - set(fit))
     held = sample_ids(rest, holdout, f"adapter-held-{live.collection}")
     wanted = fit + held
+    rows = corpus.get([doc_of[h] for h in wanted])
+    by_hash = {h: (doc_of[h], rows[doc_of[h]]["text"]) for h in wanted}  # (a doc id, its text)
     new_vectors, embedded = _new_vectors(settings, profile, embedder, wanted,
                                          [by_hash[h][1] for h in wanted], progress)
     old_vectors = old_store.lookup(wanted)

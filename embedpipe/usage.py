@@ -41,6 +41,8 @@ class UsageRecord:
     inputs: int
     tokens: int
     usd: float
+    # "sync" (a request answered at once) or "batch" (the Batch API, billed at its price).
+    api: str = "sync"
 
     @property
     def day(self) -> str:
@@ -57,18 +59,20 @@ class UsageLedger:
 
     def record(
         self, profile: str, model: str, kind: str, inputs: int, tokens: int,
-        price_per_million: float | None,
+        price_per_million: float | None, requests: int = 1, api: str = "sync",
     ) -> UsageRecord:
-        """Append one request's usage; returns what was written."""
+        """Append one request's usage (or ``requests`` of one batch, ``api="batch"``, at
+        the batch price the caller passes); returns what was written."""
         entry = UsageRecord(
             ts=dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
             profile=profile,
             model=model,
             kind=kind,
-            requests=1,
+            requests=requests,
             inputs=inputs,
             tokens=tokens,
             usd=round(tokens * (price_per_million or 0.0) / 1_000_000, 10),
+            api=api,
         )
         line = (json.dumps(asdict(entry), separators=(",", ":")) + "\n").encode("utf-8")
         with self._lock, writing(self.path.parent):

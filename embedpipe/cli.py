@@ -612,22 +612,35 @@ def _print_watch(report: Any) -> None:
                if report.needs_action else "nothing needs doing")
 
 
-@app.command()
-def cost(
-    since: Annotated[Optional[str], typer.Option("--since", help="Only from this day on (YYYY-MM-DD).")] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Hosted usage: requests, tokens and USD per day and profile, from the cost ledger."""
+cost_app = typer.Typer()
+app.add_typer(cost_app, name="cost")
+SinceOpt = Annotated[Optional[str], typer.Option("--since", help="Only from this day on (YYYY-MM-DD).")]
+
+
+def _since(since: str | None) -> Any:
     import datetime as dt
 
     from embedpipe.errors import InputError
-    from embedpipe.usage import UsageLedger, cost_summary
 
     try:
-        start = dt.date.fromisoformat(since) if since else None
+        return dt.date.fromisoformat(since) if since else None
     except ValueError:
         raise InputError(f"--since {since!r} is not a date; use YYYY-MM-DD") from None
-    rows = cost_summary(UsageLedger(_settings().data_dir), start)
+
+
+@cost_app.callback(invoke_without_command=True)
+def cost(
+    ctx: typer.Context,
+    since: SinceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Hosted usage: requests, tokens and USD per day and profile, from the cost ledger
+    (`cost report`: build vs buy, per month, against a local model)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from embedpipe.usage import UsageLedger, cost_summary
+
+    rows = cost_summary(UsageLedger(_settings().data_dir), _since(since))
     if as_json:
         _print_json(rows)
         return
@@ -642,6 +655,129 @@ def cost(
     total_usd = sum(r["usd"] for r in rows)
     typer.echo(f"{'total':<10}  {'':<18} {'':<10} {sum(r['requests'] for r in rows):>9,} "
                f"{total_t:>12,} {total_usd:>10.4f}")
+
+
+@cost_app.command("report")
+def cost_report(
+    since: SinceOpt = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="A local profile to compare the hosted usage against (its model is probed on this machine).")] = None,
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="The machine to price local hours with: a row of configs/gpus.toml (default on a CPU-only machine: cpu-2vcpu).")] = None,
+    gpu_usd_per_hour: Annotated[Optional[float], typer.Option("--gpu-usd-per-hour", min=0, help="Hourly price of the local machine (overrides --gpu's).")] = None,
+    throughput: Annotated[Optional[float], typer.Option("--throughput", min=0.001, help="Documents/s of the local profile on that machine (skips the probe); converted to tokens/s with the ledger's tokens per input.")] = None,
+    gpu_hours_per_month: Annotated[float, typer.Option("--gpu-hours-per-month", min=1, max=744, help="Hours a reserved machine is billed each month (730: 24/7).")] = 730.0,
+    as_json: JsonOpt = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw cumulative cost against months for each option to this PNG (needs embedpipe[plot]).")] = None,
+) -> None:
+    """Build or buy: hosted tokens and USD per month and the trend, the same volume on a
+    local model (hours at a measured throughput times an hourly price), the one-off cost
+    of moving each live index, and the break-even."""
+    from embedpipe.cost import build_report, check_plot_path, plot_report
+
+    start = _since(since)
+    if plot is not None:
+        check_plot_path(plot)  # a bad --plot fails before the probe, not after
+    report = build_report(_settings(), since=start, compare=compare, gpu=gpu,
+                          gpu_usd_per_hour=gpu_usd_per_hour, throughput=throughput,
+                          gpu_hours_per_month=gpu_hours_per_month)
+    if plot is not None:
+        plot_report(report, plot)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        _print_cost_report(report)
+        if plot is not None:
+            typer.echo(f"plot: {plot}")
+
+
+def _usd(value: float | None) -> str:
+    return "-" if value is None else f"${value:,.2f}" if abs(value) >= 100 else f"${value:,.4f}"
+
+
+def _print_cost_report(report: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=150)
+    months = Table(title=f"hosted usage per month (ledger {report.ledger})")
+    for col in ("month", "profile", "kind", "api", "requests", "inputs", "tokens", "USD billed"):
+        months.add_column(col, justify="right" if col in ("requests", "inputs", "tokens", "USD billed") else "left")
+    for r in report.months:
+        months.add_row(r.month, r.profile, r.kind, r.api, f"{r.requests:,}", f"{r.inputs:,}",
+                       f"{r.tokens:,}", _usd(r.usd))
+    console.print(months)
+    if report.trend:
+        console.print(_trend_table(report))
+    v = report.volume
+    if v is not None:
+        typer.echo(f"mean month ({v.months} months): {v.tokens_per_month:,.0f} tokens, "
+                   f"{v.inputs_per_month:,.0f} inputs ({v.tokens_per_input:,.1f} tokens/input); "
+                   f"hosted sync {_usd(v.usd_sync_per_month)}, batch {_usd(v.usd_batch_per_month)}, "
+                   f"billed {_usd(v.usd_billed_per_month)}")
+    if report.local is not None:
+        _print_local(report)
+    if report.migrations:
+        console.print(_moves_table(report))
+    for line in report.assumptions:
+        typer.echo(f"assumes: {line}")
+    for warning in report.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    if report.local is None and v is not None:
+        typer.echo("compare with a local model: embedpipe cost report --compare PROFILE [--gpu NAME]")
+
+
+def _trend_table(report: Any) -> Any:
+    from rich.table import Table
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:+.1f}%"
+
+    table = Table(title="hosted embeddings: trend")
+    for col in ("month", "tokens", "change", "billed", "change", "all sync", "all batch"):
+        table.add_column(col, justify="left" if col == "month" else "right")
+    for m in report.trend:
+        table.add_row(m.month, f"{m.tokens:,}", pct(m.tokens_change_pct), _usd(m.usd_billed),
+                      pct(m.usd_change_pct), _usd(m.usd_sync), _usd(m.usd_batch))
+    return table
+
+
+def _print_local(report: Any) -> None:
+    loc, t = report.local, report.local.throughput
+    typer.echo(f"local {loc.profile} ({loc.model}) on {loc.gpu.name} at ${loc.gpu.usd_per_hour}/h "
+               f"({loc.gpu.source or 'given'}{', ' + loc.gpu.date if loc.gpu.date else ''})")
+    typer.echo(f"  throughput      {t.tokens_per_s:,.0f} tokens/s, {t.docs_per_s:,.1f} docs/s "
+               f"({'probe on ' + t.device if t.source == 'probe' else '--throughput'})")
+    typer.echo(f"  mean month      {loc.hours_per_month:,.2f} h of work: {_usd(loc.usd_per_month_on_demand)} "
+               f"on demand ({_usd(loc.usd_per_million_tokens)} per million tokens); reserved "
+               f"{loc.gpu_hours_per_month:g} h: {_usd(loc.usd_per_month_reserved)} "
+               f"(capacity {loc.capacity_tokens_per_month:,.0f} tokens/month)")
+    for api, b in (report.break_even or {}).items():
+        vol = b["reserved_volume_tokens_per_month"]
+        od = "always (cheaper per token)" if b["on_demand_volume_tokens_per_month"] == 0 else "never"
+        typer.echo(f"  vs hosted {api:<5} ({_usd(b['hosted_usd_per_million_tokens'])}/M tokens): on demand "
+                   f"cheaper {od}, pays off in {_months(b['on_demand_months_to_pay_off'])}; reserved "
+                   f"cheaper above {'-' if vol is None else f'{vol:,}'} tokens/month"
+                   f"{'' if b['reserved_fits_one_machine'] else ' (more than one machine embeds)'}, "
+                   f"pays off in {_months(b['reserved_months_to_pay_off'])}")
+
+
+def _months(value: float | None) -> str:
+    return "never" if value is None else f"{value:,.1f} months"
+
+
+def _moves_table(report: Any) -> Any:
+    from rich.table import Table
+
+    table = Table(title="one-off: moving each live index")
+    for col in ("index", "live on", "documents", "hosted tokens", "sync", "batch", "local texts",
+                "local hours", "local", "notes"):
+        table.add_column(col, justify="left" if col in ("index", "live on", "notes") else "right")
+    for m in report.migrations:
+        hours = "-" if m.local_hours is None else f"{m.local_hours:,.3f}"
+        table.add_row(m.index, m.live_profile, f"{m.documents:,}",
+                      "-" if m.hosted_tokens is None else f"{m.hosted_tokens:,}", _usd(m.usd_sync),
+                      _usd(m.usd_batch), "-" if m.local_texts is None else f"{m.local_texts:,}",
+                      hours, _usd(m.usd_local), "; ".join(m.notes))
+    return table
 
 
 def _resolve_index(settings: Any, index: str | None) -> str:

@@ -174,4 +174,6 @@ def test_wheel_ships_the_catalogue(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("embedpipe-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         packaged = zf.read("embedpipe/models.toml").decode()
+        gpus = zf.read("embedpipe/gpus.toml").decode()  # `cost report`'s hourly prices
     assert packaged == (repo / "configs" / "models.toml").read_text()
+    assert gpus == (repo / "configs" / "gpus.toml").read_text()

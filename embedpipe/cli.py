@@ -747,21 +747,24 @@ def _print_local(report: Any) -> None:
     typer.echo(f"  throughput      {t.tokens_per_s:,.0f} tokens/s, {t.docs_per_s:,.1f} docs/s "
                f"({'probe on ' + t.device if t.source == 'probe' else '--throughput'})")
     typer.echo(f"  mean month      {loc.hours_per_month:,.2f} h of work: {_usd(loc.usd_per_month_on_demand)} "
-               f"on demand ({_usd(loc.usd_per_million_tokens)} per million tokens); reserved "
+               f"on demand (${loc.usd_per_million_tokens:.6f} per million tokens); reserved "
                f"{loc.gpu_hours_per_month:g} h: {_usd(loc.usd_per_month_reserved)} "
                f"(capacity {loc.capacity_tokens_per_month:,.0f} tokens/month)")
     for api, b in (report.break_even or {}).items():
         vol = b["reserved_volume_tokens_per_month"]
         od = "always (cheaper per token)" if b["on_demand_volume_tokens_per_month"] == 0 else "never"
         typer.echo(f"  vs hosted {api:<5} ({_usd(b['hosted_usd_per_million_tokens'])}/M tokens): on demand "
-                   f"cheaper {od}, pays off in {_months(b['on_demand_months_to_pay_off'])}; reserved "
+                   f"cheaper {od}, {_months(b['on_demand_months_to_pay_off'])}; reserved "
                    f"cheaper above {'-' if vol is None else f'{vol:,}'} tokens/month"
                    f"{'' if b['reserved_fits_one_machine'] else ' (more than one machine embeds)'}, "
-                   f"pays off in {_months(b['reserved_months_to_pay_off'])}")
+                   f"{_months(b['reserved_months_to_pay_off'])}")
 
 
 def _months(value: float | None) -> str:
-    return "never" if value is None else f"{value:,.1f} months"
+    """When a move to the local model pays for itself."""
+    if value is None:
+        return "never pays off"
+    return "pays off at once" if value == 0 else f"pays off after {value:,.1f} months"
 
 
 def _moves_table(report: Any) -> Any:

@@ -747,7 +747,7 @@ def _draw(ax: Any, report: CostReport) -> None:
             cost = series["hosted_sync"][0] + payoff * (series["hosted_sync"][1] - series["hosted_sync"][0])
             ax.plot([payoff], [cost], marker="o", markersize=9, color="black", zorder=5)
             ax.annotate(f"break-even ({mode.replace('_', ' ')}): {payoff:.1f} months", (payoff, cost),
-                        textcoords="offset points", xytext=(8, -14), fontsize=8)
+                        textcoords="offset points", xytext=(10, 10), fontsize=8)
     local = report.local
     title = "Cumulative embedding cost"
     if local is not None:

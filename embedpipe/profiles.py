@@ -154,7 +154,10 @@ class BatchLimits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_requests_per_file: int = Field(default=50_000, ge=1)
-    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    # "up to 200 MB": OpenAI's batches.create reference (input_file_id), as quoted by
+    # the openai SDK 3.63 (types/batch_create_params.py). Read as 200,000,000 bytes, the
+    # smaller reading of "MB", so a file at the limit is never refused.
+    max_file_bytes: int = Field(default=200_000_000, ge=1024)
     max_inputs_per_batch: int = Field(default=50_000, ge=1)
     max_inputs_per_request: int = Field(default=2048, ge=1)
     completion_window: str = "24h"

@@ -2,7 +2,9 @@
 
 ``LoopbackOpenAI`` serves ``/v1/embeddings`` (vectors from a real local
 sentence-transformers model), ``/v1/chat/completions`` (deterministic text, streaming
-or not) and ``/v1/models`` over plain HTTP/1.1 with keep-alive, so the official
+or not), ``/v1/models``, and the Files and Batch APIs for embeddings (``/v1/files``,
+``/v1/batches``: see ``_openai_batches``, with its ``batch_*`` config knobs and
+counters) over plain HTTP/1.1 with keep-alive, so the official
 ``openai`` SDK talks to it exactly as it talks to the hosted API. Nothing below the
 HTTP layer is faked for the client.
 
@@ -24,6 +26,10 @@ Counters (``LoopbackOpenAI.counters()``), all thread-safe:
 - ``inputs_served``: vectors returned in 200 answers; ``tokens_billed``: the sum of
   ``usage.prompt_tokens`` of 200 answers; ``tpm_rejected``: 429s from the token bucket.
 - ``chat_requests`` / ``chat_ok``: the same for ``/v1/chat/completions``.
+- Batch API: ``files_uploaded``, ``files_deleted``, ``file_downloads``,
+  ``batches_created``, ``batches_failed`` / ``_cancelled`` / ``_expired``,
+  ``batch_lines_completed`` / ``_failed``, and ``batch_inputs_billed`` /
+  ``batch_tokens_billed`` (completed lines only, as the provider bills).
 - ``auth_requests``: requests that carried an ``Authorization`` header (any, even one
   the server does not check); ``auth_keys``: ``key_id(key)`` -> count, for each bearer
   key received (a digest, so no key is ever held in the counters or printed).
@@ -58,7 +64,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler
@@ -68,6 +74,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedpipe.testing._loopback import CountingService, LoopbackServer
+from embedpipe.testing._openai_batches import BATCH_COUNTERS, BatchApi, BatchApiError, FileReply
 
 if TYPE_CHECKING:
     import tiktoken
@@ -137,6 +144,20 @@ class ServerConfig:
     # While true, embedding and chat requests wait (counted, before any work) until a
     # test sets it false: an upstream that hangs exactly as long as the test needs.
     hold: bool = False
+    # The Batch API (``_openai_batches``): seconds until a batch's lines have all run;
+    # a batch that expires or is cancelled from outside after this many seconds (before
+    # its delay ran out: it keeps the lines done by then); lines that answer 500 in the
+    # error file (by custom_id, or a seeded fraction); how many batches, counted from the
+    # first created after this is set, suffer those faults (None: all); and OpenAI's limits.
+    batch_delay_s: float = 0.0
+    batch_expire_after_s: float | None = None
+    batch_cancel_after_s: float | None = None
+    batch_fail_ids: tuple[str, ...] = ()
+    batch_fail_rate: float = 0.0
+    batch_faulty_batches: int | None = None
+    batch_max_requests: int = 50_000
+    batch_max_file_bytes: int = 200_000_000
+    batch_max_inputs: int = 50_000
 
     def __post_init__(self) -> None:
         self.model_path = Path(self.model_path)
@@ -151,6 +172,14 @@ class ServerConfig:
                      "keepalive_s", "trickle_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 seconds")
+        for name in ("batch_delay_s", "batch_expire_after_s", "batch_cancel_after_s"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be >= 0 seconds")
+        if not 0.0 <= self.batch_fail_rate <= 1.0:
+            raise ValueError("batch_fail_rate must be a probability in [0, 1]")
+        for name in ("batch_max_requests", "batch_max_file_bytes", "batch_max_inputs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
         if self.corrupt is not None and self.corrupt not in CORRUPTIONS:
             raise ValueError(f"corrupt must be None or one of {', '.join(CORRUPTIONS)}")
         if self.tpm_limit is not None and self.tpm_limit <= 0:
@@ -196,6 +225,7 @@ class _Reply:
     status: int
     payload: Any
     headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
 
 
 @dataclass
@@ -528,13 +558,14 @@ class _Service(CountingService):
         self._bucket: _TokenBucket | None = None
         self._next_id = 0
         self._counters = self._zero_counters()
+        self.batches = BatchApi(self.embed_body, self.bump, self.snapshot)
 
     # -- state ---------------------------------------------------------------------
     @staticmethod
     def _zero_counters() -> dict[str, Any]:
         names = ("requests", "embedding_requests", "embedding_ok", "inputs_received",
                  "inputs_served", "tokens_received", "tokens_billed", "tpm_rejected",
-                 "chat_requests", "chat_ok", "auth_requests")
+                 "chat_requests", "chat_ok", "auth_requests", *BATCH_COUNTERS)
         return {**dict.fromkeys(names, 0), "by_status": {}, "faults": {}, "auth_keys": {}}
 
     def snapshot(self) -> ServerConfig:
@@ -553,6 +584,8 @@ class _Service(CountingService):
                 self._posts = 0
             if "seed" in changes:  # setting a seed, even the same one, restarts the faults
                 self._rng_seed, self._rng = self.config.seed, random.Random(self.config.seed)
+        if "batch_faulty_batches" in changes:  # count the faulty batches from now on
+            self.batches.reset_faulty_count()  # outside our lock: the batch lock comes first
 
     def request_id(self) -> str:
         with self._lock:
@@ -691,6 +724,50 @@ class _Service(CountingService):
             self._counters["tokens_billed"] += payload["usage"]["prompt_tokens"]
         return _Reply(200, payload, headers)
 
+    def embed_body(self, data: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """One embeddings request body answered as ``/v1/embeddings`` would answer it
+        (no faults, no token bucket: a batch line), as (status, payload)."""
+        cfg = self.snapshot()
+        try:
+            req = _parse_embedding_request(json.dumps(data).encode(), cfg)
+            _check_token_limits(req.counts)
+            vectors = _shape_vectors(self.encode(req.texts), req.dimensions, cfg)
+        except _ApiError as exc:
+            return exc.status, exc.body
+        payload = _embedding_payload(vectors, req, cfg)
+        if cfg.corrupt in ("duplicate_index", "index_out_of_range", "nan", "inf"):
+            _corrupt_vectors(payload, cfg.corrupt)
+        return 200, payload
+
+    def batch_route(self, method: str, path: str, body: bytes, content_type: str) -> _Reply | None:
+        """``/v1/files`` and ``/v1/batches``, or None for another path."""
+        api, parts = self.batches, path.split("/")[2:]  # "/v1/files/x" -> ["files", "x"]
+        routes: dict[tuple[str, ...], Callable[[], Any]] = {
+            ("POST", "files"): lambda: api.upload(content_type, body),
+            ("GET", "files"): api.list_files,
+            ("POST", "batches"): lambda: api.create(_json_body(body)),
+            ("GET", "batches"): api.list_batches,
+        }
+        if len(parts) >= 2:
+            ident = parts[1]
+            routes.update({
+                ("GET", "files", ident): lambda: api.file_card(ident),
+                ("DELETE", "files", ident): lambda: api.delete_file(ident),
+                ("GET", "files", ident, "content"): lambda: api.file_content(ident),
+                ("GET", "batches", ident): lambda: api.retrieve(ident),
+                ("POST", "batches", ident, "cancel"): lambda: api.cancel(ident),
+            })
+        call = routes.get((method, *parts))
+        if call is None:
+            return None
+        try:
+            result = call()
+        except BatchApiError as exc:
+            raise _ApiError(exc.status, exc.message, param=exc.param, code=exc.code) from None
+        if isinstance(result, FileReply):
+            return _Reply(200, result.content, content_type="application/octet-stream")
+        return _Reply(200, result)
+
     def chat(self, body: bytes) -> _Reply | _Stream:
         self.bump("chat_requests")
         self.wait_while_held()
@@ -752,7 +829,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
-    do_PUT = do_DELETE = do_PATCH = do_POST  # answered with a JSON 404 below
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    do_PUT = do_PATCH = do_POST  # answered with a JSON 404 below
 
     def _dispatch(self, method: str) -> None:
         service = self.server.service
@@ -789,6 +869,10 @@ class _Handler(BaseHTTPRequestHandler):
             return service.models(None)
         if method == "GET" and path.startswith("/v1/models/"):
             return service.models(path.removeprefix("/v1/models/"))
+        if path.startswith(("/v1/files", "/v1/batches")):
+            reply = service.batch_route(method, path, body, self.headers.get("Content-Type", ""))
+            if reply is not None:
+                return reply
         raise _ApiError(404, f"Invalid URL ({method} {self.path})")
 
     def _write(self, reply: _Reply | _Stream, request_id: str, cfg: ServerConfig) -> None:
@@ -797,7 +881,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         raw = reply.payload if isinstance(reply.payload, bytes) else json.dumps(reply.payload).encode()
         self.send_response(reply.status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(raw)))
         self.send_header("x-request-id", request_id)
         for name, value in {**reply.headers, **cfg.reply_headers}.items():

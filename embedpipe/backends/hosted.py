@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -52,7 +52,8 @@ from embedpipe.usage import UsageLedger
 if TYPE_CHECKING:
     import openai
 
-__all__ = ["HostedEmbedder"]
+__all__ = ["HostedEmbedder", "PlannedInput", "checked_vectors", "decode_embedding", "mean_of_pieces",
+           "pack_requests", "plan_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,9 @@ PROBE_TEXT = "embedpipe dimension probe"
 
 
 @dataclass(frozen=True)
-class _Input:
+class PlannedInput:
+    """One input as sent to the API: a whole text, or a piece of a long one."""
+
     row: int  # position in the caller's texts
     text: str
     tokens: int
@@ -119,7 +122,7 @@ class HostedEmbedder:
 
     def check(self) -> None:
         """One tiny request: proves the key, the model and the dimension before any write."""
-        inputs = [_Input(0, PROBE_TEXT, self.counter.count([PROBE_TEXT])[0])]
+        inputs = [PlannedInput(0, PROBE_TEXT, self.counter.count([PROBE_TEXT])[0])]
         try:
             self._request(inputs, max_retries=min(2, self.profile.limits.max_retries))
         except RequestFailed as exc:
@@ -157,43 +160,20 @@ class HostedEmbedder:
     # --- planning ------------------------------------------------------------------
 
     def _embed(self, texts: list[str]) -> EmbedBatch:
-        vectors = np.zeros((len(texts), self.profile.dims), dtype=np.float32)
         inputs, failed = self._plan(texts)
-        weights = np.zeros(len(texts), dtype=np.float64)
+        pieces = []
         for request in self._pack(inputs):
-            for item, vec in self._request_or_split(request, failed):
-                vectors[item.row] += vec * item.tokens  # pieces: token-weighted mean
-                weights[item.row] += item.tokens
-        ok = weights > 0
-        vectors[ok] /= weights[ok, None].astype(np.float32)
-        if self.profile.normalize:
-            _normalize(vectors, ok)
-        for row in failed:  # a text with one failed piece has no vector at all
-            vectors[row] = 0.0
+            pieces.extend(self._request_or_split(request, failed))
+        vectors = mean_of_pieces(self.profile, len(texts), pieces, failed)
         tokens = sum(item.tokens for item in inputs if item.row not in failed)
         return EmbedBatch(vectors, failed=failed, chunked=_count_chunked(inputs, failed), tokens=tokens)
 
-    def _plan(self, texts: list[str]) -> tuple[list[_Input], dict[int, str]]:
-        """Inputs within the per-input limit; over-long texts are split or rejected."""
-        limit = self.profile.max_tokens or 8192
-        inputs: list[_Input] = []
-        failed: dict[int, str] = {}
-        for row, (text, count) in enumerate(zip(texts, self.counter.count(texts))):
-            if count <= limit:
-                inputs.append(_Input(row, text, count))
-            elif self.profile.long_inputs == "reject":
-                failed[row] = (
-                    f"text has {count} tokens, over the {limit}-token limit of "
-                    f"{self.profile.name!r} (long_inputs = \"reject\"); split it or set "
-                    "long_inputs = \"chunk\""
-                )
-            else:
-                inputs.extend(_Input(row, p.text, p.tokens) for p in self.counter.split(text, limit))
-        return inputs, failed
+    def _plan(self, texts: list[str]) -> tuple[list[PlannedInput], dict[int, str]]:
+        return plan_inputs(self.profile, self.counter, texts)
 
     def _request_or_split(
-        self, request: list[_Input], failed: dict[int, str]
-    ) -> list[tuple[_Input, np.ndarray]]:
+        self, request: list[PlannedInput], failed: dict[int, str]
+    ) -> list[tuple[PlannedInput, np.ndarray]]:
         """Vectors for a request's inputs; failures go to ``failed``. A request the server
         refuses for its content is halved until the offending input stands alone, so one
         bad text never fails the texts packed with it."""
@@ -208,28 +188,17 @@ class HostedEmbedder:
                 failed.setdefault(item.row, exc.reason)
             return []
 
-    def _pack(self, inputs: list[_Input]) -> list[list[_Input]]:
+    def _pack(self, inputs: list[PlannedInput]) -> list[list[PlannedInput]]:
         """Consecutive inputs grouped into requests within the inputs and tokens caps."""
         limits = self.profile.limits
         cap = limits.max_request_tokens
         if self.limiter.request_token_cap:  # keep each request inside the token budget's burst
             cap = max(1, min(cap, self.limiter.request_token_cap))
-        requests: list[list[_Input]] = []
-        current: list[_Input] = []
-        used = 0
-        for item in inputs:
-            if current and (len(current) >= limits.max_inputs or used + item.tokens > cap):
-                requests.append(current)
-                current, used = [], 0
-            current.append(item)
-            used += item.tokens
-        if current:
-            requests.append(current)
-        return requests
+        return pack_requests(inputs, limits.max_inputs, cap)
 
     # --- one request -----------------------------------------------------------------
 
-    def _request(self, request: list[_Input], max_retries: int | None = None) -> np.ndarray:
+    def _request(self, request: list[PlannedInput], max_retries: int | None = None) -> np.ndarray:
         tokens = sum(i.tokens for i in request)
         texts = [i.text for i in request]
         vectors, billed = call_with_retries(
@@ -286,56 +255,139 @@ class HostedEmbedder:
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
             # Missing data, an HTML page from a proxy, non-numbers: retry like a torn body.
             raise MalformedResponse(f"{type(exc).__name__}: {exc}") from None
-        self._check_indices(indices, len(texts))
-        by_index = dict(zip(indices, vectors))
-        vectors = [by_index[row] for row in range(len(texts))]
-        widths = {v.shape for v in vectors}
-        if len(widths) > 1:
-            raise MalformedResponse(f"vectors of different shapes {sorted(widths)}")
-        if widths != {(self.profile.dims,)}:
-            raise DimensionMismatch(
-                f"profile {self.profile.name!r} says dims = {self.profile.dims} but "
-                f"{endpoint(self.profile)} returned {widths.pop()[0]}-dimensional vectors; fix "
-                f"dims (or dimensions) under [profiles.{self.profile.name}]"
-            )
-        stacked = np.stack(vectors)
-        if not np.isfinite(stacked).all():
-            # Tied to the input (an overflow in the model): a retry gives the same, and a
-            # zero or NaN vector must never be stored. Refused, so the request is halved
-            # until the text stands alone and only it fails.
-            raise RequestFailed(f"{endpoint(self.profile)} returned a vector with NaN or "
-                                "infinite values for this text", refused=True)
+        stacked = checked_vectors(self.profile, indices, vectors, len(texts))
         return stacked, billed if isinstance(billed, int) else None
 
-    def _check_indices(self, indices: list[Any], n: int) -> None:
-        """Each input's vector is placed by its ``index``: the indices must be exactly
-        0..n-1, or vectors would land on the wrong texts (and in the vector cache)."""
-        where = f"{endpoint(self.profile)} returned"
-        model = f"(model {self.profile.model!r}); the server is not speaking the protocol"
-        if len(indices) != n:
-            raise ProviderError(f"{where} {len(indices)} vectors for {n} inputs {model}")
-        if sorted(i for i in indices if type(i) is int) != list(range(n)):
-            shown = ", ".join(map(str, indices[:8])) + (", ..." if n > 8 else "")
-            raise ProviderError(f"{where} vectors with indices [{shown}] for {n} inputs; each "
-                                f"of 0..{n - 1} must appear once {model}")
-
     def _decode(self, embedding: Any, fmt: str) -> np.ndarray:
-        if isinstance(embedding, str):
-            try:
-                return np.frombuffer(base64.b64decode(embedding, validate=True), dtype="<f4").astype(np.float32)
-            except ValueError as exc:
-                raise MalformedResponse(f"bad base64 vector: {exc}") from None
-        if isinstance(embedding, list):
-            if fmt == "base64":  # the server ignores encoding_format: ask for floats from now on
-                with self._format_lock:
-                    if self._format == "base64":
-                        log.info("%s answers floats; not asking for base64 again", endpoint(self.profile))
-                        self._format = "float"
+        if isinstance(embedding, list) and fmt == "base64":
+            # The server ignores encoding_format: ask for floats from now on.
+            with self._format_lock:
+                if self._format == "base64":
+                    log.info("%s answers floats; not asking for base64 again", endpoint(self.profile))
+                    self._format = "float"
+        return decode_embedding(embedding)
+
+
+# --- the pure parts, shared with the Batch API (``embedpipe.batch``) ----------------------
+
+
+def plan_inputs(
+    profile: Profile, counter: TokenCounter, texts: Sequence[str]
+) -> tuple[list[PlannedInput], dict[int, str]]:
+    """Inputs within the per-input limit; over-long texts are split (``long_inputs =
+    "chunk"``) or failed with the reason (``"reject"``). ``failed``: row -> reason."""
+    limit = profile.max_tokens or 8192
+    inputs: list[PlannedInput] = []
+    failed: dict[int, str] = {}
+    for row, (text, count) in enumerate(zip(texts, counter.count(texts))):
+        if count <= limit:
+            inputs.append(PlannedInput(row, text, count))
+        elif profile.long_inputs == "reject":
+            failed[row] = (
+                f"text has {count} tokens, over the {limit}-token limit of "
+                f"{profile.name!r} (long_inputs = \"reject\"); split it or set "
+                "long_inputs = \"chunk\""
+            )
+        else:
+            inputs.extend(PlannedInput(row, p.text, p.tokens) for p in counter.split(text, limit))
+    return inputs, failed
+
+
+def pack_requests(
+    inputs: Sequence[PlannedInput], max_inputs: int, max_tokens: int
+) -> list[list[PlannedInput]]:
+    """Consecutive inputs grouped into requests of at most ``max_inputs`` inputs and
+    ``max_tokens`` tokens (an input is never cut here: ``plan_inputs`` already did)."""
+    requests: list[list[PlannedInput]] = []
+    current: list[PlannedInput] = []
+    used = 0
+    for item in inputs:
+        if current and (len(current) >= max_inputs or used + item.tokens > max_tokens):
+            requests.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += item.tokens
+    if current:
+        requests.append(current)
+    return requests
+
+
+def decode_embedding(embedding: Any) -> np.ndarray:
+    """One vector from a response: base64 little-endian float32, or a list of floats."""
+    if isinstance(embedding, str):
+        try:
+            return np.frombuffer(base64.b64decode(embedding, validate=True), dtype="<f4").astype(np.float32)
+        except ValueError as exc:
+            raise MalformedResponse(f"bad base64 vector: {exc}") from None
+    if isinstance(embedding, list):
+        try:
             vector = np.asarray(embedding, dtype=np.float32)
-            if vector.ndim != 1:
-                raise MalformedResponse(f"a vector of shape {vector.shape}")
-            return vector
-        raise MalformedResponse(f"vector of type {type(embedding).__name__}")
+        except (TypeError, ValueError) as exc:
+            raise MalformedResponse(f"a vector that is not numbers ({exc})") from None
+        if vector.ndim != 1:
+            raise MalformedResponse(f"a vector of shape {vector.shape}")
+        return vector
+    raise MalformedResponse(f"vector of type {type(embedding).__name__}")
+
+
+def checked_vectors(profile: Profile, indices: list[Any], vectors: list[np.ndarray], n: int) -> np.ndarray:
+    """The ``n`` vectors of one response in input order, after every check: indices
+    exactly 0..n-1 (``ProviderError``), one shape (``MalformedResponse``), the profile's
+    width (``DimensionMismatch``), finite values (``RequestFailed``, refused)."""
+    _check_indices(profile, indices, n)
+    by_index = dict(zip(indices, vectors))
+    ordered = [by_index[row] for row in range(n)]
+    widths = {v.shape for v in ordered}
+    if len(widths) > 1:
+        raise MalformedResponse(f"vectors of different shapes {sorted(widths)}")
+    if widths != {(profile.dims,)}:
+        raise DimensionMismatch(
+            f"profile {profile.name!r} says dims = {profile.dims} but "
+            f"{endpoint(profile)} returned {widths.pop()[0]}-dimensional vectors; fix "
+            f"dims (or dimensions) under [profiles.{profile.name}]"
+        )
+    stacked = np.stack(ordered)
+    if not np.isfinite(stacked).all():
+        # Tied to the input (an overflow in the model): a retry gives the same, and a
+        # zero or NaN vector must never be stored. Refused, so the request is halved
+        # until the text stands alone and only it fails.
+        raise RequestFailed(f"{endpoint(profile)} returned a vector with NaN or "
+                            "infinite values for this text", refused=True)
+    return stacked
+
+
+def _check_indices(profile: Profile, indices: list[Any], n: int) -> None:
+    """Each input's vector is placed by its ``index``: the indices must be exactly
+    0..n-1, or vectors would land on the wrong texts (and in the vector cache)."""
+    where = f"{endpoint(profile)} returned"
+    model = f"(model {profile.model!r}); the server is not speaking the protocol"
+    if len(indices) != n:
+        raise ProviderError(f"{where} {len(indices)} vectors for {n} inputs {model}")
+    if sorted(i for i in indices if type(i) is int) != list(range(n)):
+        shown = ", ".join(map(str, indices[:8])) + (", ..." if n > 8 else "")
+        raise ProviderError(f"{where} vectors with indices [{shown}] for {n} inputs; each "
+                            f"of 0..{n - 1} must appear once {model}")
+
+
+def mean_of_pieces(
+    profile: Profile, n: int, pieces: Sequence[tuple[PlannedInput, np.ndarray]],
+    failed: Mapping[int, str],
+) -> np.ndarray:
+    """One vector per row: the token-weighted mean of its pieces' vectors (a whole text
+    is its own single piece), normalised when the profile says so; a failed row (or a
+    row with no piece) is all zeros."""
+    vectors = np.zeros((n, profile.dims), dtype=np.float32)
+    weights = np.zeros(n, dtype=np.float64)
+    for item, vec in pieces:
+        vectors[item.row] += vec * item.tokens
+        weights[item.row] += item.tokens
+    ok = weights > 0
+    vectors[ok] /= weights[ok, None].astype(np.float32)
+    if profile.normalize:
+        _normalize(vectors, ok)
+    for row in failed:  # a text with one failed piece has no vector at all
+        vectors[row] = 0.0
+    return vectors
 
 
 def _normalize(vectors: np.ndarray, rows: np.ndarray) -> None:
@@ -350,7 +402,7 @@ def _bad_request() -> type[Exception]:
     return openai.BadRequestError
 
 
-def _count_chunked(inputs: list[_Input], failed: dict[int, str]) -> int:
+def _count_chunked(inputs: list[PlannedInput], failed: dict[int, str]) -> int:
     pieces: dict[int, int] = {}
     for item in inputs:
         pieces[item.row] = pieces.get(item.row, 0) + 1

@@ -17,8 +17,9 @@ machine: Ray's wall time <= 1.15x in process (its overhead).
                     copy of it.
 
 What is timed (the same for both executors): the steps of ``embedpipe.migration.Migration``
-as the Prefect flow calls them, without Prefect (``prepare`` + ``todo``, ``pre_embed`` for
-Ray, ``backfill`` per slice, ``catch_up``, ``validate``, ``cutover``, ``report``) with
+as the Prefect flow calls them, without Prefect (``prepare`` + ``todo``, ``backfill`` per
+slice inside ``embed_ahead`` (with Ray the cluster embeds while the slices write),
+``catch_up``, ``validate``, ``cutover``, ``report``) with
 ``force=True`` (the cutover happens whatever validation says; ``validation_passed`` is
 recorded). The plan and its probe (which the CLI runs before the flow) are not part of it.
 
@@ -222,10 +223,13 @@ def migrate(config: Path, target: str, executor: str) -> dict[str, Any]:
         m = timed("init", Migration, settings, INDEX, target, True)
         timed("prepare", m.prepare)
         todo = timed("todo", m.todo)
-        if executor != "local" and todo:
-            timed("pre_embed", m.pre_embed, todo, executor)
-        for ids in m.slices(todo):
-            timed("backfill", m.backfill, ids)
+        slices = m.slices(todo)
+        # as the flow: with Ray the cluster embeds ahead while each slice writes
+        t = perf_counter()
+        with m.embed_ahead(slices, executor) as ahead:
+            for number, ids in enumerate(slices):
+                m.backfill(ids, ahead=ahead if ahead.active else None, number=number)
+        steps["backfill"] = perf_counter() - t
         timed("catch_up", m.catch_up)
         validation = timed("validate", m.validate)
         timed("cutover", m.cutover, validation)

@@ -13,7 +13,7 @@ writes a document's chunks only once all of them embedded), so it keeps its old 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,10 +78,12 @@ def write_documents(
     settings: Settings,
     progress: Progress | None = None,
     on_batch: Callable[[int], None] | None = None,
+    gate: Callable[[Iterable[Work]], Iterable[Work]] | None = None,
 ) -> SyncStats:
     """Embed (reusing stored vectors) and upsert the corpus documents ``ids`` into
     ``version``, chunked as the version records; then drop the points those documents
-    no longer have."""
+    no longer have. ``gate`` wraps the stream of works (``EmbedAhead.gate``: each
+    waits for its vector from the cluster)."""
     stats = SyncStats()
     if not ids:
         return stats
@@ -106,7 +108,8 @@ def write_documents(
         if on_batch is not None:
             on_batch(len(keys))
 
-    done = embed_and_write(items(), embedder, write, store, window=settings.window, progress=progress)
+    works = gate(items()) if gate is not None else items()
+    done = embed_and_write(works, embedder, write, store, window=settings.window, progress=progress)
     stats.add(done, written=0)
     if held:  # a failed document was not written at all: its old points stay
         leftovers = [p for doc, h in held.items() if doc not in done.failures

@@ -46,7 +46,7 @@ from embedpipe.chunking import Chunker, ChunkSpec, chunker_for, works_for_row
 from embedpipe.config import Settings
 from embedpipe.corpus import CorpusStore, Document, Known, documents_to_batch
 from embedpipe.errors import ConfigError, EmbedpipeError, IndexBusy, InputError
-from embedpipe.execution import PreEmbedStats, pre_embed, resolve_executor
+from embedpipe.execution import EmbedAhead, PreEmbedStats, resolve_executor
 from embedpipe.index import Holding, IndexVersions, Version, check_fingerprint, point_id
 from embedpipe.layout import Layout, check_index_name
 from embedpipe.locks import index_lock, migration_running
@@ -297,15 +297,19 @@ def _ingest_staged(
         if chunker is not None:
             written.update(point_id(i) for i in ids)
 
+    def works() -> Iterator[Work]:
+        return _work(staged, changed, staged_ids, corpus, store_text, chunker, from_corpus)
+
     try:
-        pre = _pre_embed(settings, profile, fp, store, executor, progress,
-                         _work(staged, changed, staged_ids, corpus, store_text, chunker, from_corpus))
-        items = _work(staged, changed, staged_ids, corpus, store_text, chunker, from_corpus)
-        stats = embed_and_write(
-            items, embedder, write, store, window=settings.window,
-            # a chunked document is several points: the bar counts points, total unknown
-            progress=progress(None if chunker else todo) if progress else None,  # type: ignore[arg-type]
-        )
+        # With Ray the cluster embeds ahead of the write path, which waits for each
+        # vector instead of embedding it (a no-op in process).
+        with EmbedAhead(settings, profile, fp, [works], store, executor) as ahead:
+            stats = embed_and_write(
+                ahead.gate(0, works()), embedder, write, store, window=settings.window,
+                # a chunked document is several points: the bar counts points, total unknown
+                progress=progress(None if chunker else todo) if progress else None,  # type: ignore[arg-type]
+            )
+        pre = ahead.stats if executor != "local" else None
     except BaseException:
         if created and versions.count(target.collection) == 0:
             versions.drop(target)  # nothing reached it: leave no empty version behind
@@ -336,16 +340,6 @@ def _ingest_staged(
     if pre is not None:
         _add_pre_embed(report, pre)
     return report
-
-
-def _pre_embed(
-    settings: Settings, profile: Any, fp: str, store: VectorStore, executor: str,
-    progress: ProgressFactory | None, works: Iterable[Work],
-) -> PreEmbedStats | None:
-    """Embed on Ray what the write path below will embed (None: the executor is local)."""
-    if executor == "local":
-        return None
-    return pre_embed(settings, profile, fp, works, store, executor, progress=progress)
 
 
 def _add_pre_embed(report: IngestReport, pre: PreEmbedStats) -> None:

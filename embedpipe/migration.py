@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +49,7 @@ from embedpipe.profiles import Profile, fingerprint
 from embedpipe.vectors import VectorStore
 
 if TYPE_CHECKING:
+    from embedpipe.execution import EmbedAhead
     from embedpipe.backends import EmbedBatch, Embedder
     from embedpipe.config import Settings
     from embedpipe.validation import ValidationReport
@@ -514,28 +516,47 @@ class Migration:
         size = self.settings.migration.slice_size
         return [list(ids[i:i + size]) for i in range(0, len(ids), size)]
 
-    def backfill(self, ids: Sequence[str], progress: Progress | None = None) -> SyncStats:
-        """Embed and write one slice of documents into the new version."""
+    def backfill(self, ids: Sequence[str], progress: Progress | None = None,
+                 ahead: EmbedAhead | None = None, number: int = 0) -> SyncStats:
+        """Embed and write one slice of documents into the new version. With ``ahead``
+        (from :meth:`embed_ahead`, slice ``number`` of its slices) the slice's works wait
+        for the cluster's vectors instead of being embedded here."""
         target = self._require_target()
+        gate = functools.partial(ahead.gate, number) if ahead is not None else None
         stats = write_documents(
             self.versions, self.corpus, target, ids, self.embedder, self.store(), self.settings,
-            progress=progress, on_batch=self._upserted,
+            progress=progress, on_batch=self._upserted, gate=gate,
         )
         self.stats.add(stats)
         return stats
 
-    def pre_embed(self, ids: Sequence[str], executor: str,
-                  progress: ProgressFactory | None = None) -> dict[str, Any]:
-        """Embed what the backfill of ``ids`` needs on ``executor`` ("ray": a Ray cluster),
-        committing partitions to the vector store; the backfill then reuses them. A no-op
-        for "local". Resumable: a re-run embeds only what no committed partition holds."""
-        from embedpipe.execution import pre_embed_migration
+    @contextlib.contextmanager
+    def embed_ahead(self, slices: Sequence[Sequence[str]], executor: str,
+                    progress: ProgressFactory | None = None) -> Iterator[EmbedAhead]:
+        """Embed the backfill of ``slices`` on ``executor`` ("ray": a Ray cluster) in the
+        background, partition by partition, committed to the vector store, while the
+        caller backfills slice after slice with ``ahead=``: the cluster's embedding and
+        the engine writes overlap. A no-op for "local". Resumable: a re-run embeds only
+        what no committed partition holds."""
+        from embedpipe.execution import EmbedAhead, migration_streams
 
         self._require_target()
-        stats = pre_embed_migration(self, ids, executor, progress=progress)
-        self.pre_embedded += stats.embedded
-        self.executor = stats.to_dict()
-        return self.executor
+        ahead = EmbedAhead(self.settings, self.profile, self.fingerprint,
+                           migration_streams(self, slices), self.store(), executor, progress)
+        with ahead:
+            yield ahead
+        if executor != "local":
+            self.pre_embedded += ahead.stats.embedded
+            self.executor = ahead.stats.to_dict()
+
+    def pre_embed(self, ids: Sequence[str], executor: str,
+                  progress: ProgressFactory | None = None) -> dict[str, Any]:
+        """Embed what the backfill of ``ids`` needs on ``executor`` into the vector store
+        and return when it is stored (:meth:`embed_ahead` without the overlap); the
+        backfill then reuses the vectors."""
+        with self.embed_ahead([ids], executor, progress) as ahead:
+            ahead.wait()
+        return dict(self.executor or {})
 
     def _upserted(self, n: int) -> None:
         """After each acknowledged upsert: advance the progress record."""

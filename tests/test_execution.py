@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import pytest
 from embedpipe.backends.local import LocalEmbedder
 from embedpipe.corpus import CorpusStore
 from embedpipe.errors import ConfigError, ExecutionError
-from embedpipe.execution import partitions, resolve_executor, texts_to_embed
+from embedpipe.execution import EmbedAhead, PreEmbedStats, partitions, planned_waves, resolve_executor
 from embedpipe.index import IndexVersions
 from embedpipe.ingest import ingest
 from embedpipe.migration import Migration
@@ -54,26 +55,90 @@ def test_partitions_are_sized_and_longest_first() -> None:
     assert sorted(h for p in parts for h in p) == sorted(todo)
 
 
-def test_texts_to_embed_skips_stored_and_repeated(tmp_path: Path) -> None:
+def _works(n: int, distinct: int) -> list[Work]:
+    return [Work(f"d{i}", f"text {i % distinct}", _hash(i % distinct), {"id": f"d{i}"}) for i in range(n)]
+
+
+def test_planned_waves_skip_stored_and_repeated_texts_and_cut_partitions_in_stream_order(
+        tmp_path: Path) -> None:
     store = VectorStore(tmp_path, "f" * 64, 2, "p")
     store.add([_hash(1)], np.ones((1, 2), np.float32))
-    works = [Work(f"d{i}", f"text {i % 3}", _hash(i % 3), {"id": f"d{i}"}) for i in range(6)]
-    assert texts_to_embed(works, store) == {_hash(0): "text 0", _hash(2): "text 2"}
+    works = _works(12, 6)  # texts 0..5, then the same six again
+    [(wave, parts)] = list(planned_waves(works, store, 2))
+    assert list(wave) == [_hash(i) for i in (0, 2, 3, 4, 5)]  # stored and repeated texts left out
+    assert [p.hashes for p in parts] == [[_hash(0), _hash(2)], [_hash(3), _hash(4)], [_hash(5)]]
+    # a partition's boundary: the works before it need nothing later partitions hold
+    assert [p.boundary for p in parts] == [3, 5, 12]
 
 
-def test_text_waves_hold_at_most_a_wave_and_skip_what_earlier_waves_committed(tmp_path: Path) -> None:
-    from embedpipe.execution import text_waves
+def test_planned_waves_hold_at_most_a_wave_and_skip_what_earlier_waves_stored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import embedpipe.execution as execution
+
+    monkeypatch.setattr(execution, "WAVE", 8)
+    store = VectorStore(tmp_path, "f" * 64, 2, "p")
+    # 30 distinct texts, each twice, the repeat coming after earlier waves were stored
+    planned = []
+    for wave, parts in planned_waves(_works(60, 30), store, 4):
+        assert len(wave) <= 8 + 4 and sum(len(p.hashes) for p in parts) == len(wave)
+        planned.extend(wave)
+        store.add(list(wave), np.ones((len(wave), 2), np.float32))  # the caller stores it
+    assert sorted(planned) == sorted(_hash(i) for i in range(30))  # each text once, none twice
+
+
+class _Cluster:
+    """A fake ``embed_on_ray``: stores partitions one at a time, in order, and after the
+    first waits until the write path has taken a work (so the test proves the overlap
+    instead of hoping for it); records what the write path had taken at each commit."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+        self.first_taken = threading.Event()
+        self.taken_at_commit: list[int] = []
+
+    def __call__(self, settings, profile, fp, todo, store, progress=None, parts=None,
+                 on_commit=None, stop=None) -> PreEmbedStats:
+        stats = PreEmbedStats(executor="ray", planned=len(todo), partitions=len(parts))
+        for n, part in enumerate(parts):
+            stats.embedded += store.add(part, np.ones((len(part), 2), np.float32))
+            stats.committed += 1
+            self.taken_at_commit.append(self.taken)
+            on_commit(list(part))
+            if n == 0:
+                assert self.first_taken.wait(30), "the write path got nothing after the first partition"
+        return stats
+
+
+def test_embed_ahead_hands_each_work_on_once_its_partition_is_stored_while_the_rest_embeds(
+        make_settings, static_model_dir, tmp_path: Path) -> None:
+    settings = make_settings(static_profile_toml(static_model_dir) + RAY_TOML.replace("= 8", "= 3"))
+    store = VectorStore(tmp_path, "f" * 64, 2, "p")
+    works = _works(20, 20)
+    cluster = _Cluster()
+    with EmbedAhead(settings, settings.profile("static"), "f" * 64, [lambda: works], store, "ray",
+                    embed=cluster) as ahead:
+        for work in ahead.gate(0, works):
+            assert store.present([work.content_hash]) == {work.content_hash}  # stored before handed on
+            cluster.taken += 1
+            cluster.first_taken.set()
+    assert cluster.taken == 20 and ahead.stats.embedded == 20 and ahead.stats.committed == 7
+    assert cluster.taken_at_commit[0] == 0 and cluster.taken_at_commit[-1] > 0  # writes overlapped
+
+
+def test_embed_ahead_raises_the_cluster_s_failure_in_the_write_path(
+        make_settings, static_model_dir, tmp_path: Path) -> None:
+    settings = make_settings(static_profile_toml(static_model_dir) + RAY_TOML)
+
+    def refuse(*args, **kwargs) -> PreEmbedStats:
+        raise ExecutionError("worker on host-b cannot embed: no weights")
 
     store = VectorStore(tmp_path, "f" * 64, 2, "p")
-    # 30 distinct texts, each twice, the repeat coming after the first wave was committed
-    works = [Work(f"d{i}", f"text {i % 30}", _hash(i % 30), {"id": f"d{i}"}) for i in range(60)]
-    waves = []
-    for wave in text_waves(works, store, 8):
-        assert 0 < len(wave) <= 8
-        waves.append(wave)
-        store.add(list(wave), np.ones((len(wave), 2), np.float32))  # the caller commits it
-    planned = [h for wave in waves for h in wave]
-    assert sorted(planned) == sorted(_hash(i) for i in range(30))  # each text once, none twice
+    works = _works(5, 5)
+    with pytest.raises(ExecutionError, match="host-b"):
+        with EmbedAhead(settings, settings.profile("static"), "f" * 64, [lambda: works], store, "ray",
+                        embed=refuse) as ahead:
+            list(ahead.gate(0, works))
+    assert store.present([w.content_hash for w in works]) == set()
 
 
 def test_executor_is_the_flag_else_the_config(make_settings) -> None:

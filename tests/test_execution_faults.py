@@ -59,7 +59,8 @@ def _segment_rows(store: VectorStore) -> int:
 @pytest.fixture
 def ray_local(tmp_path: Path):
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # address="local": a Ray of its own, never one an earlier test or process left behind
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"EMBEDPIPE_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()

@@ -21,10 +21,12 @@ This module holds the plain, Ray-free parts (the plan, the partitions, which exe
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import functools
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
@@ -40,15 +42,15 @@ if TYPE_CHECKING:
     from embedpipe.vectors import VectorStore
 
 __all__ = [
+    "EmbedAhead",
     "Executor",
     "PreEmbedStats",
     "hosted_note",
     "partitions",
+    "migration_streams",
     "pre_embed",
-    "pre_embed_migration",
+    "planned_waves",
     "resolve_executor",
-    "text_waves",
-    "texts_to_embed",
 ]
 
 log = logging.getLogger(__name__)
@@ -100,42 +102,6 @@ def hosted_note(profile_name: str) -> str:
             "under its rate limits; --executor ray spreads only local models")
 
 
-def text_waves(works: Iterable[Work], store: VectorStore | None, size: int) -> Iterator[dict[str, str]]:
-    """content hash -> text of the distinct texts among ``works`` that ``store`` does not
-    hold yet, in waves of about ``size`` (at most ``size`` + ``PLAN_WINDOW``): the driver
-    holds one wave of texts at a time, not the whole corpus. The caller
-    commits each wave before asking for the next, so a text of an earlier wave is found
-    in the store then, and the driver keeps no record of the corpus's hashes."""
-    wave: dict[str, str] = {}
-    window: dict[str, str] = {}
-
-    def flush() -> None:
-        held = store.present(window) if store is not None else set()
-        wave.update((h, t) for h, t in window.items() if h not in held)
-        window.clear()
-
-    for work in works:
-        if work.content_hash in window or work.content_hash in wave:
-            continue
-        window[work.content_hash] = work.text
-        if len(window) >= min(PLAN_WINDOW, size):
-            flush()
-            if len(wave) >= size:
-                yield dict(wave)
-                wave.clear()
-    flush()
-    if wave:
-        yield dict(wave)
-
-
-def texts_to_embed(works: Iterable[Work], store: VectorStore | None) -> dict[str, str]:
-    """Every text of ``works`` that ``store`` lacks, in one mapping (small inputs, tests)."""
-    todo: dict[str, str] = {}
-    for wave in text_waves(works, store, 1 << 62):
-        todo.update(wave)
-    return todo
-
-
 def partitions(todo: dict[str, str], size: int) -> list[list[str]]:
     """The hashes of ``todo`` cut into partitions of at most ``size``, longest texts first:
     a partition holds texts of similar length, so a worker pads little (the in-process
@@ -160,42 +126,204 @@ def migration_works(m: Migration, ids: Sequence[str]) -> Iterator[Work]:
             yield from works_for_row(row, store_text, chunker)
 
 
+@dataclass
+class _Part:
+    """One partition of a wave: its texts, and how far into its stream the works reach
+    once it and every earlier partition are stored."""
+
+    hashes: list[str]
+    boundary: int  # works of the stream before this index are then covered
+    left: set[str] = field(default_factory=set)
+
+
+class EmbedAhead:
+    """Embeds on Ray, in a background thread, the texts of one or more work streams,
+    while the caller writes the engine from the same streams: the write path's
+    embedding and the cluster's overlap, partition by partition.
+
+    ``streams`` are functions that each return one stream of works, in the order the
+    write path will read them (a migration: one per backfill slice; an ingest: one).
+    Stream by stream, wave by wave (at most ``WAVE`` texts in memory), the background
+    thread plans the texts the store lacks, cuts them into partitions of
+    ``[execution.ray] batch_size`` texts in stream order, and Ray embeds them; each
+    partition is committed whole to the vector store. :meth:`gate` hands the write
+    path its stream's works only as far as every partition before them is stored, so
+    the write path finds each vector stored and embeds nothing (a text a worker could
+    not embed is left to it). A wave is planned after the previous one is stored, so
+    a text repeated across waves is embedded once.
+
+    Use as a context manager: leaving it (normally or not) stops the thread between
+    partitions and, when this run started Ray, stops Ray. ``stats`` adds up the waves.
+    """
+
+    def __init__(
+        self, settings: Settings, profile: Profile, fingerprint: str,
+        streams: Sequence[Callable[[], Iterable[Work]]], store: VectorStore, executor: str,
+        progress: Callable[[int], Progress] | None = None, embed: Callable[..., PreEmbedStats] | None = None,
+    ) -> None:
+        """``embed`` stands in for :func:`~embedpipe.execution.ray_embed.embed_on_ray`
+        (same signature; tests pass a fake to play partitions in a chosen order)."""
+        self.settings, self.profile, self.fingerprint = settings, profile, fingerprint
+        self._embed = embed
+        self.streams, self.store, self.progress = list(streams), store, progress
+        self.stats = PreEmbedStats(executor=executor)
+        self.active = executor != "local" and profile.is_local
+        if executor != "local" and not profile.is_local:
+            self.stats.note = hosted_note(profile.name)
+            log.info(self.stats.note)
+        self._covered = [0] * len(self.streams)  # works of each stream whose vectors are settled
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._session: contextlib.AbstractContextManager[None] | None = None
+
+    def __enter__(self) -> EmbedAhead:
+        if not self.active:
+            return self
+        if self._embed is None:
+            from embedpipe.execution.ray_embed import embed_on_ray, ray_session
+
+            self._embed = embed_on_ray
+            self._session = ray_session(self.settings)  # joined here, in the caller's thread
+            self._session.__enter__()
+        self._thread = threading.Thread(target=self._run, name="embedpipe-embed-ahead", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._session is not None:
+            self._session.__exit__(None, None, None)
+
+    def gate(self, number: int, works: Iterable[Work]) -> Iterator[Work]:
+        """``works`` (stream ``number``, as the write path reads it), each handed on once
+        the partitions covering it are stored."""
+        for index, work in enumerate(works):
+            if self.active and self._covered[number] <= index:
+                self._wait(number, index)
+            yield work
+
+    def wait(self) -> PreEmbedStats:
+        """Block until every stream is embedded (the pre-embed without overlap)."""
+        for number in range(len(self.streams)):
+            if self.active:
+                self._wait(number, _END - 1)
+        return self.stats
+
+    def _wait(self, number: int, index: int) -> None:
+        with self._changed:
+            while self._covered[number] <= index and self._error is None:
+                self._changed.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _cover(self, number: int, upto: int) -> None:
+        with self._changed:
+            self._covered[number] = max(self._covered[number], upto)
+            self._changed.notify_all()
+
+    def _run(self) -> None:
+        try:
+            for number, stream in enumerate(self.streams):
+                for wave, parts in planned_waves(stream(), self.store, self.settings.execution.ray.batch_size):
+                    if self._stop.is_set():
+                        return
+                    self._embed_wave(number, wave, parts)
+                self._cover(number, _END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting write path
+            with self._changed:
+                self._error = exc
+                self._changed.notify_all()
+
+    def _embed_wave(self, number: int, wave: dict[str, str], parts: list[_Part]) -> None:
+        owner = {h: n for n, part in enumerate(parts) for h in part.hashes}
+        for part in parts:
+            part.left = set(part.hashes)
+        done = 0  # parts settled in order
+
+        def committed(hashes: list[str]) -> None:
+            nonlocal done
+            for h in hashes:
+                n = owner.get(h)
+                if n is not None:
+                    parts[n].left.discard(h)
+            while done < len(parts) and not parts[done].left:
+                done += 1
+            if done:
+                self._cover(number, parts[done - 1].boundary)
+
+        committed([])  # leading partitions with nothing to embed are settled already
+        if not wave:
+            return
+        advance = self.progress(len(wave)) if self.progress is not None else None
+        assert self._embed is not None
+        self.stats.add(self._embed(
+            self.settings, self.profile, self.fingerprint, wave, self.store, progress=advance,
+            parts=[p.hashes for p in parts if p.hashes], on_commit=committed, stop=self._stop))
+        if not self._stop.is_set():
+            committed(list(wave))  # whatever the cluster settled, this wave is done
+
+
+_END = 1 << 62  # "every work of the stream"
+
+
+def planned_waves(works: Iterable[Work], store: VectorStore, size: int) -> Iterator[tuple[dict[str, str], list[_Part]]]:
+    """(content hash -> text, partitions) of the texts among ``works`` that ``store``
+    lacks, in stream order: partitions of at most ``size`` texts, waves of about
+    ``WAVE``. A partition's boundary is the index of the first work after it, so works
+    before it need only stored vectors once it and every earlier partition are stored.
+    The caller stores each wave before asking for the next (the store then answers
+    for texts repeated across waves)."""
+    if size <= 0:
+        raise ConfigError("execution.ray.batch_size must be positive")
+    wave: dict[str, str] = {}
+    previous: dict[str, str] = {}  # the wave yielded last: stored since ``held`` was read
+    parts: list[_Part] = [_Part([], 0)]
+    window: list[Work] = []
+    seen = 0  # works planned so far
+
+    def flush() -> Iterator[tuple[dict[str, str], list[_Part]]]:
+        nonlocal wave, previous, parts, seen
+        held = store.present({w.content_hash for w in window})
+        for work in window:
+            seen += 1
+            h = work.content_hash
+            if h not in held and h not in wave and h not in previous:
+                wave[h] = work.text
+                parts[-1].hashes.append(h)
+            parts[-1].boundary = seen
+            if len(parts[-1].hashes) >= size:
+                if len(wave) >= WAVE:
+                    yield wave, parts
+                    previous, wave, parts = wave, {}, []
+                parts.append(_Part([], seen))
+        window.clear()
+
+    for work in works:
+        window.append(work)
+        if len(window) >= min(PLAN_WINDOW, size):
+            yield from flush()
+    yield from flush()
+    if wave or any(p.boundary for p in parts):
+        yield wave, parts
+
+
 def pre_embed(
     settings: Settings, profile: Profile, fingerprint: str, works: Iterable[Work],
     store: VectorStore, executor: str, progress: Callable[[int], Progress] | None = None,
 ) -> PreEmbedStats:
-    """Embed on the executor the texts of ``works`` that ``store`` lacks, into ``store``.
+    """Embed on the executor the texts of ``works`` that ``store`` lacks, into ``store``,
+    and return when all are stored (:class:`EmbedAhead` without the overlap).
 
-    ``works`` are the points the ordinary write path will embed next (it then finds
-    their vectors stored). ``local`` does nothing here; a hosted profile stays on the
-    driver (``note`` says so: the caller's report carries it, the log has it at INFO)."""
-    stats = PreEmbedStats(executor=executor)
-    if executor == "local":
-        return stats
-    if not profile.is_local:
-        stats.note = hosted_note(profile.name)
-        log.info(stats.note)
-        return stats
-    from embedpipe.execution.ray_embed import embed_on_ray, ray_session
-
-    waves = text_waves(works, store, WAVE)
-    first = next(waves, None)
-    if first is None:  # everything is stored already: no cluster needed
-        return stats
-    with ray_session(settings):  # one connection for every wave
-        for wave in itertools.chain([first], waves):
-            advance = progress(len(wave)) if progress is not None else None
-            stats.add(embed_on_ray(settings, profile, fingerprint, wave, store, progress=advance))
-    return stats
+    ``local`` does nothing here; a hosted profile stays on the driver (``note`` says
+    so: the caller's report carries it, the log has it at INFO)."""
+    with EmbedAhead(settings, profile, fingerprint, [lambda: works], store, executor, progress) as ahead:
+        return ahead.wait()
 
 
-def pre_embed_migration(
-    m: Migration, ids: Sequence[str], executor: str,
-    progress: Callable[[int], Progress] | None = None,
-) -> PreEmbedStats:
-    """:func:`pre_embed` for the backfill of ``ids``. Call after ``m.prepare()``; the
-    backfill follows."""
-    if executor == "local" or not ids:
-        return PreEmbedStats(executor=executor)
-    return pre_embed(m.settings, m.profile, m.fingerprint, migration_works(m, ids), m.store(),
-                     executor, progress=progress)
+def migration_streams(m: Migration, slices: Sequence[Sequence[str]]) -> list[Callable[[], Iterator[Work]]]:
+    """One work stream per backfill slice, read as the backfill will read it."""
+    return [functools.partial(migration_works, m, ids) for ids in slices]

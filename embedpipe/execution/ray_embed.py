@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -160,11 +161,19 @@ def embed_on_ray(
     todo: dict[str, str],
     store: VectorStore,
     progress: Callable[[int], None] | None = None,
+    parts: list[list[str]] | None = None,
+    on_commit: Callable[[list[str]], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> PreEmbedStats:
-    """Embed ``todo`` (content hash -> text) on Ray and commit each partition to ``store``."""
+    """Embed ``todo`` (content hash -> text) on Ray and commit each partition to ``store``.
+
+    ``parts`` are the partitions (default: :func:`partitions` of ``todo``, longest
+    first); ``on_commit`` hears the hashes of each committed batch (those a worker could
+    not embed included: they are settled for this run); ``stop`` set by the caller ends
+    the run between batches."""
     ray = require_ray()
     cfg = settings.execution.ray
-    parts = partitions(todo, cfg.batch_size)
+    parts = partitions(todo, cfg.batch_size) if parts is None else parts
     stats = PreEmbedStats(executor="ray", planned=len(todo), partitions=len(parts), workers=cfg.workers)
     if not parts:
         return stats
@@ -189,8 +198,12 @@ def embed_on_ray(
         )
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
             _commit(batch, store, stats)
+            if on_commit is not None:
+                on_commit([str(h) for h in batch["content_hash"]])
             if progress is not None:
                 progress(len(batch["content_hash"]))
+            if stop is not None and stop.is_set():
+                break
     finally:
         if started:
             ray.shutdown()

@@ -52,15 +52,12 @@ def prepare_task(m: Migration) -> list[str]:
     return m.todo()
 
 
-@_task(name="pre-embed", task_run_name="pre-embed-{executor}")
-def pre_embed_task(m: Migration, ids: list[str], executor: str) -> dict[str, Any]:
-    """Embed the backfill's texts on the executor (Ray) into the vector store first."""
-    return m.pre_embed(ids, executor, progress=m.progress)
-
-
 @_task(name="backfill", task_run_name="backfill-{number}")
-def backfill_task(m: Migration, ids: list[str], number: int, advance: Any = None) -> dict[str, int]:
-    stats = m.backfill(ids, progress=advance)
+def backfill_task(m: Migration, ids: list[str], number: int, advance: Any = None,
+                  ahead: Any = None) -> dict[str, int]:
+    """Write one slice into the new version; with ``ahead`` (Ray) its vectors come from
+    the cluster, embedded in the background while earlier slices write."""
+    stats = m.backfill(ids, progress=advance, ahead=ahead, number=number - 1)
     return {"written": stats.written, "embedded": stats.embedded, "reused": stats.reused,
             "failed": len(stats.failures)}
 
@@ -114,11 +111,12 @@ def migrate_flow(
         plan = plan or plan_task(m)
         todo = prepare_task(m)
         executor = resolve_executor(settings, executor)
-        if executor != "local" and todo:
-            pre_embed_task(m, todo, executor)
         advance = progress(len(todo)) if progress and todo else None
-        for number, ids in enumerate(m.slices(todo), start=1):
-            backfill_task(m, ids, number, advance)
+        slices = m.slices(todo)
+        # the backfill bar tracks both: with Ray its works wait for the cluster's vectors
+        with m.embed_ahead(slices, executor) as ahead:  # a no-op for "local"
+            for number, ids in enumerate(slices, start=1):
+                backfill_task(m, ids, number, advance, ahead if ahead.active else None)
         catch_up_task(m)
         report = validate_task(m, golden, tolerance)
         try:

@@ -43,6 +43,9 @@ at the boundary with ``raise ... from exc`` so callers only ever catch this tree
     ├── PrefectUnavailable          the Prefect server in PREFECT_API_URL cannot be reached
     ├── ExecutionError              a distributed run (--executor ray) cannot go on: Ray missing
     │                               or unreachable, or a worker refused (names its host)
+    ├── BatchError                  a Batch API run cannot go on (its state file belongs to another
+    │                               space, a batch cannot be created or polled); what was stored
+    │                               is kept, and the same call resumes the same batches
     ├── ServerUnavailable           the embedpipe server to go through does not answer
     ├── JobCancelled                a server job was cancelled (or stopped with the server);
     │                               what it wrote is kept, and re-running it resumes
@@ -70,6 +73,7 @@ __all__ = [
     "AdapterRefused",
     "AccessError",
     "AuthenticationRequired",
+    "BatchError",
     "ConfigError",
     "DataDirError",
     "DataDirReadOnly",
@@ -297,6 +301,13 @@ class ExecutionError(EmbedpipeError):
     cluster does not answer, or a worker cannot load the model or its weights are not the
     driver's (the message names the worker's host). Committed partitions are kept: the
     same command resumes."""
+
+
+class BatchError(EmbedpipeError):
+    """A Batch API run cannot go on: its state file is unreadable or belongs to another
+    embedding space, or the provider would not take or report a batch. Vectors already
+    stored are kept and the batches already submitted are in the state file: the same
+    call with the same state file resumes them without submitting anything twice."""
 
 
 class PrefectUnavailable(EmbedpipeError):

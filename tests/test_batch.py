@@ -1,0 +1,330 @@
+"""The Batch API path (embedpipe.batch) against the real loopback server: packing, vectors,
+failures and resubmission, billing, and resuming after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedpipe._batch_plan import input_file, plan_batches
+from embedpipe.backends.hosted import HostedEmbedder
+from embedpipe.batch import BatchStats, embed_with_batches, read_progress
+from embedpipe.corpus import content_hash
+from embedpipe.errors import BatchError, SovereigntyError
+from embedpipe.profiles import Profile, fingerprint
+from embedpipe.tokens import TokenCounter
+from embedpipe.usage import UsageLedger
+from embedpipe.vectors import VectorStore
+
+from conftest import LOOPBACK_KEY, hosted_profile_toml
+
+WORDS = "wing flap lift drag shock wave nozzle flow heat mach boundary layer".split()
+FAST_POLL = "poll_initial_s = 0.01\npoll_max_s = 0.05\n"
+
+
+def make_texts(n: int, long_every: int = 0) -> dict[str, str]:
+    """``n`` distinct tiny texts (every ``long_every``-th one long enough to be chunked)."""
+    out = {}
+    for i in range(n):
+        words = [WORDS[(i * 7 + k) % len(WORDS)] for k in range(3 + i % 4)]
+        text = f"Text {i}: " + " ".join(words) + "."
+        if long_every and i % long_every == 0:
+            text = " ".join([text] * 8)
+        out[content_hash(text)] = text
+    return out
+
+
+@pytest.fixture
+def setup(make_settings, openai_server):
+    """settings and profile for a hosted profile on the loopback server, with ``batch``
+    and ``limits`` lines added to the profile's tables."""
+
+    def make(batch: str = "", limits: str = "", extra: str = ""):
+        toml = hosted_profile_toml(openai_server.base_url, limits=limits, extra=extra)
+        settings = make_settings(toml + "[profiles.hosted.batch]\n" + FAST_POLL + batch)
+        return settings, settings.profile("hosted")
+
+    return make
+
+
+def store_for(settings, profile: Profile) -> VectorStore:
+    return VectorStore(settings.data_dir, fingerprint(profile), profile.dims, profile.name)
+
+
+def run(settings, profile: Profile, texts: dict[str, str], **kw) -> BatchStats:
+    return embed_with_batches(profile, texts, store_for(settings, profile), settings.data_dir / "batch.json",
+                              UsageLedger(settings.data_dir), **kw)
+
+
+def batch_ledger(settings) -> list:
+    return [r for r in UsageLedger(settings.data_dir).records() if r.api == "batch"]
+
+
+def test_packing_stays_within_every_limit_with_exact_token_counts(setup) -> None:
+    _, profile = setup(
+        batch="max_requests_per_file = 3\nmax_inputs_per_batch = 7\nmax_inputs_per_request = 3\n"
+              "max_file_bytes = 1400\n",
+        limits="max_request_tokens = 40\n", extra="max_tokens = 20\n")
+    texts = make_texts(30, long_every=5)
+    batches, refused = plan_batches(profile, texts, 1)
+    assert refused == {} and len(batches) > 4
+    counter, planned = TokenCounter(), []
+    for b in batches:
+        raw = input_file(profile, b, texts)
+        lines = [json.loads(x) for x in raw.decode().splitlines()]
+        assert len(raw) <= 1400 and len(lines) == len(b.requests) <= 3 and b.inputs <= 7
+        for line, request in zip(lines, b.requests):
+            inputs = line["body"]["input"]
+            assert line["custom_id"] == request.custom_id and len(inputs) <= 3
+            assert counter.count(inputs) == request.tokens  # exact, as the API counts them
+            assert sum(request.tokens) <= 40 and max(request.tokens) <= 20
+        planned += b.hashes
+    assert sorted(planned) == sorted(texts)  # each text in exactly one batch, pieces together
+    assert len({r.custom_id for b in batches for r in b.requests}) == sum(len(b.requests) for b in batches)
+
+
+def test_packing_refuses_a_text_no_batch_can_hold(setup) -> None:
+    _, profile = setup(batch="max_inputs_per_batch = 2\n", extra="max_tokens = 10\n")
+    texts = make_texts(3) | {content_hash("x " * 60): "x " * 60}
+    batches, refused = plan_batches(profile, texts, 1)
+    assert list(refused) == [content_hash("x " * 60)]
+    assert "do not fit one batch" in refused[content_hash("x " * 60)]
+    assert sum(len(b.hashes) for b in batches) == 3
+
+
+def test_batch_vectors_equal_the_synchronous_ones_and_the_ledger_bills_the_batch_price(
+    setup, openai_server
+) -> None:
+    settings, profile = setup(batch="max_inputs_per_batch = 6\nmax_inputs_per_request = 2\n",
+                              extra="max_tokens = 20\n")
+    openai_server.configure(batch_max_inputs=6)  # the server enforces the same limit
+    texts = make_texts(12, long_every=4)
+    seen: list[list[str]] = []
+    stats = run(settings, profile, texts, on_stored=seen.append)
+    counters = openai_server.counters()
+    assert stats.failed == {} and stats.stored == 12 and stats.chunked == 3
+    assert stats.batches == counters["batches_created"] > 1 and stats.files == counters["files_uploaded"]
+    assert sorted(h for hs in seen for h in hs) == sorted(texts)  # each text reported once
+    stored = store_for(settings, profile).lookup(list(texts))
+    sync = HostedEmbedder(profile).embed_documents(list(texts.values()))
+    assert not sync.failed
+    np.testing.assert_allclose(np.stack([stored[h] for h in texts]), sync.vectors, atol=1e-6)
+    # The ledger holds exactly what the provider billed, at the batch price, marked batch.
+    records = batch_ledger(settings)
+    assert sum(r.tokens for r in records) == stats.tokens == counters["batch_tokens_billed"] > 0
+    assert sum(r.requests for r in records) == counters["batch_lines_completed"]
+    assert sum(r.usd for r in records) == pytest.approx(stats.tokens * 0.01 / 1e6)
+    assert stats.usd == pytest.approx(stats.tokens * 0.01 / 1e6)
+    # Files are cleaned up at the provider: inputs, outputs.
+    assert counters["files_deleted"] == counters["files_uploaded"] + stats.batches
+
+
+def test_texts_already_stored_are_never_submitted(setup, openai_server) -> None:
+    settings, profile = setup()
+    texts = make_texts(6)
+    first = dict(list(texts.items())[:4])
+    run(settings, profile, first)
+    openai_server.reset_counters()
+    stats = run(settings, profile, texts)
+    assert (stats.skipped, stats.inputs, stats.stored) == (4, 2, 2)
+    assert openai_server.counters()["batch_inputs_billed"] == 2
+    assert run(settings, profile, texts).batches == 0  # all stored: nothing to submit
+
+
+def test_failed_lines_are_resubmitted_then_stored(setup, openai_server) -> None:
+    settings, profile = setup(batch="max_inputs_per_request = 1\n")
+    openai_server.configure(batch_fail_rate=0.5, batch_faulty_batches=1)
+    texts = make_texts(10)
+    stats = run(settings, profile, texts)
+    counters = openai_server.counters()
+    assert counters["batch_lines_failed"] > 0 and counters["batches_created"] == 2
+    assert stats.failed == {} and stats.stored == 10
+    assert stats.resubmitted == counters["batch_lines_failed"]
+    assert stats.attempts == {1: 10 - stats.resubmitted, 2: stats.resubmitted}
+    assert len(store_for(settings, profile)) == 10
+    assert sum(r.tokens for r in batch_ledger(settings)) == counters["batch_tokens_billed"]
+
+
+@pytest.mark.parametrize(("knob", "status"), [("batch_expire_after_s", "expired"),
+                                              ("batch_cancel_after_s", "cancelled")])
+def test_an_expired_or_cancelled_batch_keeps_what_completed_and_resubmits_the_rest(
+    setup, openai_server, knob, status
+) -> None:
+    settings, profile = setup(batch="max_inputs_per_request = 1\n")
+    openai_server.configure(batch_delay_s=0.4, batch_faulty_batches=1, **{knob: 0.2})
+    texts = make_texts(8)
+    stats = run(settings, profile, texts)
+    assert sorted(stats.statuses.values()) == sorted([status, "completed"])
+    assert stats.attempts == {1: 4, 2: 4}  # half done before the end, half resubmitted
+    assert stats.failed == {} and len(store_for(settings, profile)) == 8
+    counters = openai_server.counters()
+    assert counters["batch_inputs_billed"] == 8  # nothing billed twice
+    assert sum(r.tokens for r in batch_ledger(settings)) == counters["batch_tokens_billed"]
+
+
+def test_without_resubmit_failures_are_reported_and_a_later_run_takes_them_up(setup, openai_server) -> None:
+    settings, profile = setup(batch="max_inputs_per_request = 1\n")
+    texts = make_texts(6)
+    bad = sorted(texts)[:2]
+    openai_server.configure(batch_fail_rate=0.0, batch_faulty_batches=1)
+    # custom_ids are "b0001-r00000".. in plan order: fail the lines of the first two texts.
+    batches, _ = plan_batches(profile, texts, 1)
+    fail_ids = tuple(r.custom_id for r in batches[0].requests if batches[0].hashes[r.rows[0]] in bad)
+    openai_server.configure(batch_fail_ids=fail_ids)
+    stats = run(settings, profile, texts, resubmit=False)
+    assert sorted(stats.failed) == bad and stats.stored == 4
+    assert all("HTTP 500" in r and "resubmit is off" in r for r in stats.failed.values())
+    assert openai_server.counters()["batches_created"] == 1
+    again = run(settings, profile, texts)
+    assert again.failed == {} and again.stored == 2 and again.resubmitted == 2
+
+
+def test_texts_that_keep_failing_stop_at_the_attempt_limit(setup, openai_server) -> None:
+    settings, profile = setup(batch="max_attempts = 2\n")
+    openai_server.configure(batch_fail_rate=1.0)
+    texts = make_texts(3)
+    stats = run(settings, profile, texts)
+    assert sorted(stats.failed) == sorted(texts) and stats.stored == 0
+    assert all("after 2 submissions" in r and "HTTP 500" in r for r in stats.failed.values())
+    counters = openai_server.counters()
+    assert counters["batches_created"] == 2 and counters["batch_tokens_billed"] == 0
+    assert batch_ledger(settings) == []
+    assert run(settings, profile, texts).batches == 0  # failed for good: not tried again
+
+
+def test_a_batch_the_provider_fails_on_validation_reports_its_errors(setup, openai_server) -> None:
+    settings, profile = setup(batch="max_attempts = 1\n")
+    openai_server.configure(batch_max_inputs=2)  # the provider's limit is lower than the profile's
+    stats = run(settings, profile, make_texts(3))
+    assert len(stats.failed) == 3 and list(stats.statuses.values()) == ["failed"]
+    assert all("too_many_inputs" in r for r in stats.failed.values())
+
+
+def test_the_state_file_holds_no_text_and_no_key_and_another_space_is_refused(setup) -> None:
+    settings, profile = setup()
+    texts = make_texts(4)
+    run(settings, profile, texts)
+    raw = (settings.data_dir / "batch.json").read_text()
+    assert LOOPBACK_KEY not in raw and not any(t in raw for t in texts.values())
+    other = profile.model_copy(update={"dims": 128})
+    with pytest.raises(BatchError, match="belongs to profile 'hosted'"):
+        embed_with_batches(other, texts, VectorStore(settings.data_dir, fingerprint(other), 128),
+                           settings.data_dir / "batch.json")
+
+
+def test_sovereign_mode_refuses_before_any_request(setup, openai_server) -> None:
+    settings, profile = setup()
+    with pytest.raises(SovereigntyError):
+        run(settings, profile, make_texts(2), sovereign=True)
+    assert openai_server.counters()["requests"] == 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def _interrupt(_delay: float) -> None:
+    raise _Stop  # the process dies at its first wait: the batch is submitted, not finished
+
+
+def test_a_run_stopped_while_waiting_resumes_the_same_batch(setup, openai_server) -> None:
+    settings, profile = setup()
+    openai_server.configure(batch_delay_s=0.3)
+    texts = make_texts(5)
+    with pytest.raises(_Stop):
+        run(settings, profile, texts, sleep=_interrupt)
+    progress = read_progress(settings.data_dir / "batch.json")
+    assert progress is not None and not progress.finished
+    assert (progress.texts, progress.in_flight, progress.stored) == (5, 5, 0)
+    assert sum(progress.batches.values()) == 1 and "done" not in progress.batches
+    stats = run(settings, profile, texts)
+    assert (stats.resumed, stats.batches, stats.stored) == (1, 0, 5)
+    assert openai_server.counters()["batches_created"] == 1
+    done = read_progress(settings.data_dir / "batch.json")
+    assert done.finished and (done.stored, done.batches) == (5, {"done": 1})
+
+
+def test_a_file_uploaded_before_a_kill_is_matched_to_its_batch_not_submitted_again(
+    setup, openai_server
+) -> None:
+    settings, profile = setup()
+    openai_server.configure(batch_delay_s=0.3)
+    texts = make_texts(4)
+    with pytest.raises(_Stop):
+        run(settings, profile, texts, sleep=_interrupt)
+    # As if the kill came between creating the batch and writing its id down.
+    path = settings.data_dir / "batch.json"
+    state = json.loads(path.read_text())
+    state["batches"][0].update(status="uploaded", batch_id=None)
+    path.write_text(json.dumps(state))
+    stats = run(settings, profile, texts)
+    assert stats.stored == 4 and stats.batches == 0
+    assert openai_server.counters()["batches_created"] == 1
+
+
+_CHILD = """
+import sys
+from pathlib import Path
+from embedpipe.batch import embed_with_batches
+from embedpipe.config import load_settings
+from embedpipe.profiles import fingerprint
+from embedpipe.usage import UsageLedger
+from embedpipe.vectors import VectorStore
+import json
+settings = load_settings(Path(sys.argv[1]))
+profile = settings.profile("hosted")
+texts = json.loads(Path(sys.argv[2]).read_text())
+store = VectorStore(settings.data_dir, fingerprint(profile), profile.dims, profile.name)
+embed_with_batches(profile, texts, store, settings.data_dir / "batch.json", UsageLedger(settings.data_dir))
+"""
+
+
+def _wait_for_batch_id(path: Path, child: subprocess.Popen) -> None:
+    for _ in range(6000):
+        if path.is_file():
+            state = json.loads(path.read_text())
+            if state["batches"] and all(b["batch_id"] for b in state["batches"]):
+                return
+        if child.poll() is not None:
+            raise AssertionError(f"the child ended early: {child.stderr.read().decode()[-2000:]}")
+        time.sleep(0.01)
+    raise AssertionError("the state file never named the batch")
+
+
+def test_kill_9_while_polling_then_rerun_submits_nothing_new(setup, openai_server, tmp_path) -> None:
+    settings, profile = setup(batch="max_inputs_per_batch = 4\n")
+    openai_server.configure(batch_delay_s=3600.0)  # held in progress until the test says
+    texts = make_texts(10)
+    texts_file = tmp_path / "texts.json"
+    texts_file.write_text(json.dumps(texts))
+    state = settings.data_dir / "batch.json"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / "embedpipe.toml"), str(texts_file)],
+                             stderr=subprocess.PIPE, env=os.environ.copy())
+    try:
+        _wait_for_batch_id(state, child)
+        time.sleep(0.2)  # a few polls
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+    before = openai_server.counters()
+    assert before["batches_created"] == before["files_uploaded"] == 3
+    assert before["batch_lines_completed"] == 0 and len(store_for(settings, profile)) == 0
+    openai_server.configure(batch_delay_s=0.0)  # now the batches finish
+    stats = run(settings, profile, texts)
+    after = openai_server.counters()
+    assert (stats.resumed, stats.batches, stats.files, stats.stored) == (3, 0, 0, 10)
+    assert (after["batches_created"], after["files_uploaded"]) == (3, 3)
+    assert after["batch_inputs_billed"] == 10  # each text billed once
+    assert len(store_for(settings, profile)) == 10
+    assert sum(r.tokens for r in batch_ledger(settings)) == after["batch_tokens_billed"]

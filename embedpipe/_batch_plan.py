@@ -280,13 +280,19 @@ def input_file(profile: Profile, batch: PlannedBatch, texts: Mapping[str, str]) 
     Pieces are cut again exactly as planned: the plan is deterministic for a text, so
     the rebuilt requests carry the same inputs as the ones the state records."""
     counter = TokenCounter(profile.tokenizer)
-    pieces: dict[int, Iterator[PlannedInput]] = {}
-    for row, h in enumerate(batch.hashes):
-        planned, refused = plan_inputs(profile, counter, [profile.document_prompt + texts[h]])
-        if refused:
-            raise BatchError(f"text {h[:12]} can no longer be planned as it was; re-run with a new state file")
-        pieces[row] = iter(planned)
+    planned, refused = plan_inputs(profile, counter, [profile.document_prompt + texts[h] for h in batch.hashes])
+    if refused:
+        raise BatchError(f"batch {batch.key}'s texts can no longer be planned as they were "
+                         "(the profile changed?); re-run with a new state file")
+    by_row: dict[int, list[PlannedInput]] = {}
+    for item in planned:
+        by_row.setdefault(item.row, []).append(item)
+    pieces: dict[int, Iterator[PlannedInput]] = {row: iter(items) for row, items in by_row.items()}
     lines = []
     for r in batch.requests:
-        lines.append(request_line(profile, r.custom_id, [next(pieces[row]).text for row in r.rows]))
+        items = [next(pieces[row]) for row in r.rows]
+        if [i.tokens for i in items] != r.tokens:  # another tokenizer or max_tokens since
+            raise BatchError(f"batch {batch.key}'s texts no longer count as planned (the profile "
+                             "changed?); re-run with a new state file")
+        lines.append(request_line(profile, r.custom_id, [i.text for i in items]))
     return "".join(lines).encode("ascii")

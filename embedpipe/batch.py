@@ -201,12 +201,13 @@ class _Run:
         a batch that did not store them, with submissions left."""
         present = self.store.present(self.texts)
         flying, attempts = self.state.in_flight(), self.state.attempts()
+        reasons = self.state.last_reasons()
         todo: dict[str, str] = {}
         for h, text in self.texts.items():
             if h in present or h in flying or h in self.state.failed or h in self.unsent:
                 continue
             tried = attempts.get(h, 0)
-            last = self.state.last_reasons().get(h, "not stored") if tried else ""
+            last = reasons.get(h, "not stored")
             if tried and not self.resubmit:
                 self.unsent[h] = f"{last} (not resubmitted: resubmit is off)"
                 continue
@@ -278,8 +279,10 @@ class _Run:
         return 1
 
     def _existing_batch(self, file_id: str | None) -> Any | None:
+        """The provider's batch made from ``file_id``, if any (newest first; later pages
+        are fetched as the iteration reaches them)."""
         page = self._call(lambda: self.client.batches.list(limit=100), "list batches")
-        return next((x for x in page.data if x.input_file_id == file_id), None)
+        return next((x for x in page if x.input_file_id == file_id), None)
 
     # -- polling --------------------------------------------------------------------
     def _poll(self, active: list[PlannedBatch]) -> bool:

@@ -328,3 +328,26 @@ def test_kill_9_while_polling_then_rerun_submits_nothing_new(setup, openai_serve
     assert after["batch_inputs_billed"] == 10  # each text billed once
     assert len(store_for(settings, profile)) == 10
     assert sum(r.tokens for r in batch_ledger(settings)) == after["batch_tokens_billed"]
+
+
+def test_polling_backs_off_from_poll_initial_s_doubling_to_poll_max_s(setup, openai_server) -> None:
+    settings, profile = setup()
+    openai_server.configure(batch_delay_s=0.3)
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(seconds)
+
+    stats = run(settings, profile, make_texts(2), sleep=sleep)
+    assert stats.stored == 2 and len(waits) >= 5
+    assert waits == [min(0.01 * 2 ** n, 0.05) for n in range(len(waits))]
+    assert stats.polls == len(waits) + 1  # one look after each wait, and one before the first
+
+
+def test_the_key_never_reaches_the_logs(setup, openai_server, caplog) -> None:
+    settings, profile = setup()
+    openai_server.configure(batch_fail_rate=0.5, batch_faulty_batches=1)
+    with caplog.at_level("DEBUG"):
+        run(settings, profile, make_texts(4))
+    assert caplog.records and LOOPBACK_KEY not in caplog.text

@@ -259,18 +259,29 @@ class _Run:
         self.stats.requests += len(b.requests)
 
     def _create(self, b: PlannedBatch, adopt: bool) -> int:
-        """Create ``b``'s batch, or adopt the one a killed run created for its file."""
-        found = self._existing_batch(b.input_file_id) if adopt else None
-        created = found is None
-        if created:
-            found = self._call(lambda: self.client.batches.create(
+        """Create ``b``'s batch, or adopt the one made for its file by a killed run or
+        by a try whose reply was lost (a timeout after the provider created it): a
+        retry looks before it creates, so a batch is never made (and billed) twice."""
+        tries, created = 0, False
+
+        def send() -> Any:
+            nonlocal tries, created
+            tries += 1
+            if adopt or tries > 1:
+                found = self._existing_batch(b.input_file_id)
+                if found is not None:
+                    return found
+            card = self.client.batches.create(
                 input_file_id=b.input_file_id, endpoint=ENDPOINT,
                 completion_window=self.profile.batch.completion_window,
-                metadata={"embedpipe_batch": b.key, "embedpipe_profile": self.profile.name}),
-                f"create batch {b.key}")
+                metadata={"embedpipe_batch": b.key, "embedpipe_profile": self.profile.name})
+            created = True
+            return card
+
+        found = self._call(send, f"create batch {b.key}")
         b.batch_id, b.status = found.id, found.status
         self.state.save()  # the batch id is durable before the first wait
-        if created:
+        if created or not adopt:  # a file uploaded by this call: its batch is this call's
             self.stats.batches += 1
             self.stats.inputs += len(b.hashes)
             self.stats.chunked += sum(1 for n in _pieces_per_row(b).values() if n > 1)
@@ -280,9 +291,8 @@ class _Run:
 
     def _existing_batch(self, file_id: str | None) -> Any | None:
         """The provider's batch made from ``file_id``, if any (newest first; later pages
-        are fetched as the iteration reaches them)."""
-        page = self._call(lambda: self.client.batches.list(limit=100), "list batches")
-        return next((x for x in page if x.input_file_id == file_id), None)
+        are fetched as the iteration reaches them). Called inside ``_call``'s retries."""
+        return next((x for x in self.client.batches.list(limit=100) if x.input_file_id == file_id), None)
 
     # -- polling --------------------------------------------------------------------
     def _poll(self, active: list[PlannedBatch]) -> bool:

@@ -351,3 +351,27 @@ def test_the_key_never_reaches_the_logs(setup, openai_server, caplog) -> None:
     with caplog.at_level("DEBUG"):
         run(settings, profile, make_texts(4))
     assert caplog.records and LOOPBACK_KEY not in caplog.text
+
+
+def test_transient_errors_of_the_files_and_batches_endpoints_are_retried_without_duplicates(
+    setup, openai_server
+) -> None:
+    settings, profile = setup(batch="max_inputs_per_batch = 3\n", limits="max_retries = 20\n")
+    openai_server.configure(batch_api_faults=True, rate_429=0.2, rate_500=0.2, seed=3)
+    texts = make_texts(9)
+    stats = run(settings, profile, texts)
+    counters = openai_server.counters()
+    assert counters["faults"].get("429", 0) > 0 and counters["faults"].get("500", 0) > 0
+    assert stats.failed == {} and len(store_for(settings, profile)) == 9
+    assert counters["batches_created"] == counters["files_uploaded"] == stats.batches == 3
+    assert counters["batch_inputs_billed"] == 9
+
+
+def test_a_batch_whose_creation_reply_was_lost_is_adopted_not_created_twice(setup, openai_server) -> None:
+    settings, profile = setup(limits="timeout_s = 0.3\n")
+    openai_server.configure(batch_lost_replies=1, timeout_delay_s=0.6)
+    stats = run(settings, profile, make_texts(3))
+    counters = openai_server.counters()
+    assert counters["by_status"].get("timeout") == 1  # the reply really was lost
+    assert counters["batches_created"] == 1 and stats.batches == 1
+    assert stats.stored == 3 and counters["batch_inputs_billed"] == 3

@@ -17,6 +17,10 @@ error file as ``batch_expired`` / ``batch_cancelled``. Lines chosen to fail
 (``batch_fail_ids``, or a seeded ``batch_fail_rate``) answer 500 in the error file; only
 batches among the first ``batch_faulty_batches`` created (None: all) suffer them.
 
+The server's fault rates reach these endpoints too when ``batch_api_faults`` is set, and
+``batch_lost_replies`` creates batches whose replies never arrive (a client that just
+retries makes a second one).
+
 Only completed lines are billed (``batch_tokens_billed``, ``batch_inputs_billed``), as
 the provider bills. The embeddings themselves come from the same code as the
 synchronous ``/v1/embeddings`` (the service's ``embed_body``).

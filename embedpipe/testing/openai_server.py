@@ -158,6 +158,11 @@ class ServerConfig:
     batch_max_requests: int = 50_000
     batch_max_file_bytes: int = 200_000_000
     batch_max_inputs: int = 50_000
+    # The fault rates above (429, 500, timeout, malformed) also hit /v1/files and /v1/batches.
+    batch_api_faults: bool = False
+    # The next N batch creations happen, but their replies are lost (the connection is
+    # held for timeout_delay_s, then closed): a client that simply retries makes two.
+    batch_lost_replies: int = 0
 
     def __post_init__(self) -> None:
         self.model_path = Path(self.model_path)
@@ -764,9 +769,18 @@ class _Service(CountingService):
             result = call()
         except BatchApiError as exc:
             raise _ApiError(exc.status, exc.message, param=exc.param, code=exc.code) from None
+        if (method, *parts) == ("POST", "batches") and self._lose_reply():
+            raise _DropConnection(self.snapshot().timeout_delay_s)
         if isinstance(result, FileReply):
             return _Reply(200, result.content, content_type="application/octet-stream")
         return _Reply(200, result)
+
+    def _lose_reply(self) -> bool:
+        with self._lock:
+            if self.config.batch_lost_replies <= 0:
+                return False
+            self.config.batch_lost_replies -= 1
+            return True
 
     def chat(self, body: bytes) -> _Reply | _Stream:
         self.bump("chat_requests")
@@ -870,6 +884,8 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and path.startswith("/v1/models/"):
             return service.models(path.removeprefix("/v1/models/"))
         if path.startswith(("/v1/files", "/v1/batches")):
+            if service.snapshot().batch_api_faults:
+                service.inject_fault(service.snapshot())  # before any work, like the others
             reply = service.batch_route(method, path, body, self.headers.get("Content-Type", ""))
             if reply is not None:
                 return reply

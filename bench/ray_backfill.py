@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.ray_gpus is not None:
                 init["num_gpus"] = args.ray_gpus
             # address="local": a Ray of our own, never a cluster someone else runs here.
+            os.environ.setdefault("RAY_worker_niceness", "0")  # as embedpipe's own local Ray
+            setup["ray_worker_niceness"] = os.environ["RAY_worker_niceness"]
             ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING",
                      runtime_env={"env_vars": {"EMBEDPIPE_CACHE_DIR": os.environ["EMBEDPIPE_CACHE_DIR"],
                                                "HF_HUB_OFFLINE": "1"}}, **init)

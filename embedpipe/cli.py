@@ -126,12 +126,30 @@ ExecutorOpt = Annotated[Optional[str], typer.Option(
     "pip install 'embedpipe[ray]'). Default: [execution] engine.")]
 
 
-def _executor(settings: Any, to: str | None, flag: str | None) -> str:
+BatchOpt = Annotated[bool, typer.Option(
+    "--batch", help="Embed through the provider's Batch API (OpenAI profiles): half the price, results "
+    "within its completion window (24 h); resumable, nothing submitted twice.")]
+ResubmitOpt = Annotated[bool, typer.Option(
+    "--resubmit/--no-resubmit", help="With --batch: submit again what failed, expired or cancelled "
+    "batches did not complete (up to [profiles.X.batch] max_attempts), or report it failed.")]
+
+
+def _executor(settings: Any, to: str | None, flag: str | None, batch: bool = False) -> str:
     """The executor a run uses; with Ray, checks it is installed (one line if not). A hosted
     target stays on this machine, said in one line (for ingest, ``to`` None, the report's
-    warning says it: the profile is known once the index is read)."""
+    warning says it: the profile is known once the index is read). ``--batch``: the
+    provider's Batch API, for an OpenAI-protocol target only."""
+    from embedpipe.errors import ConfigError
     from embedpipe.execution import hosted_note, resolve_executor
 
+    if batch:
+        if flag is not None:
+            raise ConfigError("--batch and --executor are two ways to embed; pass one of them")
+        if to is not None:
+            from embedpipe.execution.batch_embed import require_batch_profile
+
+            require_batch_profile(settings.profile(to))
+        return "batch"
     chosen = resolve_executor(settings, flag)
     if chosen == "ray":
         if to is not None and not settings.profile(to).is_local:
@@ -208,6 +226,8 @@ def ingest(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and diff only: say what would be embedded, write nothing.")] = False,
     skip_invalid: Annotated[Optional[bool], typer.Option("--skip-invalid/--fail-on-invalid", help="Report invalid records (file, line, reason) and ingest the rest, exit 3; default: the index's on_invalid (refuse the whole input).")] = None,
     executor: ExecutorOpt = None,
+    batch: BatchOpt = False,
+    resubmit: ResubmitOpt = True,
     as_json: JsonOpt = False,
     cancel_on_interrupt: CancelOpt = False,
 ) -> None:
@@ -217,11 +237,11 @@ def ingest(
     from embedpipe.ingest import ingest as run_ingest
 
     settings = _settings()
-    chosen = _executor(settings, None, executor)  # Ray missing: one line, before anything runs
+    chosen = _executor(settings, None, executor, batch)  # Ray missing: one line, before anything runs
     show = not as_json and not dry_run and sys.stderr.isatty()
     client = _server(settings)
-    if client is not None and executor is not None:
-        raise ConfigError("--executor applies to an ingest run in this process; the server "
+    if client is not None and (executor is not None or batch):
+        raise ConfigError("--executor and --batch apply to an ingest run in this process; the server "
                           "embeds as its own config's [execution] engine says")
     if client is not None:
         report = _job(client, "ingest", index, f"embedding into {index}", show, cancel_on_interrupt,
@@ -229,7 +249,7 @@ def ingest(
     else:
         with _progress(show, f"embedding into {index}") as progress:
             report = run_ingest(settings, index, path, profile=profile, progress=progress, dry_run=dry_run,
-                                skip_invalid=skip_invalid, executor=chosen).to_dict()
+                                skip_invalid=skip_invalid, executor=chosen, resubmit=resubmit).to_dict()
     _print_ingest(report, dry_run, as_json)
 
 
@@ -260,14 +280,24 @@ def _print_ingest(r: dict[str, Any], dry_run: bool, as_json: bool) -> None:
         + (f", {r['chunked']} chunked" if r.get("chunked") else "")
         + f" in {r['seconds']:.1f}s{rate}"
     )
-    ran = r.get("executor") or {}
-    if ran.get("executor") == "ray" and not ran.get("note"):
-        typer.echo(f"executor ray: {ran['embedded']} texts embedded on the cluster "
-                   f"({ran['committed']} of {ran['partitions']} partitions committed, {ran['workers']} workers)")
+    _print_executor(r.get("executor"))
     _print_failures(r["failures"])
     for warning in r.get("warnings") or []:
         typer.echo(f"warning: {warning}", err=True)
     _exit_if_failures(r)
+
+
+def _print_executor(ran: dict[str, Any] | None) -> None:
+    """One line on where the texts were embedded, when not in this process."""
+    ran = ran or {}
+    if ran.get("executor") == "ray" and not ran.get("note"):
+        typer.echo(f"executor ray: {ran['embedded']} texts embedded on the cluster "
+                   f"({ran['committed']} of {ran['partitions']} partitions committed, {ran['workers']} workers)")
+    elif ran.get("executor") == "batch" and ran.get("batch"):
+        b = ran["batch"]
+        typer.echo(f"batch API: {ran['embedded']:,} texts stored from {b['batches']} new batches "
+                   f"({b['resumed']} resumed, {b['resubmitted']:,} texts resubmitted, {ran['failed']:,} failed); "
+                   f"{b['tokens']:,} tokens billed, ${b['usd']:.4f} at the batch price")
 
 
 def _print_failures(failures: list[dict[str, Any]]) -> None:
@@ -455,6 +485,11 @@ def status(
                     else f"`{again}` resumes it")
             typer.echo(f"  migration to {m['to_profile']} -> {m['collection']}: {m['phase']} "
                        f"(updated {m['updated_at']}); {hint}")
+        for b in entry.get("batches") or []:
+            by_status = ", ".join(f"{n} {s}" for s, n in sorted(b["batches"].items()))
+            typer.echo(f"  batch API ({b['profile']}): {b['stored']:,} of {b['texts']:,} texts stored, "
+                       f"{b['in_flight']:,} in flight, {b['failed']:,} failed; batches: {by_status} "
+                       f"(updated {b['updated']}); the same --batch command resumes them")
         if entry.get("adapter"):
             a = entry["adapter"]
             kept = f"keeps {a['retention']:.0%} of the model's retrieval" if a.get("retention") else "judged on its own"
@@ -837,6 +872,12 @@ def _print_plan(p: dict[str, Any]) -> None:
         f"  tokens            {tokens}" + (f"; {p['over_limit']:,} over the limit" if p["over_limit"] else ""),
         f"  estimated cost    {usd}",
         f"  estimated time    {_duration(p['estimated_seconds'])}{rate}",
+    ]
+    if p.get("batch_window_s"):  # an OpenAI-protocol target: the Batch API is the other way
+        batch_usd = "-" if p["estimated_usd_batch"] is None else f"${p['estimated_usd_batch']:.4f}"
+        lines.append(f"  with --batch      {batch_usd}, results within {_duration(p['batch_window_s'])} "
+                     "(the provider's completion window)")
+    lines += [
         f"  storage           Qdrant ~{_size(p['storage_bytes']['qdrant'])}, "
         f"vector store +{_size(p['storage_bytes']['vector_store'])}",
         f"  deprecation       {p['from_profile']}: {dep['from']['status']}; "
@@ -899,6 +940,8 @@ def migrate(
     tolerance: Annotated[Optional[float], typer.Option("--tolerance", min=0.0, max=1.0, help="Allowed metric drop, new vs old (default: migration.tolerance).")] = None,
     adapter: Annotated[Optional[bool], typer.Option("--adapter/--no-adapter", help="When the live model can no longer embed queries: fit a query adapter from the target first, so search works during the backfill (asked on a terminal; default with --yes: yes).")] = None,
     executor: ExecutorOpt = None,
+    batch: BatchOpt = False,
+    resubmit: ResubmitOpt = True,
     as_json: JsonOpt = False,
     cancel_on_interrupt: CancelOpt = False,
 ) -> None:
@@ -909,18 +952,18 @@ def migrate(
     from embedpipe.errors import ConfigError, MigrationError
 
     settings = _settings()
-    chosen = _executor(settings, to, executor)  # Ray missing: one line, before anything runs
+    chosen = _executor(settings, to, executor, batch)  # Ray missing: one line, before anything runs
     name = _resolve_index(settings, index)
     if golden is not None:
         from embedpipe.evaluation import read_golden
 
         read_golden(golden)  # a bad golden file fails before anything is spent
     client = _server(settings)
-    if client is not None and executor is not None:
-        raise ConfigError("--executor applies to a migration run in this process; the server "
+    if client is not None and (executor is not None or batch):
+        raise ConfigError("--executor and --batch apply to a migration run in this process; the server "
                           "embeds as its own config's [execution] engine says")
     if client is None:
-        planned, keep_probe = _plan_here(settings, name, to, dry_run, probe)
+        planned, keep_probe = _plan_here(settings, name, to, dry_run, probe, batch)
     else:  # the server stores a probe's vectors as it plans: they were paid for
         planned, keep_probe = _job(client, "plan", name, "planning", False, False, to=to,
                                    dry_run=dry_run, probe=probe), (lambda: None)
@@ -958,7 +1001,7 @@ def migrate(
             with _progress(show, f"building {name} on {to}") as progress:
                 report = run_migration(settings, name, to, golden=golden, force=force,
                                        tolerance=tolerance, plan=plan, progress=progress,
-                                       executor=chosen)
+                                       executor=chosen, resubmit=resubmit)
     except MigrationError as exc:
         failed = getattr(exc, "report", None)
         if failed and as_json:
@@ -981,6 +1024,7 @@ def migrate(
         f"Previous version {report['from_collection']} is standby: "
         f"`embedpipe rollback --index {report['index']}` undoes this"
     )
+    _print_executor(report.get("executor"))
 
 
 @app.command()
@@ -1078,9 +1122,10 @@ def _adapter_first(settings: Any, name: str, to: str, golden: Path | None, as_js
 
 
 def _plan_here(settings: Any, name: str, to: str, dry_run: bool,
-               probe: bool) -> tuple[dict[str, Any], Callable[[], Any]]:
+               probe: bool, batch: bool = False) -> tuple[dict[str, Any], Callable[[], Any]]:
     """The migration's plan, made in this process (as a server's ``plan`` job makes it),
-    and what stores a hosted probe's vectors once the user says yes."""
+    and what stores a hosted probe's vectors once the user says yes. A ``--batch`` run
+    probes only when asked: every text should go at the batch price."""
     from embedpipe.errors import NothingToMigrate
     from embedpipe.migration import plan_migration
 
@@ -1089,7 +1134,8 @@ def _plan_here(settings: Any, name: str, to: str, dry_run: bool,
 
         check_prefect()  # an unreachable server fails before the model is even loaded
     try:
-        plan = plan_migration(settings, name, to, dry_run=dry_run, probe=True if probe else None)
+        plan = plan_migration(settings, name, to, dry_run=dry_run,
+                              probe=True if probe else (False if batch else None))
     except NothingToMigrate as exc:
         return {"status": "nothing_to_do", "index": name, "to_profile": to, "detail": str(exc)}, lambda: None
     return {"status": "planned", "plan": plan.to_dict()}, lambda: plan.keep_probe(settings)

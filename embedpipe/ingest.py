@@ -81,6 +81,7 @@ class IngestReport:
     chunked: int = 0  # long texts embedded in pieces and averaged (hosted models)
     tokens: int | None = None  # dry run, hosted profiles: exact tokens that would be sent
     estimated_usd: float | None = None  # dry run: those tokens at the profile's price
+    estimated_usd_batch: float | None = None  # dry run: the same through the Batch API (--batch)
     # Documents not indexed: {"id", "reason"}; an invalid record skipped by --skip-invalid
     # also has its "path" and "line" (its id is None when the line could not be parsed).
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -105,11 +106,13 @@ def ingest(
     dry_run: bool = False,
     skip_invalid: bool | None = None,
     executor: str | None = None,
+    resubmit: bool = True,
 ) -> IngestReport:
     """Ingest documents from ``path`` into ``index``; see the module docstring.
 
-    ``executor`` ("local" or "ray"; default ``[execution] engine``) says where the texts
-    that need vectors are embedded.
+    ``executor`` ("local", "ray" or "batch"; default ``[execution] engine``) says where
+    the texts that need vectors are embedded; ``resubmit`` (batch): texts of failed,
+    expired or cancelled batches are submitted again, else reported failed.
 
     With ``dry_run`` the input is validated and diffed and the report says what would be
     added, updated and embedded; no model is loaded and nothing is written.
@@ -129,7 +132,8 @@ def ingest(
     skipped: list[FileError] = []
     invalid: list[FileError] | None = [] if skip_invalid else None
     documents = read_documents(Path(path), spec, skipped, invalid)
-    report = _ingest(settings, index, corpus, documents, profile, progress, dry_run, started, executor)
+    report = _ingest(settings, index, corpus, documents, profile, progress, dry_run, started, executor,
+                     resubmit)
     report.skipped = [{"path": e.path, "reason": e.reason} for e in skipped]
     report.warnings += [f"skipped {e.path}: {e.reason}" for e in skipped]
     if invalid:
@@ -161,7 +165,7 @@ def ingest_documents(
 def _ingest(
     settings: Settings, index: str, corpus: CorpusStore, documents: Iterable[Document],
     profile: str | None, progress: ProgressFactory | None, dry_run: bool, started: float,
-    executor: str | None = None,
+    executor: str | None = None, resubmit: bool = True,
 ) -> IngestReport:
     chosen = resolve_executor(settings, executor)  # an unknown name fails before staging
     if dry_run:
@@ -172,7 +176,7 @@ def _ingest(
     try:
         with index_lock(settings, index):
             return _ingest_staged(settings, index, corpus, staged, profile, progress, started,
-                                  executor=chosen)
+                                  executor=chosen, resubmit=resubmit)
     finally:
         staged.unlink(missing_ok=True)
 
@@ -234,6 +238,7 @@ def _ingest_staged(
     started: float,
     dry_run: bool = False,
     executor: str = "local",
+    resubmit: bool = True,
 ) -> IngestReport:
     versions = IndexVersions.open(settings)
     if not dry_run:
@@ -248,6 +253,10 @@ def _ingest_staged(
         profile = settings.profile(live.profile)
     else:
         profile = settings.profile(profile_name or settings.index_profile(index))
+    if executor == "batch":
+        from embedpipe.execution.batch_embed import require_batch_profile
+
+        require_batch_profile(profile)  # before anything is created
     embedder = build_embedder(profile, settings)
     fp = embedder.fingerprint
     if dry_run:
@@ -303,9 +312,10 @@ def _ingest_staged(
     try:
         # With Ray the cluster embeds ahead of the write path, which waits for each
         # vector instead of embedding it (a no-op in process).
-        with EmbedAhead(settings, profile, fp, [works], store, executor) as ahead:
+        with EmbedAhead(settings, profile, fp, [works], store, executor, resubmit=resubmit,
+                        batch_state=Layout(settings.data_dir).batch_state(index, fp)) as ahead:
             stats = embed_and_write(
-                ahead.gate(0, works()), embedder, write, store, window=settings.window,
+                ahead.gate(0, works()), ahead.write_embedder(embedder), write, store, window=settings.window,
                 # a chunked document is several points: the bar counts points, total unknown
                 progress=progress(None if chunker else todo) if progress else None,  # type: ignore[arg-type]
             )
@@ -633,6 +643,7 @@ def _dry_run(
         dry_run=True,
         tokens=tokens,
         estimated_usd=usd,
+        estimated_usd_batch=profile.usd(tokens, batch=True),
     )
 
 

@@ -126,6 +126,11 @@ class Layout:
         """Query adapters of an index's versions: ``adapters/<index>/<version>/<id>/``."""
         return self.root / "adapters" / check_index_name(index)
 
+    def batch_state(self, index: str, fingerprint: str) -> Path:
+        """The Batch API state (batch and file ids, what each holds) of an index's texts
+        in one embedding space: a killed ``--batch`` run resumes polling from it."""
+        return self.root / "batches" / check_index_name(index) / f"{fingerprint[:16]}.json"
+
     def runs(self, index: str) -> Path:
         return self.root / "runs" / f"{check_index_name(index)}.jsonl"
 

@@ -168,6 +168,10 @@ class MigrationPlan:
     # Whether the live model still embeds queries, and the adapter standing in
     # (``adapters.live_model_state``): the CLI offers an adapter first when it cannot.
     from_model: dict[str, Any] = field(default_factory=dict)
+    # Through the Batch API (``--batch``, OpenAI-protocol targets): the same tokens at the
+    # batch price, and the longest the provider may take (its completion window).
+    estimated_usd_batch: float | None = None
+    batch_window_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,6 +187,16 @@ class MigrationPlan:
         VectorStore(settings.data_dir, self.to_fingerprint, profile.dims, profile.name).add(hashes, vectors)
         self.probe_kept = len(hashes)
         return self.probe_kept
+
+
+def window_seconds(window: str) -> float | None:
+    """``"24h"`` -> 86400.0: a Batch API completion window in seconds (None if unreadable)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = window[:-1], window[-1:]
+    try:
+        return float(number) * units[unit]
+    except (ValueError, KeyError):
+        return None
 
 
 def _deprecation(profile: Profile | None) -> dict[str, Any]:
@@ -283,6 +297,8 @@ class Migration:
         self.resumed = False
         self.adapters_retired: list[str] = []  # by the cutover (see adapters.retire_superseded)
         self.executor: dict[str, Any] | None = None  # what a pre-embed on Ray did
+        # content hash -> reason, for texts the Batch API could not embed (``--batch``)
+        self.unembeddable: dict[str, str] = {}
         self.pre_embedded = 0  # vectors it stored (the build then finds them stored)
         self._embedder: Embedder | None = None
         self._check_target()
@@ -394,6 +410,9 @@ class Migration:
             },
             deprecation={"from": _deprecation(source_profile), "to": _deprecation(self.profile)},
         )
+        if self.profile.provider == "openai":
+            plan.estimated_usd_batch = self.profile.usd(tokens, batch=True) if self.profile.is_hosted else 0.0
+            plan.batch_window_s = window_seconds(self.profile.batch.completion_window)
         from embedpipe.adapters import live_model_state
 
         plan.from_model = live_model_state(self.settings, self.source, probe=not self.dry_run)
@@ -523,8 +542,9 @@ class Migration:
         for the cluster's vectors instead of being embedded here."""
         target = self._require_target()
         gate = functools.partial(ahead.gate, number) if ahead is not None else None
+        embedder = ahead.write_embedder(self.embedder) if ahead is not None else self.embedder
         stats = write_documents(
-            self.versions, self.corpus, target, ids, self.embedder, self.store(), self.settings,
+            self.versions, self.corpus, target, ids, embedder, self.store(), self.settings,
             progress=progress, on_batch=self._upserted, gate=gate,
         )
         self.stats.add(stats)
@@ -532,19 +552,23 @@ class Migration:
 
     @contextlib.contextmanager
     def embed_ahead(self, slices: Sequence[Sequence[str]], executor: str,
-                    progress: ProgressFactory | None = None) -> Iterator[EmbedAhead]:
-        """Embed the backfill of ``slices`` on ``executor`` ("ray": a Ray cluster) in the
-        background, partition by partition, committed to the vector store, while the
-        caller backfills slice after slice with ``ahead=``: the cluster's embedding and
-        the engine writes overlap. A no-op for "local". Resumable: a re-run embeds only
-        what no committed partition holds."""
+                    progress: ProgressFactory | None = None, resubmit: bool = True) -> Iterator[EmbedAhead]:
+        """Embed the backfill of ``slices`` on ``executor`` ("ray": a Ray cluster;
+        "batch": the provider's Batch API) in the background, committed to the vector
+        store as it comes, while the caller backfills slice after slice with ``ahead=``:
+        the embedding and the engine writes overlap. A no-op for "local". Resumable: a
+        re-run embeds only what the store lacks, and a batch run polls the batches its
+        state file names instead of submitting them again."""
         from embedpipe.execution import EmbedAhead, migration_streams
 
         self._require_target()
+        state = Layout(self.settings.data_dir).batch_state(self.index, self.fingerprint)
         ahead = EmbedAhead(self.settings, self.profile, self.fingerprint,
-                           migration_streams(self, slices), self.store(), executor, progress)
+                           migration_streams(self, slices), self.store(), executor, progress,
+                           batch_state=state, resubmit=resubmit)
         with ahead:
             yield ahead
+        self.unembeddable.update(ahead.failed)  # the catch-up does not send them again
         if executor != "local":
             self.pre_embedded += ahead.stats.embedded
             self.executor = ahead.stats.to_dict()
@@ -569,8 +593,13 @@ class Migration:
         under the index lock)."""
         target = self._require_target()
         total = SyncStats()
+        embedder = self.embedder
+        if self.unembeddable:  # what the batches failed is reported, not sent at full price
+            from embedpipe.execution.batch_embed import BatchOnly
+
+            embedder = BatchOnly(self.embedder, self.unembeddable, others_to_inner=True)  # type: ignore[assignment]
         for _ in range(passes):
-            stats = sync_version(self.versions, self.corpus, target, self.embedder, self.store(),
+            stats = sync_version(self.versions, self.corpus, target, embedder, self.store(),
                                  self.settings, progress=self.progress)
             total.add(stats)
             if not (stats.written or stats.deleted):

@@ -91,6 +91,7 @@ def index_status(settings: Settings, index: str | None = None) -> list[dict[str,
                 "corpus_segments": CorpusStore.for_index(settings.data_dir, name).segment_count(),
                 "migration": _migration_state(settings, name, {v.collection for v in found}),
                 "adapter": _adapter(settings, live),
+                "batches": _batches(settings, name),
                 "source": _source(settings, name),
                 "runs": last_runs(settings, name),
                 "engine": versions.engine.describe(),
@@ -158,6 +159,28 @@ def _vector_segments(settings: Settings, version: Any) -> int | None:
 
     store = VectorStore.existing(settings.data_dir, version.fingerprint, version.dims)
     return store.segment_count() if store is not None else None
+
+
+def _batches(settings: Settings, index: str) -> list[dict[str, Any]]:
+    """Batch API runs of the index (``--batch``) with work still at the provider or
+    texts reported failed: what each state file records (no call to the provider)."""
+    folder = Layout(settings.data_dir).batch_state(index, "0" * 16).parent
+    if not folder.is_dir():
+        return []
+    from embedpipe.batch import read_progress
+
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            progress = read_progress(path)
+        except EmbedpipeError:
+            continue  # an unreadable state: the next --batch run says so in one line
+        if progress is None or (progress.finished and not progress.failed):
+            continue
+        out.append({"profile": progress.profile, "batches": progress.batches, "texts": progress.texts,
+                    "stored": progress.stored, "failed": progress.failed, "in_flight": progress.in_flight,
+                    "requests": progress.requests, "updated": progress.updated})
+    return out
 
 
 def _migration_state(settings: Settings, index: str, collections: set[str]) -> dict[str, Any] | None:

@@ -35,6 +35,9 @@ import pyarrow.compute as pc
 from embedpipe.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from embedpipe.backends.base import Embedder
     from embedpipe.config import Settings
     from embedpipe.migration import Migration
     from embedpipe.pipeline import Work
@@ -55,7 +58,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Executor = Literal["local", "ray"]
+Executor = Literal["local", "ray", "batch"]
 Progress = Callable[[int], None]
 
 # Hashes checked against the store at a time while planning (bounded memory).
@@ -63,6 +66,9 @@ PLAN_WINDOW = 65_536
 # Texts the driver plans, ships and commits at a time: its memory holds one wave of
 # texts (about 250 MB of 500-token texts), not the corpus.
 WAVE = 100_000
+# A Batch API wave: its batches are in flight together (each up to the completion
+# window), so a wave is as large as memory allows; ten 50,000-input batches.
+BATCH_WAVE = 500_000
 
 
 @dataclass
@@ -77,6 +83,7 @@ class PreEmbedStats:
     failed: int = 0  # texts a worker could not embed (left to the in-process build)
     workers: int = 0
     note: str | None = None  # why nothing ran on the cluster, when so
+    batch: dict[str, Any] | None = None  # the Batch API's figures (``--batch``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,13 +93,17 @@ class PreEmbedStats:
         for name in ("planned", "partitions", "committed", "embedded", "failed"):
             setattr(self, name, getattr(self, name) + getattr(wave, name))
         self.workers = wave.workers
+        if wave.batch is not None:
+            mine = self.batch or {}
+            self.batch = {k: round(mine.get(k, 0) + v, 10) for k, v in wave.batch.items()}
 
 
 def resolve_executor(settings: Settings, override: str | None = None) -> Executor:
     """The executor a run uses: ``--executor`` when given, else ``[execution] engine``."""
     chosen = override or settings.execution.engine
-    if chosen not in ("local", "ray"):
-        raise ConfigError(f"unknown executor {chosen!r}; use --executor local or --executor ray")
+    if chosen not in ("local", "ray", "batch"):
+        raise ConfigError(f"unknown executor {chosen!r}; use --executor local or --executor ray "
+                          "(or --batch for a hosted model's Batch API)")
     return chosen  # type: ignore[return-value]
 
 
@@ -160,17 +171,32 @@ class EmbedAhead:
         self, settings: Settings, profile: Profile, fingerprint: str,
         streams: Sequence[Callable[[], Iterable[Work]]], store: VectorStore, executor: str,
         progress: Callable[[int], Progress] | None = None, embed: Callable[..., PreEmbedStats] | None = None,
+        batch_state: Path | None = None, resubmit: bool = True,
     ) -> None:
         """``embed`` stands in for :func:`~embedpipe.execution.ray_embed.embed_on_ray`
-        (same signature; tests pass a fake to play partitions in a chosen order)."""
+        (same signature; tests pass a fake to play partitions in a chosen order).
+        ``batch_state`` and ``resubmit``: the Batch API's state file and whether texts
+        of failed, expired or cancelled batches are submitted again (``--batch``)."""
         self.settings, self.profile, self.fingerprint = settings, profile, fingerprint
-        self._embed = embed
+        self.executor, self._embed = executor, embed
         self.streams, self.store, self.progress = list(streams), store, progress
+        self.batch_state, self.resubmit = batch_state, resubmit
         self.stats = PreEmbedStats(executor=executor)
-        self.active = executor != "local" and profile.is_local
-        if executor != "local" and not profile.is_local:
+        self.failed: dict[str, str] = {}  # content hash -> why the executor could not embed it
+        if executor == "batch":
+            from embedpipe.execution.batch_embed import require_batch_profile
+
+            require_batch_profile(profile)
+            if batch_state is None:
+                raise ConfigError("a Batch API run needs a state file (batch_state)")
+        self.active = executor == "batch" or (executor == "ray" and profile.is_local)
+        if executor == "ray" and not profile.is_local:
             self.stats.note = hosted_note(profile.name)
             log.info(self.stats.note)
+        # Texts per partition (what one commit settles) and per wave (held in memory).
+        self._part_size = (profile.batch.max_inputs_per_request if executor == "batch"
+                           else settings.execution.ray.batch_size)
+        self._wave = BATCH_WAVE if executor == "batch" else WAVE
         self._covered = [0] * len(self.streams)  # works of each stream whose vectors are settled
         self._changed = threading.Condition()
         self._stop = threading.Event()
@@ -181,7 +207,12 @@ class EmbedAhead:
     def __enter__(self) -> EmbedAhead:
         if not self.active:
             return self
-        if self._embed is None:
+        if self._embed is None and self.executor == "batch":
+            from embedpipe.execution.batch_embed import embed_on_batch_api
+
+            self._embed = functools.partial(embed_on_batch_api, state_path=self.batch_state,
+                                            resubmit=self.resubmit, failed=self.failed)
+        elif self._embed is None:
             from embedpipe.execution.ray_embed import embed_on_ray, ray_session
 
             self._embed = embed_on_ray
@@ -197,6 +228,16 @@ class EmbedAhead:
             self._thread.join()
         if self._session is not None:
             self._session.__exit__(None, None, None)
+
+    def write_embedder(self, embedder: Embedder) -> Embedder:
+        """The embedder the write path uses beside this: the same one, except in a batch
+        run, where a text the batches did not embed fails with their reason instead of
+        going to the synchronous API at the full price."""
+        if self.executor != "batch":
+            return embedder
+        from embedpipe.execution.batch_embed import BatchOnly
+
+        return BatchOnly(embedder, self.failed)  # type: ignore[return-value]
 
     def gate(self, number: int, works: Iterable[Work]) -> Iterator[Work]:
         """``works`` (stream ``number``, as the write path reads it), each handed on once
@@ -228,7 +269,7 @@ class EmbedAhead:
     def _run(self) -> None:
         try:
             for number, stream in enumerate(self.streams):
-                for wave, parts in planned_waves(stream(), self.store, self.settings.execution.ray.batch_size):
+                for wave, parts in planned_waves(stream(), self.store, self._part_size, self._wave):
                     if self._stop.is_set():
                         return
                     self._embed_wave(number, wave, parts)
@@ -270,15 +311,17 @@ class EmbedAhead:
 _END = 1 << 62  # "every work of the stream"
 
 
-def planned_waves(works: Iterable[Work], store: VectorStore, size: int) -> Iterator[tuple[dict[str, str], list[_Part]]]:
+def planned_waves(works: Iterable[Work], store: VectorStore, size: int,
+                  wave_size: int | None = None) -> Iterator[tuple[dict[str, str], list[_Part]]]:
     """(content hash -> text, partitions) of the texts among ``works`` that ``store``
     lacks, in stream order: partitions of at most ``size`` texts, waves of about
-    ``WAVE``. A partition's boundary is the index of the first work after it, so works
+    ``wave_size`` (default ``WAVE``). A partition's boundary is the index of the first work after it, so works
     before it need only stored vectors once it and every earlier partition are stored.
     The caller stores each wave before asking for the next (the store then answers
     for texts repeated across waves)."""
     if size <= 0:
         raise ConfigError("execution.ray.batch_size must be positive")
+    limit = wave_size or WAVE
     wave: dict[str, str] = {}
     previous: dict[str, str] = {}  # the wave yielded last: stored since ``held`` was read
     parts: list[_Part] = [_Part([], 0)]
@@ -296,7 +339,7 @@ def planned_waves(works: Iterable[Work], store: VectorStore, size: int) -> Itera
                 parts[-1].hashes.append(h)
             parts[-1].boundary = seen
             if len(parts[-1].hashes) >= size:
-                if len(wave) >= WAVE:
+                if len(wave) >= limit:
                     yield wave, parts
                     previous, wave, parts = wave, {}, []
                 parts.append(_Part([], seen))

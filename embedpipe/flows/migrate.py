@@ -100,9 +100,12 @@ def migrate_flow(
     tolerance: float | None = None,
     plan: dict[str, Any] | None = None,
     executor: str | None = None,
+    resubmit: bool = True,
 ) -> dict[str, Any]:
     """Move ``index`` to profile ``to``; returns the migration report as a dict.
-    ``executor`` ("local", "ray"; default ``[execution] engine``) embeds the backfill."""
+    ``executor`` ("local", "ray", "batch"; default ``[execution] engine``) embeds the
+    backfill; ``resubmit``: a batch run submits again what failed, expired or cancelled
+    batches did not complete (else reports it)."""
     settings = load_settings(config)
     with migration_lock(settings, index):
         m = Migration(settings, index, to, force=force)
@@ -114,7 +117,7 @@ def migrate_flow(
         advance = progress(len(todo)) if progress and todo else None
         slices = m.slices(todo)
         # the backfill bar tracks both: with Ray its works wait for the cluster's vectors
-        with m.embed_ahead(slices, executor) as ahead:  # a no-op for "local"
+        with m.embed_ahead(slices, executor, resubmit=resubmit) as ahead:  # a no-op for "local"
             for number, ids in enumerate(slices, start=1):
                 backfill_task(m, ids, number, advance, ahead if ahead.active else None)
         catch_up_task(m)
@@ -138,6 +141,7 @@ def run_migration(
     plan: dict[str, Any] | None = None,
     progress: ProgressFactory | None = None,
     executor: str | None = None,
+    resubmit: bool = True,
 ) -> dict[str, Any]:
     """Run :func:`migrate_flow` in this process; errors propagate as embedpipe errors."""
     check_prefect()
@@ -153,6 +157,7 @@ def run_migration(
             tolerance=tolerance,
             plan=plan,
             executor=executor,
+            resubmit=resubmit,
         )
     finally:
         _progress.pop(index, None)

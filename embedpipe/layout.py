@@ -19,6 +19,7 @@
       server.lock                          flock'ed by that server while it runs
       jobs/<id>.json                       that server's jobs: ingest, sync, migrate... (serve/jobs.py)
       watch/last.json                      the last deprecation watch, a row per live index (watch.py)
+      batches/<index>/<fp[:16]>.json      Batch API state: file and batch ids per index and space (batch.py)
 
 Every path that holds an index name is built by :class:`Layout`, and every one of its
 methods passes the name through :func:`check_index_name` first: the one check, so a name

@@ -241,6 +241,8 @@ def migrate(config: Path, target: str, executor: str) -> dict[str, Any]:
         "documents": report["documents"],
         "docs_per_s": report["documents"] / wall,
         "embedded": report["embedded"],
+        # texts the driver itself embedded (with Ray: 0 unless a worker failed one)
+        "driver_embedded": m.stats.embedded + m.caught_up.embedded,
         "reused": report["reused"],
         "failed": report["failed"],
         "executor": report.get("executor"),
@@ -286,8 +288,11 @@ def summarise(rounds: list[dict[str, Any]], variants: list[dict[str, Any]], gpus
         "median_of_round_ratios": {v: statistics.median(r["ratio_to_local"][v] for r in rounds)
                                    for v in sides[1:]},
         "embedded": {s: [r[s]["embedded"] for r in rounds] for s in sides},
-        "every_text_embedded_once": all(r[s]["embedded"] == r["local"]["embedded"]
-                                        for r in rounds for s in sides),
+        # the same count on both sides, and with Ray nothing embedded on the driver as well
+        "every_text_embedded_once": all(
+            r[s]["embedded"] == r["local"]["embedded"]
+            and r[s]["driver_embedded"] + ((r[s]["executor"] or {}).get("embedded") or 0) == r["local"]["embedded"]
+            for r in rounds for s in sides),
         "median_steps_s": {s: {k: statistics.median(r[s]["steps_s"].get(k, 0.0) for r in rounds)
                                for k in rounds[0][s]["steps_s"]} for s in sides},
         "median_machine_busy_cpu_s": {s: statistics.median(

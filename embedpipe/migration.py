@@ -299,6 +299,7 @@ class Migration:
         self.executor: dict[str, Any] | None = None  # what a pre-embed on Ray did
         # content hash -> reason, for texts the Batch API could not embed (``--batch``)
         self.unembeddable: dict[str, str] = {}
+        self._store: VectorStore | None = None
         self.pre_embedded = 0  # vectors it stored (the build then finds them stored)
         self._embedder: Embedder | None = None
         self._check_target()
@@ -329,9 +330,15 @@ class Migration:
         return self._embedder
 
     def store(self, create: bool = True) -> VectorStore | None:
+        """The target's vector store: one object for the run, so what a background
+        executor (``embed_ahead``) adds is what the backfill finds (a store reads its
+        hash index once)."""
         if not create:
             return VectorStore.existing(self.settings.data_dir, self.fingerprint, self.profile.dims)
-        return VectorStore(self.settings.data_dir, self.fingerprint, self.profile.dims, self.profile.name)
+        if self._store is None:
+            self._store = VectorStore(self.settings.data_dir, self.fingerprint, self.profile.dims,
+                                      self.profile.name)
+        return self._store
 
     @property
     def folder(self) -> Path:
@@ -593,11 +600,7 @@ class Migration:
         under the index lock)."""
         target = self._require_target()
         total = SyncStats()
-        embedder = self.embedder
-        if self.unembeddable:  # what the batches failed is reported, not sent at full price
-            from embedpipe.execution.batch_embed import BatchOnly
-
-            embedder = BatchOnly(self.embedder, self.unembeddable, others_to_inner=True)  # type: ignore[assignment]
+        embedder = self._catch_up_embedder()
         for _ in range(passes):
             stats = sync_version(self.versions, self.corpus, target, embedder, self.store(),
                                  self.settings, progress=self.progress)
@@ -607,6 +610,15 @@ class Migration:
         self._count_catch_up(total)
         self.save_state("caught_up")
         return total
+
+    def _catch_up_embedder(self) -> Embedder:
+        """The embedder of the catch-up passes: the target's, except that a text the
+        Batch API could not embed in this run is reported, not sent at the full price."""
+        if not self.unembeddable:
+            return self.embedder
+        from embedpipe.execution.batch_embed import BatchOnly
+
+        return BatchOnly(self.embedder, self.unembeddable, others_to_inner=True)  # type: ignore[return-value]
 
     def _count_catch_up(self, stats: SyncStats) -> None:
         self.caught_up.add(stats)
@@ -648,8 +660,8 @@ class Migration:
                 "cut over anyway"
             )
         with index_lock(self.settings, self.index, timeout=CUTOVER_WAIT_S):
-            stats = sync_version(self.versions, self.corpus, target, self.embedder, self.store(),
-                                 self.settings)
+            stats = sync_version(self.versions, self.corpus, target, self._catch_up_embedder(),
+                                 self.store(), self.settings)
             self._count_catch_up(stats)
             # A document that failed once and was written by a later pass is no failure.
             self.stats.failures = dict(stats.failures)

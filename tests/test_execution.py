@@ -23,7 +23,14 @@ import pytest
 from embedpipe.backends.local import LocalEmbedder
 from embedpipe.corpus import CorpusStore
 from embedpipe.errors import ConfigError, ExecutionError
-from embedpipe.execution import EmbedAhead, PreEmbedStats, partitions, planned_waves, resolve_executor
+from embedpipe.execution import (
+    EmbedAhead,
+    PreEmbedStats,
+    migration_streams,
+    partitions,
+    planned_waves,
+    resolve_executor,
+)
 from embedpipe.index import IndexVersions
 from embedpipe.ingest import ingest
 from embedpipe.migration import Migration
@@ -123,6 +130,45 @@ def test_embed_ahead_hands_each_work_on_once_its_partition_is_stored_while_the_r
             cluster.first_taken.set()
     assert cluster.taken == 20 and ahead.stats.embedded == 20 and ahead.stats.committed == 7
     assert cluster.taken_at_commit[0] == 0 and cluster.taken_at_commit[-1] > 0  # writes overlapped
+
+
+class _Stored:
+    """A fake ``embed_on_ray`` that stores every partition (the target's dims) and
+    counts its calls: one call is one wave, one actor pool."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, settings, profile, fp, todo, store, progress=None, parts=None,
+                 on_commit=None, stop=None) -> PreEmbedStats:
+        self.calls += 1
+        stats = PreEmbedStats(executor="ray", planned=len(todo), partitions=len(parts))
+        for part in parts:
+            stats.embedded += store.add(part, np.ones((len(part), store.dims), np.float32))
+            stats.committed += 1
+            on_commit(list(part))
+        return stats
+
+
+def test_a_migration_s_slices_share_one_wave_and_the_backfill_finds_every_vector(
+        make_settings, static_model_dir) -> None:
+    # windows of 4 works and slices of 15 documents: the backfill looks vectors up many
+    # times while the background thread stores more (it must see them: one store)
+    settings = make_settings("window = 4\n" + static_profile_toml(static_model_dir)
+                             + "\n[migration]\nslice_size = 15\nsample_size = 40\n"
+                             + RAY_TOML.replace("= 8", "= 3"))
+    ingest(settings, "kb", CORPUS, profile="local-minilm", executor="local")
+    m = Migration(settings, "kb", "static")
+    m.prepare()
+    todo = m.todo()
+    slices = m.slices(todo)
+    cluster = _Stored()
+    ahead = EmbedAhead(settings, m.profile, m.fingerprint, migration_streams(m, slices), m.store(), "ray",
+                       embed=cluster)
+    with ahead:
+        embedded = [m.backfill(ids, ahead=ahead, number=n).embedded for n, ids in enumerate(slices)]
+    assert len(slices) == 3 and embedded == [0, 0, 0]  # every vector came from the cluster
+    assert cluster.calls == 1 and ahead.stats.embedded == len(_texts(settings))  # one wave, all slices
 
 
 def test_embed_ahead_raises_the_cluster_s_failure_in_the_write_path(

@@ -148,16 +148,18 @@ class _Part:
 
 
 class EmbedAhead:
-    """Embeds on Ray, in a background thread, the texts of one or more work streams,
+    """Embeds on Ray or through the Batch API, in a background thread, the texts of one or more work streams,
     while the caller writes the engine from the same streams: the write path's
     embedding and the cluster's overlap, partition by partition.
 
     ``streams`` are functions that each return one stream of works, in the order the
     write path will read them (a migration: one per backfill slice; an ingest: one).
-    Stream by stream, wave by wave (at most ``WAVE`` texts in memory), the background
-    thread plans the texts the store lacks, cuts them into partitions of
-    ``[execution.ray] batch_size`` texts in stream order, and Ray embeds them; each
-    partition is committed whole to the vector store. :meth:`gate` hands the write
+    The background thread reads them as one sequence, wave by wave (at most ``WAVE``
+    texts in memory for Ray, ``BATCH_WAVE`` for the Batch API: a wave may span slices,
+    so one actor pool, or one set of batches in flight, serves many slices), plans the
+    texts the store lacks, cuts them into partitions of ``[execution.ray] batch_size``
+    texts (the Batch API: ``max_inputs_per_request``) in stream order, and the
+    executor embeds them; each partition is committed whole to the vector store. :meth:`gate` hands the write
     path its stream's works only as far as every partition before them is stored, so
     the write path finds each vector stored and embeds nothing (a text a worker could
     not embed is left to it). A wave is planned after the previous one is stored, so
@@ -197,7 +199,11 @@ class EmbedAhead:
         self._part_size = (profile.batch.max_inputs_per_request if executor == "batch"
                            else settings.execution.ray.batch_size)
         self._wave = BATCH_WAVE if executor == "batch" else WAVE
-        self._covered = [0] * len(self.streams)  # works of each stream whose vectors are settled
+        # The streams are planned as one sequence (one wave may span slices: one actor
+        # pool, or every batch in flight together): where each starts in it, and how many
+        # of its works have their vectors settled.
+        self._offsets: list[int | None] = [None] * len(self.streams)
+        self._covered = 0
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -243,43 +249,56 @@ class EmbedAhead:
         """``works`` (stream ``number``, as the write path reads it), each handed on once
         the partitions covering it are stored."""
         for index, work in enumerate(works):
-            if self.active and self._covered[number] <= index:
+            if self.active and not self._settled(number, index):
                 self._wait(number, index)
             yield work
 
     def wait(self) -> PreEmbedStats:
         """Block until every stream is embedded (the pre-embed without overlap)."""
-        for number in range(len(self.streams)):
-            if self.active:
-                self._wait(number, _END - 1)
+        if self.active and self.streams:
+            self._wait(len(self.streams) - 1, _END)
         return self.stats
+
+    def _settled(self, number: int, index: int) -> bool:
+        start = self._offsets[number]
+        return self._covered >= _END or (start is not None and self._covered > start + index)
 
     def _wait(self, number: int, index: int) -> None:
         with self._changed:
-            while self._covered[number] <= index and self._error is None:
+            while not self._settled(number, index) and self._error is None:
                 self._changed.wait()
         if self._error is not None:
             raise self._error
 
-    def _cover(self, number: int, upto: int) -> None:
+    def _cover(self, upto: int) -> None:
         with self._changed:
-            self._covered[number] = max(self._covered[number], upto)
+            self._covered = max(self._covered, upto)
             self._changed.notify_all()
+
+    def _sequence(self) -> Iterator[Work]:
+        """Every stream's works, one after the other, noting where each starts."""
+        count = 0
+        for number, stream in enumerate(self.streams):
+            with self._changed:
+                self._offsets[number] = count
+                self._changed.notify_all()
+            for work in stream():
+                count += 1
+                yield work
 
     def _run(self) -> None:
         try:
-            for number, stream in enumerate(self.streams):
-                for wave, parts in planned_waves(stream(), self.store, self._part_size, self._wave):
-                    if self._stop.is_set():
-                        return
-                    self._embed_wave(number, wave, parts)
-                self._cover(number, _END)
+            for wave, parts in planned_waves(self._sequence(), self.store, self._part_size, self._wave):
+                if self._stop.is_set():
+                    return
+                self._embed_wave(wave, parts)
+            self._cover(_END)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting write path
             with self._changed:
                 self._error = exc
                 self._changed.notify_all()
 
-    def _embed_wave(self, number: int, wave: dict[str, str], parts: list[_Part]) -> None:
+    def _embed_wave(self, wave: dict[str, str], parts: list[_Part]) -> None:
         owner = {h: n for n, part in enumerate(parts) for h in part.hashes}
         for part in parts:
             part.left = set(part.hashes)
@@ -294,7 +313,7 @@ class EmbedAhead:
             while done < len(parts) and not parts[done].left:
                 done += 1
             if done:
-                self._cover(number, parts[done - 1].boundary)
+                self._cover(parts[done - 1].boundary)
 
         committed([])  # leading partitions with nothing to embed are settled already
         if not wave:

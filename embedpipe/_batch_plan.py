@@ -66,6 +66,14 @@ class PlannedBatch:
     billed_tokens: int = 0
     stored: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # hash -> reason, this batch
+    run: int = 0  # the run (``BatchState.run``) whose submission this is: attempts count per run
+
+    @property
+    def failed_whole(self) -> bool:
+        """The provider failed the batch as a whole (batch-level ``errors``, e.g. OpenAI's
+        ``token_limit_exceeded``) and no line of it completed."""
+        return self.done and self.status == "failed" and bool(self.errors) and not self.stored \
+            and not self.billed_tokens
 
     @property
     def inputs(self) -> int:
@@ -95,8 +103,12 @@ class BatchState:
     fingerprint: str
     model: str
     batches: list[PlannedBatch] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)  # hash -> reason, final
+    failed: dict[str, str] = field(default_factory=dict)  # hash -> reason, final (planning refusals)
     updated: str = ""
+    run: int = 0  # counts the runs (calls) that used this state: attempts are per run
+    # hash -> reason, texts the last run gave up on after max_attempts submissions; the
+    # next run tries them again (a fresh max_attempts)
+    exhausted: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def read(cls, path: Path) -> BatchState | None:
@@ -113,7 +125,7 @@ class BatchState:
                              "batch state file")
         return cls(Path(path), raw["profile"], raw["fingerprint"], raw["model"],
                    [PlannedBatch.from_json(b) for b in raw["batches"]], raw.get("failed", {}),
-                   raw.get("updated", ""))
+                   raw.get("updated", ""), raw.get("run", 0), raw.get("exhausted", {}))
 
     @classmethod
     def open(cls, path: Path, profile: Profile, fingerprint: str) -> BatchState:
@@ -132,6 +144,7 @@ class BatchState:
         self.updated = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         data = {"version": STATE_VERSION, "profile": self.profile, "fingerprint": self.fingerprint,
                 "model": self.model, "updated": self.updated, "failed": self.failed,
+                "run": self.run, "exhausted": self.exhausted,
                 "batches": [asdict(b) for b in self.batches]}
         write_json(self.path, data, durable=True)
 
@@ -139,9 +152,13 @@ class BatchState:
         return f"b{len(self.batches) + 1:04d}"
 
     def attempts(self) -> dict[str, int]:
-        """Hash -> how many batches it was put in (each one a submission, or about to be)."""
+        """Hash -> how many batches of this run it was put in (each one a submission, or
+        about to be). Earlier runs' batches do not count: re-running gives a text a fresh
+        ``max_attempts``."""
         counts: dict[str, int] = {}
         for b in self.batches:
+            if b.run != self.run:
+                continue
             for h in set(b.hashes):
                 counts[h] = counts.get(h, 0) + 1
         return counts

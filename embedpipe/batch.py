@@ -102,10 +102,11 @@ class BatchProgress:
     batches: dict[str, int]  # status -> batches ("planned", "uploaded", the provider's, "done")
     texts: int  # distinct texts the state knows
     stored: int  # of them, stored from a finished batch
-    failed: int  # reported failed for good
+    failed: int  # reported failed for good (no batch can take them)
     in_flight: int  # in a batch not finished yet
     requests: dict[str, int]  # the unfinished batches' request_counts, summed
     updated: str  # when the state was last written (UTC)
+    exhausted: int = 0  # the last run gave up on them after max_attempts; running again retries
 
     @property
     def finished(self) -> bool:
@@ -131,7 +132,8 @@ def read_progress(state_path: Path) -> BatchProgress | None:
     in_flight = state.in_flight() - stored
     known = {h for b in state.batches for h in b.hashes} | set(state.failed)
     return BatchProgress(Path(state_path), state.profile, statuses, len(known), len(stored),
-                         len(set(state.failed) - stored), len(in_flight), requests, state.updated)
+                         len(set(state.failed) - stored), len(in_flight), requests, state.updated,
+                         exhausted=len(set(state.exhausted) - stored))
 
 
 def embed_with_batches(
@@ -168,6 +170,17 @@ class _Run:
         self.profile, self.texts, self.store = profile, texts, store
         self.ledger, self.resubmit, self.on_stored, self.sleep = ledger, resubmit, on_stored, sleep
         self.state = BatchState.open(state_path, profile, fp)
+        # A new run: the batches still in flight become this run's, and every text gets a
+        # fresh max_attempts (the ones an earlier run gave up on are tried again; only
+        # planning refusals are failed for good). Older state files wrote those to failed.
+        self.state.run += 1
+        for b in self.state.batches:
+            if b.active:
+                b.run = self.state.run
+        self.state.exhausted = {}
+        self.state.failed = {h: r for h, r in self.state.failed.items() if "batch.max_attempts" not in r}
+        # Texts of a batch the provider failed whole, held back until nothing else is active.
+        self.held: set[str] = set()
         self.client: openai.OpenAI = profile_client(profile)
         self.limiter = RateLimiter()  # batch calls do not spend the embeddings budgets
         self.stats = BatchStats()
@@ -178,13 +191,20 @@ class _Run:
     def go(self) -> BatchStats:
         self.stats.resumed = sum(1 for b in self.state.batches if b.active)
         self.stats.skipped = len(self.store.present(self.texts))
-        self._plan_new()
-        delay = self.profile.batch.poll_initial_s
+        self._plan_new(release=not any(b.active for b in self.state.batches))
+        delay = retry = self.profile.batch.poll_initial_s
         while True:
             submitted = self._submit_planned()
             active = [b for b in self.state.batches if b.active]
             if not active:
-                break
+                if not self.held:
+                    break
+                # Batches the provider failed whole (e.g. the enqueued-token limit): sent
+                # again only once nothing else is in flight, after a wait that doubles.
+                self.sleep(retry)
+                retry = min(retry * 2, self.profile.batch.poll_max_s)
+                self._plan_new(release=True)
+                continue
             if submitted:
                 delay = self.profile.batch.poll_initial_s
             if self._poll(active):
@@ -196,15 +216,20 @@ class _Run:
         return self.stats
 
     # -- planning -------------------------------------------------------------------
-    def _plan_new(self) -> None:
+    def _plan_new(self, release: bool = False) -> None:
         """Batches for the texts that need one: never submitted, or (resubmit) back from
-        a batch that did not store them, with submissions left."""
+        a batch that did not store them, with submissions left. The texts of a batch the
+        provider failed whole wait (``self.held``) unless ``release``."""
         present = self.store.present(self.texts)
         flying, attempts = self.state.in_flight(), self.state.attempts()
         reasons = self.state.last_reasons()
+        whole = set() if release else self._failed_whole()
+        ever = {h for b in self.state.batches for h in b.hashes}
+        self.held = set()
         todo: dict[str, str] = {}
         for h, text in self.texts.items():
-            if h in present or h in flying or h in self.state.failed or h in self.unsent:
+            if (h in present or h in flying or h in self.state.failed or h in self.unsent
+                    or h in self.state.exhausted):
                 continue
             tried = attempts.get(h, 0)
             last = reasons.get(h, "not stored")
@@ -212,22 +237,37 @@ class _Run:
                 self.unsent[h] = f"{last} (not resubmitted: resubmit is off)"
                 continue
             if tried >= self.profile.batch.max_attempts:
-                self.state.failed[h] = (f"{last} (after {tried} submissions; batch.max_attempts = "
-                                        f"{self.profile.batch.max_attempts})")
+                self.state.exhausted[h] = (f"{last} (after {tried} submissions; batch.max_attempts = "
+                                           f"{self.profile.batch.max_attempts}; running again tries again)")
+                continue
+            if h in whole:
+                self.held.add(h)
                 continue
             todo[h] = text
-            self.stats.resubmitted += 1 if tried else 0
+            self.stats.resubmitted += 1 if h in ever else 0
         if not todo:
             return
         batches, refused = plan_batches(self.profile, todo, len(self.state.batches) + 1)
         self.state.failed.update(refused)
+        for b in batches:
+            b.run = self.state.run
         self.state.batches.extend(batches)
         self.state.save()  # planned before anything is uploaded
 
+    def _failed_whole(self) -> set[str]:
+        """The texts whose latest batch the provider failed as a whole."""
+        latest: dict[str, PlannedBatch] = {}
+        for b in self.state.batches:
+            for h in b.hashes:
+                latest[h] = b
+        return {h for h, b in latest.items() if b.failed_whole}
+
     def _report_failed(self) -> None:
         present = self.store.present(self.texts)
-        failed = {**self.state.failed, **self.unsent}
+        failed = {**self.state.exhausted, **self.state.failed, **self.unsent}
         self.stats.failed = {h: r for h, r in failed.items() if h in self.texts and h not in present}
+        if self.state.batches or self.state.failed:
+            self.state.save()  # what this run gave up on, for read_progress
 
     # -- submitting -----------------------------------------------------------------
     def _submit_planned(self) -> int:

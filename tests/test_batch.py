@@ -197,7 +197,46 @@ def test_texts_that_keep_failing_stop_at_the_attempt_limit(setup, openai_server)
     counters = openai_server.counters()
     assert counters["batches_created"] == 2 and counters["batch_tokens_billed"] == 0
     assert batch_ledger(settings) == []
-    assert run(settings, profile, texts).batches == 0  # failed for good: not tried again
+    # Running again (the user re-runs the command) gives each text a fresh max_attempts.
+    openai_server.configure(batch_fail_rate=0.0)
+    again = run(settings, profile, texts)
+    assert again.batches == 1 and again.stored == 3 and again.failed == {}
+
+
+def test_a_batch_failed_whole_waits_for_the_others_and_a_rerun_gets_fresh_attempts(
+    setup, openai_server
+) -> None:
+    # Batches of 3 and 1 texts; the provider fails the 3-text one whole at once (as
+    # OpenAI's token_limit_exceeded does), while the 1-text one runs for a while.
+    settings, profile = setup(batch="max_inputs_per_batch = 3\nmax_attempts = 2\n")
+    openai_server.configure(batch_max_inputs=2, batch_delay_s=0.3)
+    texts = make_texts(4)
+    seen: list[tuple[int, int]] = []
+
+    def sleep(seconds: float) -> None:
+        c = openai_server.counters()
+        seen.append((c["batches_created"], c["batch_lines_completed"]))
+        if c["batch_lines_completed"]:  # the other batch is done: the limit has room again
+            openai_server.configure(batch_max_inputs=50_000, batch_delay_s=0.0)
+        time.sleep(seconds)
+
+    stats = run(settings, profile, texts, sleep=sleep)
+    # Not resubmitted while the other batch ran: no attempt burnt, then stored.
+    assert all(created == 2 for created, done in seen if not done)
+    assert stats.failed == {} and stats.stored == 4 and stats.batches == 3
+    assert sorted(stats.statuses.values()) == ["completed", "completed", "failed"]
+    # A run that did use up its attempts on whole failures is tried again by the next run.
+    settings, profile = setup(batch="max_attempts = 2\n")
+    openai_server.configure(batch_max_inputs=2, batch_delay_s=0.0)
+    path = settings.data_dir / "other.json"
+    more = make_texts(7)
+    stats = embed_with_batches(profile, more, store_for(settings, profile), path)
+    assert len(stats.failed) == 3 and all("too_many_inputs" in r for r in stats.failed.values())
+    progress = read_progress(path)
+    assert progress.failed == 0 and progress.exhausted == 3
+    openai_server.configure(batch_max_inputs=50_000)
+    stats = embed_with_batches(profile, more, store_for(settings, profile), path)
+    assert stats.failed == {} and stats.stored == 3 and stats.batches == 1
 
 
 def test_a_batch_the_provider_fails_on_validation_reports_its_errors(setup, openai_server) -> None:

@@ -157,7 +157,7 @@ class BatchState:
         ``max_attempts``."""
         counts: dict[str, int] = {}
         for b in self.batches:
-            if b.run != self.run:
+            if b.run != self.run or b.status == "discarded":
                 continue
             for h in set(b.hashes):
                 counts[h] = counts.get(h, 0) + 1

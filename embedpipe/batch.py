@@ -122,6 +122,8 @@ def read_progress(state_path: Path) -> BatchProgress | None:
     requests = {"total": 0, "completed": 0, "failed": 0}
     stored: set[str] = set()
     for b in state.batches:
+        if b.status == "discarded":  # planned, never uploaded, dropped: cost nothing
+            continue
         name = "done" if b.done else b.status
         statuses[name] = statuses.get(name, 0) + 1
         if b.done:
@@ -130,7 +132,7 @@ def read_progress(state_path: Path) -> BatchProgress | None:
             for k in requests:
                 requests[k] += b.request_counts.get(k, 0)
     in_flight = state.in_flight() - stored
-    known = {h for b in state.batches for h in b.hashes} | set(state.failed)
+    known = {h for b in state.batches if b.status != "discarded" for h in b.hashes} | set(state.failed)
     return BatchProgress(Path(state_path), state.profile, statuses, len(known), len(stored),
                          len(set(state.failed) - stored), len(in_flight), requests, state.updated,
                          exhausted=len(set(state.exhausted) - stored))
@@ -220,11 +222,16 @@ class _Run:
         """Batches for the texts that need one: never submitted, or (resubmit) back from
         a batch that did not store them, with submissions left. The texts of a batch the
         provider failed whole wait (``self.held``) unless ``release``."""
+        for b in self.state.batches:
+            if b.status == "planned" and not b.done and any(h not in self.texts for h in b.hashes):
+                # Planned by a killed run, never uploaded, and not all its texts are passed
+                # again: it cost nothing; its passed texts are planned anew just below.
+                b.done, b.status, b.failed = True, "discarded", {}
         present = self.store.present(self.texts)
         flying, attempts = self.state.in_flight(), self.state.attempts()
         reasons = self.state.last_reasons()
         whole = set() if release else self._failed_whole()
-        ever = {h for b in self.state.batches for h in b.hashes}
+        ever = {h for b in self.state.batches if b.status != "discarded" for h in b.hashes}
         self.held = set()
         todo: dict[str, str] = {}
         for h, text in self.texts.items():
@@ -282,12 +289,6 @@ class _Run:
         return made
 
     def _upload(self, b: PlannedBatch) -> None:
-        missing = [h for h in b.hashes if h not in self.texts]
-        if missing:  # a resumed plan whose texts the caller no longer passes
-            b.done, b.status = True, "abandoned"
-            b.failed = {h: "planned for a batch but not passed again; nothing was submitted" for h in b.hashes}
-            self.state.save()
-            return
         raw = input_file(self.profile, b, self.texts)
         deadline = self.profile.limits.timeout_s + len(raw) / _MIN_BYTES_PER_S
         card = self._call(lambda: self.client.files.create(

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedpipe._batch_plan import input_file, plan_batches
+from embedpipe._batch_plan import BatchState, input_file, plan_batches
 from embedpipe.backends.hosted import HostedEmbedder
 from embedpipe.batch import BatchStats, embed_with_batches, read_progress
 from embedpipe.corpus import content_hash
@@ -307,6 +307,25 @@ def test_a_file_uploaded_before_a_kill_is_matched_to_its_batch_not_submitted_aga
     stats = run(settings, profile, texts)
     assert stats.stored == 4 and stats.batches == 0
     assert openai_server.counters()["batches_created"] == 1
+
+
+def test_a_batch_planned_but_never_uploaded_is_discarded_and_its_passed_texts_planned_anew(
+    setup, openai_server
+) -> None:
+    settings, profile = setup()
+    texts = make_texts(4)
+    # As if a run was killed after planning its one batch, before the upload.
+    path = settings.data_dir / "batch.json"
+    planned, _ = plan_batches(profile, texts, 1)
+    BatchState(path, profile.name, fingerprint(profile), profile.model, planned, run=1).save()
+    passed = dict(list(texts.items())[:3])  # the caller no longer passes one of them
+    stats = run(settings, profile, passed)
+    assert stats.failed == {} and stats.stored == 3 and stats.batches == 1
+    assert stats.attempts == {1: 3} and stats.resubmitted == 0  # the discarded one cost nothing
+    assert openai_server.counters()["batch_inputs_billed"] == 3
+    progress = read_progress(path)
+    assert (progress.texts, progress.stored, progress.failed, progress.in_flight) == (3, 3, 0, 0)
+    assert progress.batches == {"done": 1}
 
 
 _CHILD = """

@@ -149,10 +149,16 @@ def embed_with_batches(
     on_stored: Callable[[list[str]], None] | None = None,
     sovereign: bool = False,
     sleep: Callable[[float], None] = time.sleep,
+    should_stop: Callable[[], bool] | None = None,
 ) -> BatchStats:
     """Store a vector for every text of ``texts`` (content hash -> text) through the
-    Batch API, or report why not (``stats.failed``). Resumes ``state_path``'s batches."""
+    Batch API, or report why not (``stats.failed``). Resumes ``state_path``'s batches.
+
+    ``should_stop`` is asked before each upload and each batch creation; when it answers
+    True the call raises ``BatchError`` (what was uploaded or created is in the state
+    file, and the same command resumes it)."""
     run = _Run(profile, texts, store, Path(state_path), ledger, resubmit, on_stored, sovereign, sleep)
+    run.should_stop = should_stop
     return run.go()
 
 
@@ -183,6 +189,7 @@ class _Run:
         self.state.failed = {h: r for h, r in self.state.failed.items() if "batch.max_attempts" not in r}
         # Texts of a batch the provider failed whole, held back until nothing else is active.
         self.held: set[str] = set()
+        self.should_stop: Callable[[], bool] | None = None
         self.client: openai.OpenAI = profile_client(profile)
         self.limiter = RateLimiter()  # batch calls do not spend the embeddings budgets
         self.stats = BatchStats()
@@ -282,11 +289,18 @@ class _Run:
         for b in self.state.batches:
             fresh = b.status == "planned"
             if fresh:
+                self._check_stop(f"uploading batch {b.key}")
                 self._upload(b)
             if b.status == "uploaded":
+                self._check_stop(f"creating batch {b.key}")
                 # Uploaded by an earlier, killed run: it may have created the batch too.
                 made += self._create(b, adopt=not fresh)
         return made
+
+    def _check_stop(self, what: str) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise BatchError(f"profile {self.profile.name!r}: stopped before {what}; what was "
+                             "submitted is in the state file: the same command resumes")
 
     def _upload(self, b: PlannedBatch) -> None:
         raw = input_file(self.profile, b, self.texts)

@@ -328,6 +328,29 @@ def test_a_batch_planned_but_never_uploaded_is_discarded_and_its_passed_texts_pl
     assert progress.batches == {"done": 1}
 
 
+def test_should_stop_is_asked_between_uploads_and_creations_and_the_same_command_resumes(
+    setup, openai_server
+) -> None:
+    settings, profile = setup(batch="max_inputs_per_batch = 2\n")
+    texts = make_texts(6)  # three batches
+    asked: list[int] = []
+
+    def should_stop() -> bool:
+        asked.append(openai_server.counters()["files_uploaded"])
+        return len(asked) > 3  # upload 1, create 1, upload 2, then stop before creating 2
+
+    with pytest.raises(BatchError, match="the same command resumes"):
+        run(settings, profile, texts, should_stop=should_stop)
+    counters = openai_server.counters()
+    assert (counters["files_uploaded"], counters["batches_created"]) == (2, 1)
+    state = json.loads((settings.data_dir / "batch.json").read_text())
+    assert [b["status"] for b in state["batches"]][1:] == ["uploaded", "planned"]
+    stats = run(settings, profile, texts)
+    assert stats.stored == 6 and stats.failed == {}
+    counters = openai_server.counters()
+    assert (counters["files_uploaded"], counters["batches_created"], counters["batch_inputs_billed"]) == (3, 3, 6)
+
+
 _CHILD = """
 import sys
 from pathlib import Path

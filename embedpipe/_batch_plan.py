@@ -67,6 +67,11 @@ class PlannedBatch:
     stored: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # hash -> reason, this batch
     run: int = 0  # the run (``BatchState.run``) whose submission this is: attempts count per run
+    # The ledger line of a finished batch: written after ``done`` is saved, then ``billed``
+    # is saved; a run killed between the two writes it when it resumes.
+    billed: bool = False
+    billed_lines: int = 0
+    billed_inputs: int = 0
 
     @property
     def failed_whole(self) -> bool:
@@ -91,6 +96,7 @@ class PlannedBatch:
     def from_json(cls, raw: dict[str, Any]) -> PlannedBatch:
         raw = dict(raw)
         raw["requests"] = [Request(**r) for r in raw["requests"]]
+        raw.setdefault("billed", raw.get("done", False))  # older files billed before saving
         return cls(**raw)
 
 

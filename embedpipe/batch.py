@@ -200,6 +200,9 @@ class _Run:
     def go(self) -> BatchStats:
         self.stats.resumed = sum(1 for b in self.state.batches if b.active)
         self.stats.skipped = len(self.store.present(self.texts))
+        for b in self.state.batches:
+            if b.done and not b.billed and b.status != "discarded":  # killed before its ledger line
+                self._bill(b)
         self._plan_new(release=not any(b.active for b in self.state.batches))
         delay = retry = self.profile.batch.poll_initial_s
         while True:
@@ -376,18 +379,24 @@ class _Run:
                 lines.update(self._download(file_id))
         pieces, failed, billed, ok_lines = self._match(b, lines)
         hashes, vectors = _complete_texts(self.profile, b, pieces, failed)
-        new = self.store.add(hashes, vectors) if hashes else 0
+        # Vectors of texts the caller did not pass (a batch resumed from an earlier run)
+        # are stored too (they were paid for), but reported and counted only for passed ones.
+        mine = [h for h in hashes if h in self.texts]
+        before = self.store.present(mine)
+        if hashes:
+            self.store.add(hashes, vectors)
         b.failed, b.billed_tokens, b.stored, b.done = failed, billed, len(hashes), True
+        b.billed_lines, b.billed_inputs = ok_lines, sum(len(pieces[r]) for r in pieces)
         self.state.save()
-        self._bill(b, billed, ok_lines, sum(len(pieces[r]) for r in pieces))
-        self.stats.stored += new
+        self._bill(b)
+        self.stats.stored += len(mine) - len(before)
         self.stats.statuses[b.batch_id or b.key] = b.status
         attempts = self.state.attempts()
         for h in hashes:
             n = attempts.get(h, 1)
             self.stats.attempts[n] = self.stats.attempts.get(n, 0) + 1
-        if hashes and self.on_stored is not None:
-            self.on_stored(hashes)
+        if mine and self.on_stored is not None:
+            self.on_stored(mine)
         self._forget_files(b)
         log.info("%s: batch %s %s: %d stored, %d not", self.profile.name, b.batch_id, b.status,
                  len(hashes), len(failed))
@@ -432,12 +441,17 @@ class _Run:
             # A 200 line the protocol does not allow: its texts are not stored (and resubmitted).
             raise RequestFailed(f"the provider returned an unusable result ({exc})") from None
 
-    def _bill(self, b: PlannedBatch, tokens: int, lines: int, inputs: int) -> None:
+    def _bill(self, b: PlannedBatch) -> None:
+        """The ledger line of finished batch ``b`` (its results saved), then ``billed``
+        saved: a kill in between is billed when the run resumes, never lost."""
+        tokens = b.billed_tokens
         self.stats.tokens += tokens
         self.stats.usd += self.profile.usd(tokens, batch=True) or 0.0
-        if self.ledger is not None and lines:
-            self.ledger.record(self.profile.name, self.profile.model, "embeddings", inputs, tokens,
-                               self.profile.batch_price, requests=lines, api="batch")
+        if self.ledger is not None and b.billed_lines:
+            self.ledger.record(self.profile.name, self.profile.model, "embeddings", b.billed_inputs, tokens,
+                               self.profile.batch_price, requests=b.billed_lines, api="batch")
+        b.billed = True
+        self.state.save()
 
     # -- the provider's files -------------------------------------------------------
     def _download(self, file_id: str) -> dict[str, dict[str, Any]]:

@@ -351,6 +351,44 @@ def test_should_stop_is_asked_between_uploads_and_creations_and_the_same_command
     assert (counters["files_uploaded"], counters["batches_created"], counters["batch_inputs_billed"]) == (3, 3, 6)
 
 
+def test_a_resumed_batch_of_texts_not_passed_is_stored_but_not_reported(setup, openai_server) -> None:
+    settings, profile = setup()
+    openai_server.configure(batch_delay_s=0.3)
+    earlier, now = make_texts(4), dict(list(make_texts(6).items())[4:])
+    with pytest.raises(_Stop):
+        run(settings, profile, earlier, sleep=_interrupt)
+    seen: list[str] = []
+    stats = run(settings, profile, now, on_stored=seen.extend)
+    assert stats.resumed == 1 and stats.stored == 2 and sorted(seen) == sorted(now)
+    assert len(store_for(settings, profile)) == 6  # the earlier batch's vectors were paid for: kept
+
+
+class _FailingLedger(UsageLedger):
+    fail = True
+
+    def record(self, *args, **kw):
+        if _FailingLedger.fail:
+            _FailingLedger.fail = False
+            raise _Stop  # killed between saving the batch done and writing its ledger line
+        return super().record(*args, **kw)
+
+
+def test_a_kill_before_the_ledger_line_is_billed_on_resume_exactly_once(setup, openai_server) -> None:
+    settings, profile = setup()
+    texts = make_texts(3)
+    _FailingLedger.fail = True
+    with pytest.raises(_Stop):
+        embed_with_batches(profile, texts, store_for(settings, profile), settings.data_dir / "batch.json",
+                           _FailingLedger(settings.data_dir))
+    assert batch_ledger(settings) == []
+    stats = run(settings, profile, texts)
+    assert stats.batches == 0 and stats.stored == 0 and stats.skipped == 3
+    billed = openai_server.counters()["batch_tokens_billed"]
+    assert sum(r.tokens for r in batch_ledger(settings)) == billed > 0 and len(batch_ledger(settings)) == 1
+    run(settings, profile, texts)
+    assert len(batch_ledger(settings)) == 1  # never twice
+
+
 _CHILD = """
 import sys
 from pathlib import Path

@@ -115,6 +115,9 @@ class BatchState:
     # hash -> reason, texts the last run gave up on after max_attempts submissions; the
     # next run tries them again (a fresh max_attempts)
     exhausted: dict[str, str] = field(default_factory=dict)
+    # hash -> reason, texts a run with resubmit off did not send again (a run that
+    # resubmits takes them up)
+    unsent: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def read(cls, path: Path) -> BatchState | None:
@@ -129,9 +132,15 @@ class BatchState:
         if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
             raise BatchError(f"batch state {path} is not a version-{STATE_VERSION} embedpipe "
                              "batch state file")
-        return cls(Path(path), raw["profile"], raw["fingerprint"], raw["model"],
-                   [PlannedBatch.from_json(b) for b in raw["batches"]], raw.get("failed", {}),
-                   raw.get("updated", ""), raw.get("run", 0), raw.get("exhausted", {}))
+        try:
+            return cls(Path(path), str(raw["profile"]), str(raw["fingerprint"]), str(raw["model"]),
+                       [PlannedBatch.from_json(b) for b in raw["batches"]], dict(raw.get("failed", {})),
+                       str(raw.get("updated", "")), int(raw.get("run", 0)), dict(raw.get("exhausted", {})),
+                       dict(raw.get("unsent", {})))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BatchError(f"batch state {path} is malformed ({type(exc).__name__}: {exc}); restore it "
+                             "from a backup, or move it away only if its batches were cancelled, "
+                             "or they are billed again") from None
 
     @classmethod
     def open(cls, path: Path, profile: Profile, fingerprint: str) -> BatchState:
@@ -150,7 +159,7 @@ class BatchState:
         self.updated = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         data = {"version": STATE_VERSION, "profile": self.profile, "fingerprint": self.fingerprint,
                 "model": self.model, "updated": self.updated, "failed": self.failed,
-                "run": self.run, "exhausted": self.exhausted,
+                "run": self.run, "exhausted": self.exhausted, "unsent": self.unsent,
                 "batches": [asdict(b) for b in self.batches]}
         write_json(self.path, data, durable=True)
 

@@ -107,6 +107,10 @@ class BatchProgress:
     requests: dict[str, int]  # the unfinished batches' request_counts, summed
     updated: str  # when the state was last written (UTC)
     exhausted: int = 0  # the last run gave up on them after max_attempts; running again retries
+    unsent: int = 0  # failed, not resubmitted (resubmit off); a run that resubmits retries
+    # texts still to come: in flight, or failed but taken up again by a re-run
+    # (exhausted, unsent); 0 with ``finished``: done, nothing pending (a status may hide it)
+    pending: int = 0
 
     @property
     def finished(self) -> bool:
@@ -135,7 +139,9 @@ def read_progress(state_path: Path) -> BatchProgress | None:
     known = {h for b in state.batches if b.status != "discarded" for h in b.hashes} | set(state.failed)
     return BatchProgress(Path(state_path), state.profile, statuses, len(known), len(stored),
                          len(set(state.failed) - stored), len(in_flight), requests, state.updated,
-                         exhausted=len(set(state.exhausted) - stored))
+                         exhausted=len(set(state.exhausted) - stored),
+                         unsent=len(set(state.unsent) - stored),
+                         pending=len(in_flight | ((set(state.exhausted) | set(state.unsent)) - stored)))
 
 
 def embed_with_batches(
@@ -193,9 +199,11 @@ class _Run:
         self.client: openai.OpenAI = profile_client(profile)
         self.limiter = RateLimiter()  # batch calls do not spend the embeddings budgets
         self.stats = BatchStats()
-        # Texts not resubmitted because resubmit is off: reported, but not failed for
-        # good in the state (a later run that resubmits takes them up again).
-        self.unsent: dict[str, str] = {}
+        # Texts not resubmitted because resubmit is off: reported, and kept in the state
+        # apart from the permanent failures (a later run that resubmits takes them up).
+        if resubmit:
+            self.state.unsent = {}
+        self.unsent: dict[str, str] = self.state.unsent
 
     def go(self) -> BatchStats:
         self.stats.resumed = sum(1 for b in self.state.batches if b.active)
@@ -283,7 +291,7 @@ class _Run:
         present = self.store.present(self.texts)
         failed = {**self.state.exhausted, **self.state.failed, **self.unsent}
         self.stats.failed = {h: r for h, r in failed.items() if h in self.texts and h not in present}
-        if self.state.batches or self.state.failed:
+        if self.state.batches or self.state.failed or self.unsent:
             self.state.save()  # what this run gave up on, for read_progress
 
     # -- submitting -----------------------------------------------------------------

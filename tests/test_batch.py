@@ -183,8 +183,26 @@ def test_without_resubmit_failures_are_reported_and_a_later_run_takes_them_up(se
     assert sorted(stats.failed) == bad and stats.stored == 4
     assert all("HTTP 500" in r and "resubmit is off" in r for r in stats.failed.values())
     assert openai_server.counters()["batches_created"] == 1
+    progress = read_progress(settings.data_dir / "batch.json")
+    assert (progress.unsent, progress.failed, progress.pending, progress.finished) == (2, 0, 2, True)
     again = run(settings, profile, texts)
     assert again.failed == {} and again.stored == 2 and again.resubmitted == 2
+    progress = read_progress(settings.data_dir / "batch.json")
+    assert (progress.unsent, progress.pending, progress.stored) == (0, 0, 6)
+
+
+@pytest.mark.parametrize("damage", [lambda s: s.pop("model"), lambda s: s.update(batches=[{"key": 1}]),
+                                    lambda s: s.update(failed=[1, 2])])
+def test_a_malformed_state_file_is_a_batch_error_naming_it(setup, damage) -> None:
+    settings, profile = setup()
+    run(settings, profile, make_texts(2))
+    path = settings.data_dir / "batch.json"
+    state = json.loads(path.read_text())
+    damage(state)
+    path.write_text(json.dumps(state))
+    for call in (lambda: read_progress(path), lambda: run(settings, profile, make_texts(2))):
+        with pytest.raises(BatchError, match=r"batch state .*batch\.json is malformed.*move it away"):
+            call()
 
 
 def test_texts_that_keep_failing_stop_at_the_attempt_limit(setup, openai_server) -> None:

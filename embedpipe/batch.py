@@ -19,8 +19,9 @@
    in each line's ``usage`` go to the ledger at ``profile.batch_price`` (``api =
    "batch"``). Then the batch is marked done and its files deleted.
 4. What a failed, expired or cancelled batch did complete is kept. The rest is
-   resubmitted in new batches, up to ``batch.max_attempts`` submissions per text, or
-   (``resubmit=False``) reported failed with the reason.
+   resubmitted in new batches, up to ``batch.max_attempts`` submissions per text and
+   run (a re-run starts afresh), or (``resubmit=False``) reported failed with the reason.
+   A batch the provider failed whole is resubmitted only once nothing else is in flight.
 
 Running again with the same state file resumes: unfinished batches are polled, nothing
 submitted is submitted again. The store is the truth for the caller: ``on_stored`` is

@@ -487,8 +487,10 @@ def status(
                        f"(updated {m['updated_at']}); {hint}")
         for b in entry.get("batches") or []:
             by_status = ", ".join(f"{n} {s}" for s, n in sorted(b["batches"].items()))
+            retry = b.get("exhausted", 0) + b.get("unsent", 0)
+            again = f", {retry:,} to retry (the --batch command, without --no-resubmit, retries them)" if retry else ""
             typer.echo(f"  batch API ({b['profile']}): {b['stored']:,} of {b['texts']:,} texts stored, "
-                       f"{b['in_flight']:,} in flight, {b['failed']:,} failed; batches: {by_status} "
+                       f"{b['in_flight']:,} in flight, {b['failed']:,} failed{again}; batches: {by_status} "
                        f"(updated {b['updated']}); the same --batch command resumes them")
         if entry.get("adapter"):
             a = entry["adapter"]

@@ -162,8 +162,9 @@ def _vector_segments(settings: Settings, version: Any) -> int | None:
 
 
 def _batches(settings: Settings, index: str) -> list[dict[str, Any]]:
-    """Batch API runs of the index (``--batch``) with work still at the provider or
-    texts reported failed: what each state file records (no call to the provider)."""
+    """Batch API runs of the index (``--batch``) with work still at the provider, texts
+    a re-run takes up again (exhausted, unsent) or texts failed for good: what each state
+    file records (no call to the provider)."""
     folder = Layout(settings.data_dir).batch_state(index, "0" * 16).parent
     if not folder.is_dir():
         return []
@@ -175,10 +176,11 @@ def _batches(settings: Settings, index: str) -> list[dict[str, Any]]:
             progress = read_progress(path)
         except EmbedpipeError:
             continue  # an unreadable state: the next --batch run says so in one line
-        if progress is None or (progress.finished and not progress.failed):
+        if progress is None or (progress.finished and progress.pending == 0 and not progress.failed):
             continue
         out.append({"profile": progress.profile, "batches": progress.batches, "texts": progress.texts,
                     "stored": progress.stored, "failed": progress.failed, "in_flight": progress.in_flight,
+                    "exhausted": progress.exhausted, "unsent": progress.unsent, "pending": progress.pending,
                     "requests": progress.requests, "updated": progress.updated})
     return out
 

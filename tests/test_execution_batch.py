@@ -110,6 +110,12 @@ def test_texts_the_batches_could_not_embed_are_reported_not_sent_synchronously(
     # ...and neither re-sent them to /v1/embeddings at the full price
     assert openai_server.counters()["inputs_served"] == served
     assert m.executor["failed"] == 16 and m.executor["batch"]["stored"] == len(todo) - 16
+    # status shows the 16 as waiting for a run that resubmits, from the state file alone
+    code, out, _ = cli(capsys, monkeypatch, "status", "--index", "kb", "--json")
+    [batches] = json.loads(out)[0]["batches"]
+    assert (batches["unsent"], batches["pending"], batches["in_flight"]) == (16, 16, 0)
+    code, out, _ = cli(capsys, monkeypatch, "status", "--index", "kb")
+    assert "16 to retry" in out
     # the CLI, resubmitting: only what failed goes again, and the index goes live
     code, out, err = cli(capsys, monkeypatch, "migrate", "--to", "hosted", "--index", "kb", "--batch",
                          "--yes", "--json")
@@ -117,6 +123,9 @@ def test_texts_the_batches_could_not_embed_are_reported_not_sent_synchronously(
     assert json.loads(out)["executor"]["batch"]["inputs"] == 16
     assert openai_server.counters()["batch_inputs_billed"] == len(_texts(cfg))  # failed lines bill nothing
     assert IndexVersions.open(cfg).require_live("kb").profile == "hosted"
+    # nothing left at the provider or to retry: status no longer lists the batches
+    code, out, _ = cli(capsys, monkeypatch, "status", "--index", "kb", "--json")
+    assert json.loads(out)[0]["batches"] == []
 
 
 def test_batch_needs_an_openai_profile_and_changes_nothing(cfg, capsys, monkeypatch) -> None:

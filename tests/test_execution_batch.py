@@ -128,6 +128,28 @@ def test_texts_the_batches_could_not_embed_are_reported_not_sent_synchronously(
     assert json.loads(out)[0]["batches"] == []
 
 
+def test_a_stopped_run_uploads_nothing_more_and_the_next_run_submits_it(cfg, openai_server, tmp_path) -> None:
+    """The write path left (failed or interrupted) before the uploads: no file goes up
+    behind its back, and the state lets the next run submit everything."""
+    import threading
+
+    from embedpipe.execution.batch_embed import Stopped, embed_on_batch_api
+
+    profile = cfg.profiles["hosted"]
+    texts = _texts(cfg)
+    store = VectorStore(cfg.data_dir, fingerprint(profile), profile.dims, profile.name)
+    state = Layout(cfg.data_dir).batch_state("kb", fingerprint(profile))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Stopped, match="the same command resumes"):
+        embed_on_batch_api(cfg, profile, fingerprint(profile), texts, store, stop=stop, state_path=state)
+    assert openai_server.counters()["files_uploaded"] == 0
+    assert openai_server.counters()["batches_created"] == 0
+    stats = embed_on_batch_api(cfg, profile, fingerprint(profile), texts, store, state_path=state)
+    assert stats.embedded == len(texts) and stats.failed == 0
+    assert openai_server.counters()["batch_inputs_billed"] == len(texts)
+
+
 def test_batch_needs_an_openai_profile_and_changes_nothing(cfg, capsys, monkeypatch) -> None:
     before = files_under(cfg.data_dir)
     code, _, err = cli(capsys, monkeypatch, "migrate", "--to", "local-minilm", "--index", "kb", "--batch", "--yes")

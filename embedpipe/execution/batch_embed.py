@@ -23,7 +23,7 @@ import numpy as np
 
 from embedpipe.backends.base import EmbedBatch
 from embedpipe.corpus import content_hash
-from embedpipe.errors import ConfigError
+from embedpipe.errors import BatchError, ConfigError
 
 if TYPE_CHECKING:
     from embedpipe.backends.base import Embedder
@@ -90,9 +90,17 @@ def embed_on_batch_api(
         if progress is not None:
             progress(len(hashes))
 
-    run = embed_with_batches(
-        profile, todo, store, state_path, UsageLedger(settings.data_dir), resubmit=resubmit,
-        on_stored=stored, sovereign=settings.sovereign, sleep=_sleeper(stop))
+    # A stopped run leaves between uploads too, not only while polling: the state file
+    # holds what was submitted and the next run resumes it.
+    try:
+        run = embed_with_batches(
+            profile, todo, store, state_path, UsageLedger(settings.data_dir), resubmit=resubmit,
+            on_stored=stored, sovereign=settings.sovereign, sleep=_sleeper(stop),
+            should_stop=stop.is_set if stop is not None else None)
+    except BatchError as exc:
+        if stop is not None and stop.is_set():
+            raise Stopped(str(exc)) from exc
+        raise
     if failed is not None:
         failed.update(run.failed)
     if on_commit is not None and run.failed:

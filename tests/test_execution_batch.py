@@ -185,17 +185,14 @@ def _all_submitted(state: Path) -> bool:
 _CHILD = "import sys; from embedpipe.cli import main; sys.argv = ['embedpipe', *sys.argv[1:]]; main()"
 
 
-@pytest.mark.slow  # two Prefect flow runs in subprocesses
-def test_kill_9_while_polling_then_the_same_command_resumes_and_submits_nothing_new(
-        cfg, openai_server, prefect_api, capsys, monkeypatch) -> None:
+def _kill_9_while_polling(cfg, openai_server, args: list[str], state: Path, env: dict[str, str]) -> dict:
+    """Run ``embedpipe *args`` in a child, kill -9 it once every batch is submitted and
+    polled a few times; the server's counters then."""
     from embedpipe.engine import close_all
 
     openai_server.configure(batch_delay_s=3600.0)  # held in progress until the test says
-    texts = _texts(cfg)
     close_all()  # the engine is one process's at a time: the child's now
-    state = Layout(cfg.data_dir).batch_state("kb", fingerprint(cfg.profile("hosted")))
-    env = {**os.environ, "EMBEDPIPE_CONFIG": str(cfg.config_path), "PREFECT_API_URL": prefect_api}
-    args = ["migrate", "--to", "hosted", "--index", "kb", "--batch", "--yes", "--json"]
+    env = {**os.environ, "EMBEDPIPE_CONFIG": str(cfg.config_path), **env}
     child = subprocess.Popen([sys.executable, "-c", _CHILD, *args], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -211,8 +208,40 @@ def test_kill_9_while_polling_then_the_same_command_resumes_and_submits_nothing_
         if child.poll() is None:
             os.kill(child.pid, signal.SIGKILL)
             child.wait()
-    before = openai_server.counters()
-    assert before["batches_created"] >= 1 and before["batch_lines_completed"] == 0
+    counters = openai_server.counters()
+    assert counters["batches_created"] >= 1 and counters["batch_lines_completed"] == 0
+    return counters
+
+
+def test_kill_9_of_an_ingest_while_polling_then_the_same_command_resumes_and_submits_nothing_new(
+        cfg, openai_server, capsys, monkeypatch) -> None:
+    args = ["ingest", str(CORPUS), "--index", "fresh", "--profile", "hosted", "--batch", "--json"]
+    state = Layout(cfg.data_dir).batch_state("fresh", fingerprint(cfg.profile("hosted")))
+    before = _kill_9_while_polling(cfg, openai_server, args, state, {})
+    code, out, _ = cli(capsys, monkeypatch, "status", "--index", "fresh", "--json")
+    [batches] = json.loads(out)[0]["batches"]
+    assert batches["in_flight"] > 0 and batches["stored"] == 0
+    openai_server.configure(batch_delay_s=0.0)
+    code, out, err = cli(capsys, monkeypatch, *args)
+    assert code == 0, err
+    after = openai_server.counters()
+    assert (after["batches_created"], after["files_uploaded"]) == (before["batches_created"],
+                                                                     before["files_uploaded"])
+    distinct = len(_texts(cfg))
+    assert after["batch_inputs_billed"] == distinct  # each text billed once
+    report = json.loads(out)
+    assert report["executor"]["batch"]["resumed"] == before["batches_created"]
+    assert report["embedded"] == distinct and report["failed"] == 0
+    assert sum(r.tokens for r in _batch_records(cfg)) == after["batch_tokens_billed"]
+
+
+@pytest.mark.slow  # two Prefect flow runs in subprocesses
+def test_kill_9_while_polling_then_the_same_command_resumes_and_submits_nothing_new(
+        cfg, openai_server, prefect_api, capsys, monkeypatch) -> None:
+    texts = _texts(cfg)
+    state = Layout(cfg.data_dir).batch_state("kb", fingerprint(cfg.profile("hosted")))
+    args = ["migrate", "--to", "hosted", "--index", "kb", "--batch", "--yes", "--json"]
+    before = _kill_9_while_polling(cfg, openai_server, args, state, {"PREFECT_API_URL": prefect_api})
     # no throughput probe at the full price: only the model check's one input went synchronously
     assert sum(r.inputs for r in UsageLedger(cfg.data_dir).records() if r.api == "sync") <= 1
     # status shows the batches in flight, from the state file alone

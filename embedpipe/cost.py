@@ -403,22 +403,27 @@ def live_indexes(settings: Settings) -> dict[str, str]:
     return out
 
 
-def _plan(settings: Settings, index: str, to: str, probe: bool) -> Any:
+def _plan(move: IndexMove, settings: Settings, to: Profile, probe: bool) -> tuple[Any, bool]:
+    """(the dry-run migration plan of ``move``'s index to ``to``, whether the index is
+    live there already); the plan is None with the reason noted on ``move`` otherwise."""
     from embedpipe.migration import plan_migration
 
-    return plan_migration(settings, index, to, dry_run=True, probe=probe)
+    try:
+        return plan_migration(settings, move.index, to.name, dry_run=True, probe=probe), False
+    except NothingToMigrate:
+        move.notes.append(f"already live on {to.name}")
+        return None, True
+    except EmbedpipeError as exc:
+        move.notes.append(f"no plan to {to.name}: {exc}")
+        return None, False
 
 
 def _hosted_move(move: IndexMove, settings: Settings, hosted: Profile) -> None:
     move.hosted_profile = hosted.name
-    try:
-        plan = _plan(settings, move.index, hosted.name, probe=False)
-    except NothingToMigrate:
+    plan, live = _plan(move, settings, hosted, probe=False)
+    if live:
         move.hosted_tokens, move.usd_sync, move.usd_batch = 0, 0.0, 0.0
-        move.notes.append(f"already live on {hosted.name}")
-        return
-    except EmbedpipeError as exc:
-        move.notes.append(f"no plan to {hosted.name}: {exc}")
+    if plan is None:
         return
     move.documents = plan.documents
     move.hosted_tokens = plan.tokens
@@ -429,15 +434,11 @@ def _hosted_move(move: IndexMove, settings: Settings, hosted: Profile) -> None:
 def _local_move(move: IndexMove, settings: Settings, local: Profile, gpu: Gpu,
                 given: Throughput | None) -> None:
     move.local_profile = local.name
-    try:
-        # The plan's probe times the model on this index's own texts; a given rate needs none.
-        plan = _plan(settings, move.index, local.name, probe=given is None)
-    except NothingToMigrate:
+    # The plan's probe times the model on this index's own texts; a given rate needs none.
+    plan, live = _plan(move, settings, local, probe=given is None)
+    if live:
         move.local_texts, move.local_hours, move.usd_local = 0, 0.0, 0.0
-        move.notes.append(f"already live on {local.name}")
-        return
-    except EmbedpipeError as exc:
-        move.notes.append(f"no plan to {local.name}: {exc}")
+    if plan is None:
         return
     move.documents = plan.documents
     move.local_texts = plan.to_embed

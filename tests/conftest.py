@@ -216,3 +216,35 @@ HOLD_ENGINE = (
     "print('held', flush=True)\n"
     "time.sleep(300)\n"
 )
+
+
+def kill_9_once_batches_are_submitted(child, state: Path, timeout_s: float = 120.0) -> None:
+    """Wait until the Batch API state file ``state`` names batches, each with its
+    provider id, let ``child`` poll a little, then ``kill -9`` it (and never leave it running)."""
+    import signal
+    import subprocess
+    import time
+
+    def submitted() -> bool:
+        try:
+            batches = json.loads(state.read_text())["batches"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return bool(batches) and all(b["batch_id"] for b in batches)
+
+    assert isinstance(child, subprocess.Popen)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not submitted():
+            if child.poll() is not None:
+                stderr = child.stderr.read().decode()[-2000:] if child.stderr else ""
+                raise AssertionError(f"the child ended before its batches were submitted: {stderr}")
+            assert time.monotonic() < deadline, "the state file never named the batches"
+            time.sleep(0.02)
+        time.sleep(0.3)  # a few polls
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ from embedpipe.tokens import TokenCounter
 from embedpipe.usage import UsageLedger
 from embedpipe.vectors import VectorStore
 
-from conftest import LOOPBACK_KEY, hosted_profile_toml
+from conftest import LOOPBACK_KEY, hosted_profile_toml, kill_9_once_batches_are_submitted
 
 WORDS = "wing flap lift drag shock wave nozzle flow heat mach boundary layer".split()
 FAST_POLL = "poll_initial_s = 0.01\npoll_max_s = 0.05\n"
@@ -424,18 +422,6 @@ embed_with_batches(profile, texts, store, settings.data_dir / "batch.json", Usag
 """
 
 
-def _wait_for_batch_id(path: Path, child: subprocess.Popen) -> None:
-    for _ in range(6000):
-        if path.is_file():
-            state = json.loads(path.read_text())
-            if state["batches"] and all(b["batch_id"] for b in state["batches"]):
-                return
-        if child.poll() is not None:
-            raise AssertionError(f"the child ended early: {child.stderr.read().decode()[-2000:]}")
-        time.sleep(0.01)
-    raise AssertionError("the state file never named the batch")
-
-
 def test_kill_9_while_polling_then_rerun_submits_nothing_new(setup, openai_server, tmp_path) -> None:
     settings, profile = setup(batch="max_inputs_per_batch = 4\n")
     openai_server.configure(batch_delay_s=3600.0)  # held in progress until the test says
@@ -445,15 +431,7 @@ def test_kill_9_while_polling_then_rerun_submits_nothing_new(setup, openai_serve
     state = settings.data_dir / "batch.json"
     child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / "embedpipe.toml"), str(texts_file)],
                              stderr=subprocess.PIPE, env=os.environ.copy())
-    try:
-        _wait_for_batch_id(state, child)
-        time.sleep(0.2)  # a few polls
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            os.kill(child.pid, signal.SIGKILL)
-            child.wait()
+    kill_9_once_batches_are_submitted(child, state)
     before = openai_server.counters()
     assert before["batches_created"] == before["files_uploaded"] == 3
     assert before["batch_lines_completed"] == 0 and len(store_for(settings, profile)) == 0

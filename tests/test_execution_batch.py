@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,8 @@ from embedpipe.profiles import fingerprint
 from embedpipe.usage import UsageLedger
 from embedpipe.vectors import VectorStore
 
-from conftest import EXAMPLES, cli, files_under, hosted_profile_toml, static_profile_toml
+from conftest import (EXAMPLES, cli, files_under, hosted_profile_toml, kill_9_once_batches_are_submitted,
+                      static_profile_toml)
 
 CORPUS = EXAMPLES / "corpus" / "docs.jsonl"
 FAST_POLL = "[profiles.hosted.batch]\npoll_initial_s = 0.01\npoll_max_s = 0.05\nmax_inputs_per_batch = 16\n"
@@ -173,15 +172,6 @@ def test_ingest_batch_builds_a_new_index_and_a_rerun_embeds_nothing(cfg, openai_
     assert openai_server.counters()["batches_created"] == report["executor"]["batch"]["batches"]
 
 
-def _all_submitted(state: Path) -> bool:
-    """Whether the state file names batches and each has its provider id."""
-    try:
-        batches = json.loads(state.read_text())["batches"]
-    except (OSError, ValueError, KeyError):
-        return False
-    return bool(batches) and all(b["batch_id"] for b in batches)
-
-
 _CHILD = "import sys; from embedpipe.cli import main; sys.argv = ['embedpipe', *sys.argv[1:]]; main()"
 
 
@@ -195,19 +185,7 @@ def _kill_9_while_polling(cfg, openai_server, args: list[str], state: Path, env:
     env = {**os.environ, "EMBEDPIPE_CONFIG": str(cfg.config_path), **env}
     child = subprocess.Popen([sys.executable, "-c", _CHILD, *args], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not _all_submitted(state):
-            assert child.poll() is None, child.stderr.read().decode()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "no batch was submitted"
-            time.sleep(0.05)
-        time.sleep(0.3)  # a few polls
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            os.kill(child.pid, signal.SIGKILL)
-            child.wait()
+    kill_9_once_batches_are_submitted(child, state)
     counters = openai_server.counters()
     assert counters["batches_created"] >= 1 and counters["batch_lines_completed"] == 0
     return counters

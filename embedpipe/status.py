@@ -176,7 +176,7 @@ def _batches(settings: Settings, index: str) -> list[dict[str, Any]]:
             progress = read_progress(path)
         except EmbedpipeError:
             continue  # an unreadable state: the next --batch run says so in one line
-        if progress is None or (progress.finished and progress.pending == 0 and not progress.failed):
+        if progress is None or (progress.pending == 0 and not progress.failed):  # pending counts in flight
             continue
         out.append({"profile": progress.profile, "batches": progress.batches, "texts": progress.texts,
                     "stored": progress.stored, "failed": progress.failed, "in_flight": progress.in_flight,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -218,13 +221,9 @@ HOLD_ENGINE = (
 )
 
 
-def kill_9_once_batches_are_submitted(child, state: Path, timeout_s: float = 120.0) -> None:
+def kill_9_once_batches_are_submitted(child: subprocess.Popen, state: Path, timeout_s: float = 120.0) -> None:
     """Wait until the Batch API state file ``state`` names batches, each with its
     provider id, let ``child`` poll a little, then ``kill -9`` it (and never leave it running)."""
-    import signal
-    import subprocess
-    import time
-
     def submitted() -> bool:
         try:
             batches = json.loads(state.read_text())["batches"]
@@ -232,7 +231,6 @@ def kill_9_once_batches_are_submitted(child, state: Path, timeout_s: float = 120
             return False
         return bool(batches) and all(b["batch_id"] for b in batches)
 
-    assert isinstance(child, subprocess.Popen)
     try:
         deadline = time.monotonic() + timeout_s
         while not submitted():

@@ -347,7 +347,7 @@ def _refused(url: str) -> bool:
     except httpx.ConnectError:
         return True
     except (httpx.ReadError, httpx.RemoteProtocolError):
-        return False
+        pass  # reset unserved: ask again
     return False
 
 
